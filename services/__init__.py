@@ -1,0 +1,1 @@
+"""botline's processes: the HTTP gateway, the model worker and the `botline` command."""

@@ -1,0 +1,305 @@
+"""The ``botline`` command: run the services, manage bots and keys.
+
+    botline gateway | worker | demo
+    botline bots create|list|show|delete
+    botline keys create|list|disable|enable|revoke
+
+Connections and the namespace come from the environment (``BOTLINE_*``),
+like the services' own settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.logging import configure_logging
+from shared.models import Bot, KeyRecord
+from shared.registry import Registry, now_ms
+from shared.settings import CommonSettings
+
+DEMO_BOT = "demo"
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class CliError(Exception):
+    """A user mistake: printed without a traceback, exit status 1."""
+
+
+def _expiry(value: str | None) -> int | None:
+    """``30d``, ``12h``, ``15m``, ``60s`` from now, or an ISO date-time."""
+    if value is None:
+        return None
+    match = _DURATION.match(value)
+    if match:
+        return now_ms() + int(match[1]) * _UNIT_S[match[2]] * 1000
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise CliError(
+            f"--expires: use 30d, 12h, 15m, 60s or an ISO date-time, not {value!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _key_row(record: KeyRecord, now: int) -> str:
+    status = "disabled" if record.disabled else "expired" if record.expired(now) else "active"
+    return (
+        f"{record.key_id}  {record.prefix}…  {status:8}  created {_when(record.created_at)}"
+        f"  expires {_when(record.expires_at)}  last used {_when(record.last_used_at)}"
+        f"  {record.name}"
+    )
+
+
+async def _with_registry(fn: Callable[[Registry], Awaitable[int]]) -> int:
+    settings = CommonSettings()
+    redis = Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_timeout=5, socket_connect_timeout=5
+    )
+    try:
+        return await fn(Registry(redis, settings.names))
+    except RedisError as exc:
+        raise CliError(f"cannot reach Redis: {type(exc).__name__}") from exc
+    finally:
+        await redis.aclose()
+
+
+async def _bot_or_fail(registry: Registry, bot_id: str) -> Bot:
+    bot = await registry.get_bot(bot_id)
+    if bot is None:
+        raise CliError(f"no bot {bot_id!r}")
+    return bot
+
+
+def bots_command(args: argparse.Namespace) -> int:
+    """botline bots ..."""
+
+    async def go(registry: Registry) -> int:
+        if args.action == "create":
+            fields = {
+                k: v
+                for k, v in vars(args).items()
+                if k in Bot.model_fields and k not in ("id", "created_at") and v is not None
+            }
+            bot = await registry.create_bot(**fields)
+            _print_json(bot.model_dump())
+        elif args.action == "list":
+            for bot in await registry.list_bots():
+                print(f"{bot.id}  {bot.name}  endpoint={bot.endpoint}  model={bot.model}")
+        elif args.action == "show":
+            _print_json((await _bot_or_fail(registry, args.bot_id)).model_dump())
+        elif args.action == "delete":
+            if not await registry.delete_bot(args.bot_id):
+                raise CliError(f"no bot {args.bot_id!r}")
+            print(f"deleted {args.bot_id}")
+        return 0
+
+    return asyncio.run(_with_registry(go))
+
+
+def keys_command(args: argparse.Namespace) -> int:
+    """botline keys ..."""
+
+    async def go(registry: Registry) -> int:
+        if args.action == "create":
+            await _bot_or_fail(registry, args.bot)
+            key, record = await registry.create_key(args.bot, args.name, _expiry(args.expires))
+            print(key)
+            print(
+                f"# {record.key_id} for {record.bot_id}: shown once, store it now", file=sys.stderr
+            )
+        elif args.action == "list":
+            now = now_ms()
+            for record in await registry.list_keys(args.bot):
+                print(_key_row(record, now))
+        elif args.action in ("disable", "enable"):
+            if await registry.set_disabled(args.key_id, args.action == "disable") is None:
+                raise CliError(f"no key {args.key_id!r}")
+            print(f"{args.action}d {args.key_id}")
+        elif args.action == "revoke":
+            if not await registry.revoke(args.key_id):
+                raise CliError(f"no key {args.key_id!r}")
+            print(f"revoked {args.key_id}")
+        return 0
+
+    return asyncio.run(_with_registry(go))
+
+
+def gateway_command(args: argparse.Namespace) -> int:
+    """botline gateway"""
+    from services.gateway.app import run
+    from services.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings()
+    if args.port is not None:
+        settings = settings.model_copy(update={"port": args.port})
+    configure_logging(settings.log_level, settings.log_format)
+    run(settings)
+    return 0
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    """botline worker"""
+    from services.worker.settings import WorkerSettings
+    from services.worker.worker import serve
+
+    settings = WorkerSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+    return 0
+
+
+async def _demo_key(registry: Registry) -> tuple[Bot, str]:
+    """The demo bot (made once) and a fresh demo key (earlier demo keys revoked)."""
+    bot = next((b for b in await registry.list_bots() if b.name == DEMO_BOT), None)
+    if bot is None:
+        bot = await registry.create_bot(
+            name=DEMO_BOT,
+            endpoint="echo",
+            model="echo",
+            system_prompt="You are botline's demo bot.",
+        )
+    for record in await registry.list_keys(bot.id):
+        if record.name == DEMO_BOT:
+            await registry.revoke(record.key_id)
+    key, _ = await registry.create_key(bot.id, DEMO_BOT)
+    return bot, key
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """botline demo: a demo bot and key, then a gateway and a worker until Ctrl-C."""
+    holder: dict[str, Any] = {}
+
+    async def go(registry: Registry) -> int:
+        holder["bot"], holder["key"] = await _demo_key(registry)
+        return 0
+
+    asyncio.run(_with_registry(go))
+    port = os.environ.get("BOTLINE_PORT", "8080")
+    key = holder["key"]
+    base = f"http://127.0.0.1:{port}"
+    print(
+        f"""
+botline demo: bot {holder["bot"].id} on the built-in echo model.
+
+  API key (shown once):  {key}
+
+  curl -s {base}/v1/chat/completions -H 'Authorization: Bearer {key}' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"messages":[{{"role":"user","content":"Hello, how are you?"}}]}}'
+
+  add "stream":true for a stream. Ctrl-C stops the gateway and the worker.
+""",
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "services.cli", "worker"]),
+        subprocess.Popen([sys.executable, "-m", "services.cli", "gateway"]),
+    ]
+    interrupted = False
+    try:
+        while all(p.poll() is None for p in procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                procs[0].wait(timeout=0.5)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=60)
+    if not interrupted:
+        print("botline demo: a process exited; stopping", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="botline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gw = sub.add_parser("gateway", help="run the HTTP gateway")
+    gw.add_argument("--port", type=int, help="overrides BOTLINE_PORT")
+    gw.set_defaults(func=gateway_command)
+    sub.add_parser("worker", help="run a model worker").set_defaults(func=worker_command)
+    sub.add_parser(
+        "demo", help="create a demo bot and key, run a gateway and a worker"
+    ).set_defaults(func=demo_command)
+
+    bots = sub.add_parser("bots", help="manage bots").add_subparsers(dest="action", required=True)
+    create = bots.add_parser("create", help="create a bot")
+    create.add_argument("--name", required=True)
+    create.add_argument("--endpoint", default="echo", help="a model endpoint the workers know")
+    create.add_argument("--model", default="echo")
+    create.add_argument("--system-prompt", dest="system_prompt")
+    create.add_argument("--temperature", type=float)
+    create.add_argument("--top-p", dest="top_p", type=float)
+    create.add_argument("--max-reply-tokens", dest="max_reply_tokens", type=int)
+    create.add_argument("--max-history-messages", dest="max_history_messages", type=int)
+    bots.add_parser("list", help="list bots")
+    for action in ("show", "delete"):
+        bots.add_parser(action, help=f"{action} a bot").add_argument("bot_id")
+    sub.choices["bots"].set_defaults(func=bots_command)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="action", required=True
+    )
+    kc = keys.add_parser("create", help="create a key; it is printed once")
+    kc.add_argument("--bot", required=True, help="the bot id")
+    kc.add_argument("--name", default="")
+    kc.add_argument("--expires", help="30d, 12h, 15m, 60s or an ISO date-time")
+    keys.add_parser("list", help="list a bot's keys").add_argument("--bot", required=True)
+    for action in ("disable", "enable", "revoke"):
+        keys.add_parser(action, help=f"{action} a key").add_argument("key_id")
+    sub.choices["keys"].set_defaults(func=keys_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``botline`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except CliError as exc:
+        print(f"botline: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # pydantic's ValidationError is one
+        print(f"botline: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

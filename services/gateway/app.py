@@ -1,0 +1,85 @@
+"""``create_app(settings)``: the gateway as an aiohttp application.
+
+Redis and RabbitMQ, and the background tasks, live in ``cleanup_ctx``
+generators, so they are opened on startup and closed on shutdown in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from redis.asyncio import Redis
+
+from services.gateway.context import GATEWAY, Gateway
+from services.gateway.keycache import KeyCache
+from services.gateway.middleware import edge, stamp_request_id
+from services.gateway.relay import Relay
+from services.gateway.routes import setup_routes
+from services.gateway.settings import GatewaySettings
+from shared.registry import Registry
+
+log = structlog.get_logger("botline.gateway")
+
+
+def redis_client(settings: GatewaySettings) -> Redis:
+    """A Redis client that fails fast instead of waiting a minute on a dead server."""
+    return Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=10,
+    )
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    settings, keys, relay = gateway.settings, gateway.keys, gateway.relay
+    tasks = [
+        asyncio.create_task(keys.listen(gateway.redis, settings.names.invalidate_channel)),
+        asyncio.create_task(keys.flush_last_used()),
+    ]
+    try:
+        await relay.start()
+        log.info("gateway.started", gateway_id=relay.gateway_id)
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await keys.flush_once()
+        await relay.close()
+        await gateway.redis.aclose()
+
+
+def create_app(settings: GatewaySettings) -> web.Application:
+    """The gateway application; connections open when it starts."""
+    app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
+    redis = redis_client(settings)
+    keys = KeyCache(
+        Registry(redis, settings.names),
+        timeout_s=settings.redis_timeout_s,
+        ttl_s=settings.key_cache_ttl_s,
+        max_entries=settings.key_cache_size,
+    )
+    app[GATEWAY] = Gateway(settings=settings, redis=redis, keys=keys, relay=Relay(settings))
+    app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(stamp_request_id)
+    setup_routes(app)
+    return app
+
+
+def run(settings: GatewaySettings) -> None:
+    """Serve until SIGINT or SIGTERM, then finish in-flight requests."""
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        handler_cancellation=True,  # notice a vanished caller at once
+        keepalive_timeout=settings.keepalive_timeout_s,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        access_log=None,  # the edge middleware logs one line per request
+        print=None,
+    )

@@ -1,0 +1,184 @@
+"""API key checks: format first, then an in-process cache in front of one Redis call.
+
+The cache is trusted only while this process is subscribed to the
+invalidation channel: every change to a key or bot is published there, so a
+disable or revoke reaches every gateway within milliseconds. When the
+subscription is down -- Redis unreachable or frozen -- the cache is dropped and
+every request goes to Redis, which then fails: fail closed, never serve a key
+that cannot be checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import keys
+from shared.errors import (
+    ApiKeyDisabled,
+    ApiKeyExpired,
+    BackendUnavailable,
+    BotNotFound,
+    InvalidApiKey,
+)
+from shared.models import Bot, KeyRecord
+from shared.registry import Registry, now_ms
+
+log = structlog.get_logger("botline.gateway.keys")
+
+# Idle pub/sub connections are pinged this often; two missed pongs drop the cache.
+_PING_EVERY_S = 1.0
+_SILENCE_LIMIT_S = 3.0
+
+
+@dataclass(slots=True)
+class _Entry:
+    record: KeyRecord | None
+    bot: Bot | None
+    until: float
+
+
+class KeyCache:
+    """Resolves API keys to their record and bot."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        timeout_s: float,
+        ttl_s: float,
+        max_entries: int,
+    ) -> None:
+        self._registry = registry
+        self._timeout_s = timeout_s
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._entries: dict[str, _Entry] = {}
+        # Bumped by every invalidation; a lookup that raced one is not cached.
+        self._generation = 0
+        self._used: dict[str, int] = {}
+        self.online = False
+
+    async def resolve(self, key: str | None) -> tuple[KeyRecord, Bot]:
+        """The key's record and bot, or the error the caller must see."""
+        if not key:
+            raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>'")
+        if not keys.is_well_formed(key):
+            raise InvalidApiKey("malformed API key")
+        key_hash = keys.hash_key(key)
+        now = time.monotonic()
+        entry = self._entries.get(key_hash) if self.online else None
+        if entry is None or entry.until <= now:
+            entry = await self._fetch(key_hash, now)
+        record, bot = entry.record, entry.bot
+        if record is None:
+            raise InvalidApiKey("unknown API key")
+        if record.disabled:
+            raise ApiKeyDisabled("this API key is disabled")
+        wall = now_ms()
+        if record.expired(wall):
+            raise ApiKeyExpired("this API key has expired")
+        if bot is None:
+            raise BotNotFound("the bot of this API key no longer exists")
+        self._used[record.key_id] = wall
+        return record, bot
+
+    async def _fetch(self, key_hash: str, now: float) -> _Entry:
+        generation = self._generation
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                record, bot = await self._registry.lookup(key_hash)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BackendUnavailable("cannot check API keys right now") from exc
+        entry = _Entry(record, bot, now + self._ttl_s)
+        if self.online and generation == self._generation:
+            if len(self._entries) >= self._max_entries:
+                # Oldest first: dicts keep insertion order.
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key_hash] = entry
+        return entry
+
+    def _invalidate(self, message: str) -> None:
+        self._generation += 1
+        kind, _, ident = message.partition(":")
+        if kind == "key":
+            self._entries.pop(ident, None)
+        elif kind == "bot":
+            stale = [h for h, e in self._entries.items() if e.record and e.record.bot_id == ident]
+            for key_hash in stale:
+                del self._entries[key_hash]
+        else:
+            self._entries.clear()
+
+    def _go_offline(self) -> None:
+        self.online = False
+        self._generation += 1
+        self._entries.clear()
+
+    async def listen(self, redis: Redis, channel: str) -> None:
+        """Follow the invalidation channel forever, reconnecting; run as a task."""
+        backoff = 0.1
+        while True:
+            try:
+                await self._follow(redis, channel)
+            except asyncio.CancelledError:
+                self._go_offline()
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                if self.online:
+                    log.warning("keys.cache_offline", error=type(exc).__name__)
+                self._go_offline()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _follow(self, redis: Redis, channel: str) -> None:
+        pubsub = redis.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            heard = time.monotonic()
+            while True:
+                message = await pubsub.get_message(timeout=_PING_EVERY_S)
+                now = time.monotonic()
+                if message is None:
+                    if now - heard > _SILENCE_LIMIT_S:
+                        raise TimeoutError("invalidation channel went silent")
+                    await pubsub.ping()
+                    continue
+                heard = now
+                kind = message["type"]
+                if kind == "subscribe":
+                    # Whatever changed while unsubscribed is unknown: start empty.
+                    self._entries.clear()
+                    self._generation += 1
+                    self.online = True
+                    log.info("keys.cache_online")
+                elif kind == "message":
+                    data = message["data"]
+                    self._invalidate(data.decode() if isinstance(data, bytes) else str(data))
+        finally:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def flush_last_used(self, every_s: float = 1.0) -> None:
+        """Write keys' last use to Redis in batches; run as a task."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self.flush_once()
+
+    async def flush_once(self) -> None:
+        """Write the pending last-use times now (kept for next time on failure)."""
+        if not self._used:
+            return
+        batch, self._used = self._used, {}
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._registry.touch(batch)
+        except (RedisError, OSError, TimeoutError):
+            for key_id, ms in batch.items():
+                self._used.setdefault(key_id, ms)

@@ -1,0 +1,99 @@
+"""The edge of every request: a request id, one log line, errors mapped to HTTP.
+
+Errors raised before a response started become ``{"error": {...}}`` bodies
+with a real status code; anything unexpected is logged with its traceback and
+answered 500 without one.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from services.gateway.context import REQUEST_ID
+from shared.errors import BotlineError, InternalError, MethodNotAllowed, NotFound, RequestTooLarge
+
+log = structlog.get_logger("botline.gateway.http")
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The status logged when the caller went away before the answer was complete.
+CLIENT_CLOSED = 499
+
+
+def error_response(error: BotlineError) -> web.Response:
+    """The HTTP response for an error."""
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
+    return web.Response(
+        status=error.status,
+        body=orjson.dumps(error.body()),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _from_http_exception(exc: web.HTTPException) -> BotlineError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return RequestTooLarge("the body is too large")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(f"method {exc.method} is not allowed here")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("no such endpoint")
+    error = InternalError(exc.reason)
+    error.status = exc.status  # type: ignore[misc]
+    return error
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, access log line and error mapping."""
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID_OK.match(given) else "req_" + secrets.token_hex(12)
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            raise _from_http_exception(exc) from exc
+        status = response.status
+        return response
+    except BotlineError as exc:
+        status = exc.status
+        return error_response(exc)
+    except BaseException as exc:
+        if isinstance(exc, web.HTTPException):
+            status = exc.status
+            raise
+        if not isinstance(exc, Exception):
+            status = CLIENT_CLOSED  # cancelled: the caller disconnected
+            raise
+        log.exception("http.unhandled")
+        return error_response(InternalError("internal error"))
+    finally:
+        log.info(
+            "http.request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streams included, carries its request id."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id

@@ -1,0 +1,173 @@
+"""The gateway's side of RabbitMQ: publish jobs, receive their events, cancel them.
+
+One connection and one exclusive reply queue per gateway process; each
+event is routed to the waiting request by its correlation id (the job id).
+Jobs are published with publisher confirms and ``mandatory``: a full queue
+answers with a nack and a missing queue with a return, and both must reach
+the caller as a 503 instead of a job silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from typing import Final
+
+import aio_pika
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
+from pydantic import ValidationError
+
+from services.gateway.settings import GatewaySettings
+from shared.amqp import GATEWAY_HEADER, declare_control, declare_jobs
+from shared.errors import BackendUnavailable, Overloaded
+from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent, decode_event
+
+log = structlog.get_logger("botline.gateway.relay")
+
+
+class DeadJob:
+    """Marks a job that RabbitMQ dead-lettered after too many failed deliveries."""
+
+
+DEAD: Final = DeadJob()
+Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob
+
+
+class Relay:
+    """Owns this gateway's AMQP connection, reply queue and in-flight jobs."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.gateway_id = settings.gateway_id or secrets.token_hex(6)
+        self.reply_queue_name = settings.names.reply_queue(self.gateway_id)
+        self._pending: dict[str, asyncio.Queue[Incoming]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._connection: AbstractRobustConnection | None = None
+        self._publish: AbstractChannel | None = None
+        self._control: AbstractExchange | None = None
+        self._reply_queue: AbstractQueue | None = None
+
+    async def start(self) -> None:
+        """Connect (retrying until ``startup_timeout_s``) and declare what we use."""
+        url = self.settings.amqp_url.get_secret_value()
+        async with asyncio.timeout(self.settings.startup_timeout_s):
+            while True:
+                try:
+                    self._connection = await aio_pika.connect_robust(
+                        url,
+                        heartbeat=self.settings.amqp_heartbeat_s,
+                        client_properties={"connection_name": f"gateway-{self.gateway_id}"},
+                    )
+                    break
+                except (AMQPError, OSError) as exc:
+                    log.warning("amqp.connect_failed", error=type(exc).__name__)
+                    await asyncio.sleep(1.0)
+        connection = self._connection
+        self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await declare_jobs(self._publish, self.settings)
+        self._control = await declare_control(self._publish, self.settings)
+        replies = await connection.channel(publisher_confirms=False)
+        self._reply_queue = await replies.declare_queue(
+            self.reply_queue_name, exclusive=True, auto_delete=True
+        )
+        # Jobs dead-lettered after too many deliveries come back to their gateway.
+        await self._reply_queue.bind(
+            self.settings.names.dead_exchange,
+            arguments={"x-match": "all", GATEWAY_HEADER: self.gateway_id},
+        )
+        await self._reply_queue.consume(self._on_reply, no_ack=True)
+        log.info("amqp.ready", reply_queue=self.reply_queue_name)
+
+    async def close(self) -> None:
+        """Finish pending cancellations, then close the connection."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._connection is not None:
+            await self._connection.close()
+
+    @property
+    def ready(self) -> bool:
+        """Connected, with the reply queue consuming."""
+        connection, publish = self._connection, self._publish
+        return bool(
+            connection is not None
+            and not connection.is_closed
+            and publish is not None
+            and not publish.is_closed
+        )
+
+    def register(self, job_id: str) -> asyncio.Queue[Incoming]:
+        """Start routing a job's events to the returned queue."""
+        queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._pending[job_id] = queue
+        return queue
+
+    def forget(self, job_id: str) -> None:
+        """Stop routing a job's events; later ones are dropped."""
+        self._pending.pop(job_id, None)
+
+    async def submit(self, job: ChatJob) -> None:
+        """Publish a job and wait for the broker's confirm."""
+        message = aio_pika.Message(
+            body=job.dump(),
+            content_type="application/json",
+            correlation_id=job.job_id,
+            message_id=job.job_id,
+            headers={GATEWAY_HEADER: self.gateway_id},
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        if self._publish is None:
+            raise BackendUnavailable("the job queue is unreachable")
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout_s):
+                await self._publish.default_exchange.publish(
+                    message, routing_key=self.settings.names.jobs_queue, mandatory=True
+                )
+        except PublishError as exc:
+            raise BackendUnavailable("the job queue does not exist") from exc
+        except DeliveryError as exc:
+            # A nack: with x-overflow=reject-publish, the queue is full.
+            raise Overloaded("too many requests are waiting; try again shortly") from exc
+        except (AMQPError, ChannelInvalidStateError, OSError, TimeoutError) as exc:
+            raise BackendUnavailable("the job queue is unreachable") from exc
+
+    def cancel(self, job_id: str) -> None:
+        """Tell the workers to stop a job; returns at once (safe while being cancelled)."""
+        task = asyncio.get_running_loop().create_task(self._send_cancel(job_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_cancel(self, job_id: str) -> None:
+        if self._control is None:
+            return
+        with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError, TimeoutError):
+            async with asyncio.timeout(self.settings.publish_timeout_s):
+                await self._control.publish(
+                    aio_pika.Message(CancelJob(job_id=job_id).dump()), routing_key=""
+                )
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        queue = self._pending.get(message.correlation_id or "")
+        if queue is None:
+            return  # the caller is gone; late events are expected
+        if message.headers.get("x-death"):
+            queue.put_nowait(DEAD)
+            return
+        try:
+            event = decode_event(message.body)
+        except ValidationError:
+            log.warning("wire.invalid_event", message_type=message.type)
+            return
+        queue.put_nowait(event)

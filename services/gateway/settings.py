@@ -1,0 +1,36 @@
+"""The gateway's settings (environment, prefix ``BOTLINE_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import CommonSettings
+
+
+class GatewaySettings(CommonSettings):
+    """Everything the HTTP edge needs to know."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # A name for this process's reply queue; random when empty.
+    gateway_id: str = Field("", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+
+    request_deadline_s: float = Field(120.0, gt=0)
+    # After the first event, the longest silence tolerated from a worker: a
+    # frozen worker is otherwise noticed only by AMQP heartbeats.
+    event_timeout_s: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+    # Redis must answer fast or not at all: the auth lookup is on every
+    # uncached request, and redis-py's defaults wait about a minute.
+    redis_timeout_s: float = Field(1.0, gt=0)
+    # A cached key is trusted this long at most, even without invalidations.
+    key_cache_ttl_s: float = Field(60.0, gt=0)
+    key_cache_size: int = Field(100_000, ge=1)
+
+    publish_timeout_s: float = Field(5.0, gt=0)
+    amqp_heartbeat_s: int = Field(10, ge=1)
+    startup_timeout_s: float = Field(30.0, gt=0)
+
+    keepalive_timeout_s: float = Field(75.0, gt=0)
+    shutdown_timeout_s: float = Field(30.0, ge=0)

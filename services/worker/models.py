@@ -1,0 +1,189 @@
+"""Model endpoints: the built-in echo model and any OpenAI-compatible server.
+
+A model turns a job into an async stream of text pieces ending with one
+:class:`Finish` (finish reason and usage). Errors are raised as
+:mod:`shared.errors` exceptions; cancelling the stream closes the upstream
+connection, which is how a caller who went away stops the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+from services.worker import tokens
+from services.worker.settings import EndpointConfig
+from shared.errors import UpstreamError
+from shared.wire import ChatJob, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The end of an answer."""
+
+    finish_reason: str
+    usage: Usage
+
+
+Piece = str | Finish
+
+
+class Model(Protocol):
+    """What the worker needs of a model endpoint."""
+
+    def stream(self, job: ChatJob) -> AsyncIterator[Piece]:
+        """The answer to a job, piece by piece, then a :class:`Finish`."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+_WORD = re.compile(r"\S+\s*")
+
+
+class EchoModel:
+    """Repeats the last user message word by word: deterministic, no network."""
+
+    def __init__(self, config: EndpointConfig) -> None:
+        self._delay_s = config.delay_ms / 1000
+
+    async def stream(self, job: ChatJob) -> AsyncIterator[Piece]:
+        """Echo the last user message, at most ``max_tokens`` words."""
+        last = next((m.content for m in reversed(job.messages) if m.role == "user"), "")
+        words = _WORD.findall(last)
+        finish = "stop"
+        if len(words) > job.max_tokens:
+            words, finish = words[: job.max_tokens], "length"
+        for word in words:
+            if self._delay_s:
+                await asyncio.sleep(self._delay_s)
+            yield word
+        usage = Usage(
+            prompt_tokens=tokens.estimate_prompt(job.messages), completion_tokens=len(words)
+        )
+        yield Finish(finish, usage)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+class OpenAIModel:
+    """Streams from an OpenAI-compatible ``/chat/completions``."""
+
+    def __init__(self, config: EndpointConfig) -> None:
+        self._url = config.base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        # sock_read bounds the silence between two chunks, not the whole answer.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=min(config.timeout_s, 10.0), sock_read=config.timeout_s
+        )
+        self._limit = config.max_concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._limit)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self._session
+
+    def _payload(self, job: ChatJob) -> bytes:
+        body: dict[str, Any] = {
+            "model": job.model,
+            "messages": [m.model_dump() for m in job.messages],
+            "temperature": job.temperature,
+            "top_p": job.top_p,
+            "max_tokens": job.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        return orjson.dumps(body)
+
+    async def stream(self, job: ChatJob) -> AsyncIterator[Piece]:
+        """Call the upstream and yield its content deltas."""
+        try:
+            async with self._client().post(
+                self._url, data=self._payload(job), headers=self._headers
+            ) as response:
+                if response.status != 200:
+                    raise UpstreamError(await _error_message(response))
+                async for piece in _parse_stream(response, job):
+                    yield piece
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"the model endpoint failed: {type(exc).__name__}") from exc
+        except TimeoutError as exc:
+            raise UpstreamError("the model endpoint stopped answering") from exc
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self._session is not None:
+            await self._session.close()
+
+
+async def _error_message(response: aiohttp.ClientResponse) -> str:
+    """The upstream's own error message if it gave one (short), else its status."""
+    detail = ""
+    try:
+        data = orjson.loads(await response.content.read(4096))
+        message = data.get("error", {}).get("message") if isinstance(data, dict) else None
+        if isinstance(message, str):
+            detail = ": " + message[:300]
+    except (orjson.JSONDecodeError, AttributeError, aiohttp.ClientError):
+        pass
+    return f"the model endpoint answered {response.status}{detail}"
+
+
+async def _parse_stream(response: aiohttp.ClientResponse, job: ChatJob) -> AsyncIterator[Piece]:
+    finish_reason = "stop"
+    usage: Usage | None = None
+    completion_chars: list[str] = []
+    async for raw in response.content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamError("the model endpoint sent a malformed event") from exc
+        if chunk.get("error"):
+            raise UpstreamError("the model endpoint failed mid-answer")
+        if chunk.get("usage"):
+            reported = chunk["usage"]
+            usage = Usage(
+                prompt_tokens=int(reported.get("prompt_tokens") or 0),
+                completion_tokens=int(reported.get("completion_tokens") or 0),
+            )
+        for choice in chunk.get("choices") or ():
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                completion_chars.append(text)
+                yield text
+            if choice.get("finish_reason"):
+                finish_reason = choice["finish_reason"]
+    if usage is None:
+        usage = Usage(
+            prompt_tokens=tokens.estimate_prompt(job.messages),
+            completion_tokens=tokens.estimate("".join(completion_chars)),
+        )
+    yield Finish(finish_reason, usage)
+
+
+def make_model(config: EndpointConfig) -> Model:
+    """The model for an endpoint's kind."""
+    if config.kind == "echo":
+        return EchoModel(config)
+    return OpenAIModel(config)

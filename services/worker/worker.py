@@ -1,0 +1,297 @@
+"""The worker: takes chat jobs from RabbitMQ, calls models, streams events back.
+
+Acknowledgement policy: a job is acked when its terminal event (end or
+error) has been published, or when it is dropped on purpose (its deadline
+passed while queued, or it was cancelled). A worker that dies holding a job
+leaves it unacked, and RabbitMQ gives it to another worker; the quorum
+queue's delivery count becomes the event's ``attempt``.
+
+SIGTERM: stop taking jobs, let running ones finish within
+``drain_timeout_s``, cancel the rest (they are redelivered), exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import time
+from collections import OrderedDict
+
+import aio_pika
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from pydantic import ValidationError
+
+from services.worker.coalesce import coalesce
+from services.worker.models import Finish, Model, make_model
+from services.worker.settings import WorkerSettings
+from shared.amqp import declare_control, declare_jobs
+from shared.errors import BotlineError, DeadlineExceeded, InternalError, UnknownEndpoint
+from shared.registry import now_ms
+from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent
+
+log = structlog.get_logger("botline.worker")
+
+# Cancellations remembered for jobs not (yet) seen here, so that a job
+# cancelled while still queued is dropped when it arrives.
+_REMEMBER_CANCELLED = 10_000
+
+
+class _Events:
+    """Publishes one attempt's events with a gap-free ``seq``."""
+
+    def __init__(self, exchange: AbstractExchange, job: ChatJob, attempt: int) -> None:
+        self._exchange = exchange
+        self._job = job
+        self._attempt = attempt
+        self._seq = 0
+
+    async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent) -> None:
+        self._seq += 1
+        message = aio_pika.Message(
+            event.dump(),
+            content_type="application/json",
+            correlation_id=self._job.job_id,
+            type=event.type,
+        )
+        # mandatory: if the gateway's queue is gone, the return cancels the job.
+        await self._exchange.publish(message, routing_key=self._job.reply_to, mandatory=True)
+
+    async def delta(self, text: str) -> None:
+        job = self._job
+        await self._send(
+            DeltaEvent(job_id=job.job_id, attempt=self._attempt, seq=self._seq, text=text)
+        )
+
+    async def end(self, text: str, finish: Finish) -> None:
+        job = self._job
+        await self._send(
+            EndEvent(
+                job_id=job.job_id,
+                attempt=self._attempt,
+                seq=self._seq,
+                text=text,
+                finish_reason=finish.finish_reason,
+                usage=finish.usage,
+            )
+        )
+
+    async def error(self, error: BotlineError) -> None:
+        job = self._job
+        await self._send(
+            ErrorEvent(
+                job_id=job.job_id,
+                attempt=self._attempt,
+                seq=self._seq,
+                code=error.code,
+                message=error.message,
+            )
+        )
+
+
+class Worker:
+    """One worker process's connection, consumers and running jobs."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or secrets.token_hex(6)
+        endpoints = settings.all_endpoints()
+        self._models: dict[str, Model] = {name: make_model(cfg) for name, cfg in endpoints.items()}
+        self._limits = {
+            name: asyncio.Semaphore(cfg.max_concurrency) for name, cfg in endpoints.items()
+        }
+        self._running: dict[str, asyncio.Task[object]] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._connection: AbstractRobustConnection | None = None
+        self._jobs: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._events: AbstractExchange | None = None
+        self.jobs_done = 0
+
+    async def start(self) -> None:
+        """Connect, declare, and start consuming jobs and cancellations."""
+        settings = self.settings
+        async with asyncio.timeout(settings.startup_timeout_s):
+            while True:
+                try:
+                    self._connection = await aio_pika.connect_robust(
+                        settings.amqp_url.get_secret_value(),
+                        heartbeat=settings.amqp_heartbeat_s,
+                        client_properties={"connection_name": f"worker-{self.worker_id}"},
+                    )
+                    break
+                except (AMQPError, OSError) as exc:
+                    log.warning("amqp.connect_failed", error=type(exc).__name__)
+                    await asyncio.sleep(1.0)
+        connection = self._connection
+        jobs_channel = await connection.channel()
+        await jobs_channel.set_qos(prefetch_count=settings.concurrency)
+        self._jobs = await declare_jobs(jobs_channel, settings)
+        control = await declare_control(jobs_channel, settings)
+        control_queue = await jobs_channel.declare_queue(
+            settings.names.control_queue(self.worker_id), exclusive=True, auto_delete=True
+        )
+        await control_queue.bind(control)
+        await control_queue.consume(self._on_control, no_ack=True)
+        # Deltas need no confirms: a lost worker is handled by redelivery and
+        # the gateway's fencing, and confirms per delta would halve throughput.
+        events_channel: AbstractChannel = await connection.channel(publisher_confirms=False)
+        events_channel.return_callbacks.add(self._on_return)
+        self._events = events_channel.default_exchange
+        self._consumer_tag = await self._jobs.consume(self._on_job)
+        log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
+
+    async def stop(self) -> None:
+        """Stop taking jobs, drain running ones, close."""
+        if self._jobs is not None and self._consumer_tag is not None:
+            with contextlib.suppress(AMQPError, ChannelInvalidStateError):
+                await self._jobs.cancel(self._consumer_tag)
+        running = list(self._running.values())
+        if running:
+            log.info("worker.draining", jobs=len(running))
+            _, late = await asyncio.wait(running, timeout=self.settings.drain_timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        for model in self._models.values():
+            await model.close()
+        if self._connection is not None:
+            await self._connection.close()
+        log.info("worker.stopped", jobs_done=self.jobs_done)
+
+    def _on_return(self, _channel: object, message: AbstractIncomingMessage) -> None:
+        # The reply queue is gone: its gateway died, nobody waits for this job.
+        self._cancel(message.correlation_id or "")
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        try:
+            cancel = CancelJob.model_validate_json(message.body)
+        except ValidationError:
+            log.warning("wire.invalid_control")
+            return
+        self._cancel(cancel.job_id)
+
+    def _cancel(self, job_id: str) -> None:
+        self._cancelled[job_id] = None
+        if len(self._cancelled) > _REMEMBER_CANCELLED:
+            self._cancelled.popitem(last=False)
+        task = self._running.get(job_id)
+        if task is not None:
+            task.cancel()
+
+    async def _on_job(self, message: AbstractIncomingMessage) -> None:
+        try:
+            job = ChatJob.model_validate_json(message.body)
+        except ValidationError:
+            log.error("wire.invalid_job")
+            await message.reject(requeue=False)
+            return
+        delivered = message.headers.get("x-delivery-count")
+        attempt = (delivered if isinstance(delivered, int) else 0) + 1
+        structlog.contextvars.bind_contextvars(
+            request_id=job.request_id, job_id=job.job_id, attempt=attempt
+        )
+        if job.job_id in self._cancelled:
+            log.info("job.dropped", reason="cancelled")
+            await self._ack(message)
+            return
+        if job.deadline_ms <= now_ms():
+            log.info("job.dropped", reason="deadline")
+            await self._ack(message)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[job.job_id] = task
+        try:
+            await self._run(job, attempt)
+        except asyncio.CancelledError:
+            if job.job_id not in self._cancelled:
+                raise  # shutting down: leave it unacked, another worker takes it
+            task.uncancel()
+            log.info("job.cancelled")
+        finally:
+            self._running.pop(job.job_id, None)
+        await self._ack(message)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack()
+        except (AMQPError, ChannelInvalidStateError):
+            # The channel died meanwhile; RabbitMQ redelivers the job.
+            log.warning("job.ack_failed")
+
+    async def _run(self, job: ChatJob, attempt: int) -> None:
+        assert self._events is not None
+        events = _Events(self._events, job, attempt)
+        model = self._models.get(job.endpoint)
+        if model is None:
+            await events.error(UnknownEndpoint(f"no model endpoint named {job.endpoint!r}"))
+            return
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (job.deadline_ms - now_ms()) / 1000
+        outcome = "done"
+        try:
+            async with asyncio.timeout_at(deadline) as window, self._limits[job.endpoint]:
+                await coalesce(
+                    model.stream(job),
+                    events.delta,
+                    events.end,
+                    window_s=self.settings.coalesce_ms / 1000,
+                    max_chars=self.settings.coalesce_chars,
+                )
+        except TimeoutError:
+            if not window.expired():
+                raise
+            outcome = "deadline"
+            await events.error(DeadlineExceeded("the request deadline passed"))
+        except BotlineError as exc:
+            outcome = exc.code
+            await events.error(exc)
+        except (AMQPError, ChannelInvalidStateError):
+            raise
+        except Exception:
+            outcome = "internal_error"
+            log.exception("job.crashed")
+            await events.error(InternalError("the worker failed on this request"))
+        self.jobs_done += 1
+        log.info(
+            "job.finished",
+            outcome=outcome,
+            endpoint=job.endpoint,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+
+async def serve(settings: WorkerSettings) -> None:
+    """Run a worker until SIGTERM or SIGINT, then drain."""
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    beat = asyncio.create_task(_health_beat(settings))
+    try:
+        await stop.wait()
+    finally:
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+        await worker.stop()
+
+
+async def _health_beat(settings: WorkerSettings) -> None:
+    if settings.health_file is None:
+        return
+    while True:
+        settings.health_file.touch()
+        await asyncio.sleep(5)

@@ -1,0 +1,190 @@
+"""The one exception hierarchy; the gateway maps it to HTTP in one middleware.
+
+Each error has an HTTP status, a stable machine-readable ``code`` and an
+OpenAI-style ``type``. Workers send errors to the gateway by code
+(:func:`error_from_code`), so both ends agree on what a code means.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BotlineError(Exception):
+    """Base of every error a caller may see."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    type: ClassVar[str] = "server_error"
+    # Seconds a client should wait before retrying; sent as Retry-After.
+    retry_after: int | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        """The JSON error body both surfaces use."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(BotlineError):
+    """The body is not JSON or fails validation."""
+
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class RequestTooLarge(BotlineError):
+    """The body is over the size limit."""
+
+    status = 413
+    code = "request_too_large"
+    type = "invalid_request_error"
+
+
+class NotFound(BotlineError):
+    """No such route."""
+
+    status = 404
+    code = "not_found"
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(BotlineError):
+    """The route exists, the method does not."""
+
+    status = 405
+    code = "method_not_allowed"
+    type = "invalid_request_error"
+
+
+class InvalidApiKey(BotlineError):
+    """No key, a malformed key or an unknown key."""
+
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+
+class ApiKeyDisabled(BotlineError):
+    """The key exists but was disabled."""
+
+    status = 401
+    code = "api_key_disabled"
+    type = "authentication_error"
+
+
+class ApiKeyExpired(BotlineError):
+    """The key exists but is past its expiry."""
+
+    status = 401
+    code = "api_key_expired"
+    type = "authentication_error"
+
+
+class BotNotFound(BotlineError):
+    """The key's bot no longer exists."""
+
+    status = 404
+    code = "bot_not_found"
+    type = "not_found_error"
+
+
+class BackendUnavailable(BotlineError):
+    """Redis or RabbitMQ cannot be reached."""
+
+    status = 503
+    code = "backend_unavailable"
+    type = "server_error"
+    retry_after = 1
+
+
+class Overloaded(BotlineError):
+    """The job queue is full."""
+
+    status = 503
+    code = "overloaded"
+    type = "server_error"
+    retry_after = 1
+
+
+class DeadlineExceeded(BotlineError):
+    """No answer within the request deadline."""
+
+    status = 504
+    code = "deadline_exceeded"
+    type = "timeout_error"
+
+
+class UpstreamError(BotlineError):
+    """The model endpoint failed or answered an error."""
+
+    status = 502
+    code = "upstream_error"
+    type = "upstream_error"
+
+
+class UnknownEndpoint(BotlineError):
+    """The bot names a model endpoint the workers do not know."""
+
+    status = 502
+    code = "unknown_endpoint"
+    type = "server_error"
+
+
+class WorkerLost(BotlineError):
+    """The worker died after the answer had started; it cannot be resumed."""
+
+    status = 502
+    code = "worker_lost"
+    type = "server_error"
+
+
+class JobFailed(BotlineError):
+    """The job was dead-lettered after failing on too many workers."""
+
+    status = 502
+    code = "job_failed"
+    type = "server_error"
+
+
+class InternalError(BotlineError):
+    """Anything unexpected."""
+
+
+_BY_CODE: dict[str, type[BotlineError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        RequestTooLarge,
+        NotFound,
+        MethodNotAllowed,
+        InvalidApiKey,
+        ApiKeyDisabled,
+        ApiKeyExpired,
+        BotNotFound,
+        BackendUnavailable,
+        Overloaded,
+        DeadlineExceeded,
+        UpstreamError,
+        UnknownEndpoint,
+        WorkerLost,
+        JobFailed,
+        InternalError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> BotlineError:
+    """The error a worker reported by code; unknown codes become internal errors."""
+    return _BY_CODE.get(code, InternalError)(message)

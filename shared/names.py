@@ -1,0 +1,88 @@
+"""Every queue, exchange and Redis key name, defined once.
+
+All names hang off a *namespace* (setting `BOTLINE_NAMESPACE`, default
+``botline``), so that several stacks -- or many tests running in parallel --
+can share one Redis and one RabbitMQ without seeing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The names of one namespace's queues, exchanges and Redis keys."""
+
+    namespace: str
+
+    # --- RabbitMQ -------------------------------------------------------
+    @property
+    def jobs_queue(self) -> str:
+        """Quorum queue every worker consumes chat jobs from."""
+        return f"{self.namespace}.jobs"
+
+    @property
+    def dead_exchange(self) -> str:
+        """Headers exchange that receives jobs which failed too many deliveries."""
+        return f"{self.namespace}.jobs.dlx"
+
+    @property
+    def dead_queue(self) -> str:
+        """Where dead jobs are kept (bounded) for an operator to look at."""
+        return f"{self.namespace}.jobs.dead"
+
+    @property
+    def control_exchange(self) -> str:
+        """Fanout exchange for cancellations, bound by one queue per worker."""
+        return f"{self.namespace}.control"
+
+    def reply_queue(self, gateway_id: str) -> str:
+        """The exclusive queue one gateway process receives its events on."""
+        return f"{self.namespace}.reply.{gateway_id}"
+
+    def control_queue(self, worker_id: str) -> str:
+        """The exclusive queue one worker process receives cancellations on."""
+        return f"{self.namespace}.control.{worker_id}"
+
+    # --- Redis ----------------------------------------------------------
+    def bot(self, bot_id: str) -> str:
+        """A bot's settings (JSON)."""
+        return f"{self.namespace}:bot:{bot_id}"
+
+    @property
+    def bot_prefix(self) -> str:
+        """Prefix of `bot()`; the key lookup script appends a bot id to it."""
+        return f"{self.namespace}:bot:"
+
+    @property
+    def bots(self) -> str:
+        """Set of all bot ids."""
+        return f"{self.namespace}:bots"
+
+    def bot_keys(self, bot_id: str) -> str:
+        """Set of the key ids of one bot."""
+        return f"{self.namespace}:bot:{bot_id}:keys"
+
+    def key(self, key_hash: str) -> str:
+        """A key's record (JSON), addressed by the SHA-256 of the key."""
+        return f"{self.namespace}:key:{key_hash}"
+
+    def key_id(self, key_id: str) -> str:
+        """Maps a key id (what people manage keys by) to the key's hash."""
+        return f"{self.namespace}:keyid:{key_id}"
+
+    @property
+    def key_last_used(self) -> str:
+        """Hash: key id -> last use, epoch milliseconds."""
+        return f"{self.namespace}:key_last_used"
+
+    @property
+    def invalidate_channel(self) -> str:
+        """Pub/sub channel on which key and bot changes reach every gateway."""
+        return f"{self.namespace}:invalidate"
+
+    @property
+    def all_redis_keys(self) -> str:
+        """A SCAN pattern matching every Redis key of this namespace."""
+        return f"{self.namespace}:*"

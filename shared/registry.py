@@ -1,0 +1,203 @@
+"""Bots and keys in Redis: the `botline` command writes them, gateways read them.
+
+Layout (names from :mod:`shared.names`): a bot is one JSON string; a key's
+record is one JSON string stored under the SHA-256 of the key, so the key
+itself is never at rest. Every change is announced on the invalidation
+channel, which every gateway listens to and drops its cached entry on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.models import Bot, KeyRecord, new_id
+from shared.names import Names
+
+# One round trip per cache miss: the key's record and its bot together.
+_LOOKUP = """
+local record = redis.call('GET', KEYS[1])
+if not record then return nil end
+local bot = redis.call('GET', ARGV[1] .. cjson.decode(record)['bot_id'])
+if not bot then return {record} end
+return {record, bot}
+"""
+
+
+def now_ms() -> int:
+    """The current time, epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def invalidation_for_key(key_hash: str) -> str:
+    """The invalidation message for one key."""
+    return f"key:{key_hash}"
+
+
+def invalidation_for_bot(bot_id: str) -> str:
+    """The invalidation message for a bot (and so every key of it)."""
+    return f"bot:{bot_id}"
+
+
+class Registry:
+    """Reads and writes bots and keys of one namespace."""
+
+    def __init__(self, redis: Redis, names: Names) -> None:
+        self.redis = redis
+        self.names = names
+        self._lookup = redis.register_script(_LOOKUP)
+
+    # --- bots -----------------------------------------------------------
+    async def create_bot(self, **fields: Any) -> Bot:
+        """Create and store a bot; ``fields`` are :class:`Bot`'s, without id."""
+        bot = Bot(id=new_id("bot"), created_at=now_ms(), **fields)
+        await self.put_bot(bot)
+        return bot
+
+    async def put_bot(self, bot: Bot) -> None:
+        """Store (create or replace) a bot and tell the gateways."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.names.bot(bot.id), bot.model_dump_json())
+            pipe.sadd(self.names.bots, bot.id)
+            pipe.publish(self.names.invalidate_channel, invalidation_for_bot(bot.id))
+            await pipe.execute()
+
+    async def get_bot(self, bot_id: str) -> Bot | None:
+        """A bot by id, or None."""
+        raw = await self.redis.get(self.names.bot(bot_id))
+        return None if raw is None else Bot.model_validate_json(raw)
+
+    async def list_bots(self) -> list[Bot]:
+        """All bots, oldest first."""
+        ids = sorted(_text(i) for i in await self.redis.smembers(self.names.bots))
+        if not ids:
+            return []
+        raws = await self.redis.mget([self.names.bot(i) for i in ids])
+        bots = [Bot.model_validate_json(r) for r in raws if r is not None]
+        return sorted(bots, key=lambda b: (b.created_at, b.id))
+
+    async def delete_bot(self, bot_id: str) -> bool:
+        """Delete a bot. Its keys stay and are answered 404 ``bot_not_found``."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.names.bot(bot_id))
+            pipe.srem(self.names.bots, bot_id)
+            pipe.publish(self.names.invalidate_channel, invalidation_for_bot(bot_id))
+            deleted, _, _ = await pipe.execute()
+        return bool(deleted)
+
+    # --- keys -----------------------------------------------------------
+    async def create_key(
+        self, bot_id: str, name: str = "", expires_at: int | None = None
+    ) -> tuple[str, KeyRecord]:
+        """Create a key for a bot; returns the key (shown once) and its record."""
+        key = keys.generate()
+        key_hash = keys.hash_key(key)
+        record = KeyRecord(
+            key_id=new_id("key"),
+            bot_id=bot_id,
+            name=name,
+            prefix=keys.display_prefix(key),
+            created_at=now_ms(),
+            expires_at=expires_at,
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.names.key(key_hash), record.model_dump_json())
+            pipe.set(self.names.key_id(record.key_id), key_hash)
+            pipe.sadd(self.names.bot_keys(bot_id), record.key_id)
+            # A gateway may hold a negative cache entry for this hash.
+            pipe.publish(self.names.invalidate_channel, invalidation_for_key(key_hash))
+            await pipe.execute()
+        return key, record
+
+    async def _hash_of(self, key_id: str) -> str | None:
+        raw = await self.redis.get(self.names.key_id(key_id))
+        return None if raw is None else _text(raw)
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        """A key's record by key id, with its last use, or None."""
+        key_hash = await self._hash_of(key_id)
+        if key_hash is None:
+            return None
+        raw, used = await self._get_with_last_used(key_hash, key_id)
+        if raw is None:
+            return None
+        return KeyRecord.model_validate_json(raw).model_copy(update={"last_used_at": used})
+
+    async def _get_with_last_used(self, key_hash: str, key_id: str) -> tuple[Any, int | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.names.key(key_hash))
+            pipe.hget(self.names.key_last_used, key_id)
+            raw, used = await pipe.execute()
+        return raw, None if used is None else int(used)
+
+    async def list_keys(self, bot_id: str) -> list[KeyRecord]:
+        """A bot's keys, oldest first."""
+        key_ids = await self.redis.smembers(self.names.bot_keys(bot_id))
+        records = []
+        for key_id in key_ids:
+            record = await self.get_key(_text(key_id))
+            if record is not None:
+                records.append(record)
+        return sorted(records, key=lambda r: (r.created_at, r.key_id))
+
+    async def set_disabled(self, key_id: str, disabled: bool) -> KeyRecord | None:
+        """Disable or enable a key; None if there is no such key."""
+        return await self._update_key(key_id, disabled=disabled)
+
+    async def set_expiry(self, key_id: str, expires_at: int | None) -> KeyRecord | None:
+        """Set or clear a key's expiry; None if there is no such key."""
+        return await self._update_key(key_id, expires_at=expires_at)
+
+    async def _update_key(self, key_id: str, **update: Any) -> KeyRecord | None:
+        key_hash = await self._hash_of(key_id)
+        if key_hash is None:
+            return None
+        raw = await self.redis.get(self.names.key(key_hash))
+        if raw is None:
+            return None
+        record = KeyRecord.model_validate_json(raw).model_copy(update=update)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.names.key(key_hash), record.model_dump_json())
+            pipe.publish(self.names.invalidate_channel, invalidation_for_key(key_hash))
+            await pipe.execute()
+        return record
+
+    async def revoke(self, key_id: str) -> bool:
+        """Delete a key for good; False if there was no such key."""
+        key_hash = await self._hash_of(key_id)
+        if key_hash is None:
+            return False
+        raw = await self.redis.get(self.names.key(key_hash))
+        bot_id = KeyRecord.model_validate_json(raw).bot_id if raw is not None else None
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.names.key(key_hash), self.names.key_id(key_id))
+            pipe.hdel(self.names.key_last_used, key_id)
+            if bot_id is not None:
+                pipe.srem(self.names.bot_keys(bot_id), key_id)
+            pipe.publish(self.names.invalidate_channel, invalidation_for_key(key_hash))
+            await pipe.execute()
+        return True
+
+    # --- the gateway's hot path ------------------------------------------
+    async def lookup(self, key_hash: str) -> tuple[KeyRecord | None, Bot | None]:
+        """A key's record and its bot, in one round trip."""
+        found = await self._lookup(keys=[self.names.key(key_hash)], args=[self.names.bot_prefix])
+        if not found:
+            return None, None
+        record = KeyRecord.model_validate_json(found[0])
+        bot = Bot.model_validate_json(found[1]) if len(found) > 1 else None
+        return record, bot
+
+    async def touch(self, last_used: Mapping[str, int]) -> None:
+        """Record keys' last use (key id -> epoch ms), batched by the gateway."""
+        if last_used:
+            mapping: dict[str | bytes, int] = {k: v for k, v in last_used.items()}
+            await self.redis.hset(self.names.key_last_used, mapping=mapping)  # type: ignore[arg-type]
