@@ -17,7 +17,7 @@ import contextlib
 import secrets
 import signal
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import aio_pika
 import structlog
@@ -98,6 +98,30 @@ class _Events:
         )
 
 
+class JobStats:
+    """Counts of jobs by outcome (``done``, ``dropped``, error codes); awaitable."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._changed = asyncio.Condition()
+
+    async def add(self, outcome: str) -> None:
+        """Count one job."""
+        async with self._changed:
+            self.counts[outcome] += 1
+            self._changed.notify_all()
+
+    async def wait_for(self, outcome: str, count: int, timeout_s: float = 10.0) -> None:
+        """Until ``count`` jobs ended with ``outcome``."""
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: self.counts[outcome] >= count)
+
+    @property
+    def total(self) -> int:
+        """Jobs handled, whatever their outcome."""
+        return sum(self.counts.values())
+
+
 class Worker:
     """One worker process's connection, consumers and running jobs."""
 
@@ -115,7 +139,7 @@ class Worker:
         self._jobs: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._events: AbstractExchange | None = None
-        self.jobs_done = 0
+        self.stats = JobStats()
 
     async def start(self) -> None:
         """Connect, declare, and start consuming jobs and cancellations."""
@@ -166,7 +190,7 @@ class Worker:
             await model.close()
         if self._connection is not None:
             await self._connection.close()
-        log.info("worker.stopped", jobs_done=self.jobs_done)
+        log.info("worker.stopped", jobs=self.stats.total)
 
     def _on_return(self, _channel: object, message: AbstractIncomingMessage) -> None:
         # The reply queue is gone: its gateway died, nobody waits for this job.
@@ -200,13 +224,11 @@ class Worker:
         structlog.contextvars.bind_contextvars(
             request_id=job.request_id, job_id=job.job_id, attempt=attempt
         )
-        if job.job_id in self._cancelled:
-            log.info("job.dropped", reason="cancelled")
+        if job.job_id in self._cancelled or job.deadline_ms <= now_ms():
+            reason = "cancelled" if job.job_id in self._cancelled else "deadline"
+            log.info("job.dropped", reason=reason)
             await self._ack(message)
-            return
-        if job.deadline_ms <= now_ms():
-            log.info("job.dropped", reason="deadline")
-            await self._ack(message)
+            await self.stats.add("dropped")
             return
         task = asyncio.current_task()
         assert task is not None
@@ -218,6 +240,7 @@ class Worker:
                 raise  # shutting down: leave it unacked, another worker takes it
             task.uncancel()
             log.info("job.cancelled")
+            await self.stats.add("cancelled")
         finally:
             self._running.pop(job.job_id, None)
         await self._ack(message)
@@ -263,7 +286,7 @@ class Worker:
             outcome = "internal_error"
             log.exception("job.crashed")
             await events.error(InternalError("the worker failed on this request"))
-        self.jobs_done += 1
+        await self.stats.add(outcome)
         log.info(
             "job.finished",
             outcome=outcome,

@@ -1,0 +1,1 @@
+"""botline test suite."""

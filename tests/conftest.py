@@ -1,0 +1,122 @@
+"""Fixtures: a namespace per test on the real Redis and RabbitMQ, a fake model server."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from shared.amqp import delete_namespace
+from shared.registry import Registry
+from shared.settings import CommonSettings
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.stack import Process, Stack, kill_all, process_env
+
+REDIS_URL = os.environ.get("BOTLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("BOTLINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> str:
+    """A namespace no other test uses."""
+    return f"t{secrets.token_hex(5)}"
+
+
+@pytest.fixture
+async def redis(namespace: str) -> AsyncIterator[Redis]:
+    """A Redis client; the namespace's keys are deleted afterwards."""
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    async for key in client.scan_iter(match=f"{namespace}:*", count=500):
+        await client.delete(key)
+    await client.aclose()
+
+
+@pytest.fixture
+async def amqp_cleanup(namespace: str, request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Deletes the namespace's queues and exchanges after the test."""
+    yield
+    connection = await aio_pika.connect(
+        AMQP_URL, client_properties={"connection_name": f"cleanup-{request.node.name}"[:200]}
+    )
+    async with connection:
+        channel = await connection.channel()
+        await delete_namespace(channel, CommonSettings(namespace=namespace))
+
+
+@pytest.fixture
+def registry(redis: Redis, namespace: str) -> Registry:
+    """Bots and keys of the test's namespace."""
+    return Registry(redis, CommonSettings(namespace=namespace).names)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeOpenAI]:
+    """A fake OpenAI-compatible model server on loopback."""
+    async with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def bare_stack(
+    namespace: str,
+    registry: Registry,
+    http: aiohttp.ClientSession,
+    upstream: FakeOpenAI,
+    amqp_cleanup: None,
+) -> AsyncIterator[Stack]:
+    """A namespace with nothing started yet: tests add gateways and workers."""
+    stack = Stack(namespace=namespace, registry=registry, http=http, upstream=upstream)
+    try:
+        yield stack
+    finally:
+        await stack.close()
+
+
+@pytest.fixture
+async def stack(bare_stack: Stack) -> Stack:
+    """One in-process gateway and one in-process worker."""
+    await bare_stack.add_worker()
+    await bare_stack.add_gateway()
+    return bare_stack
+
+
+ProcessFactory = Callable[..., Awaitable[Process]]
+
+
+@pytest.fixture
+async def processes(
+    namespace: str, upstream: FakeOpenAI, tmp_path: Path, amqp_cleanup: None
+) -> AsyncIterator[ProcessFactory]:
+    """Starts real ``botline`` processes (``await processes("worker")``); all killed after."""
+    started: list[Process] = []
+
+    async def start(command: str, *args: str, **env: str) -> Process:
+        log_path = tmp_path / f"{command}-{len(started)}.log"
+        process = Process(
+            [command, *args], process_env(namespace, upstream.base_url, **env), log_path
+        )
+        started.append(process)
+        await process.start()
+        await process.wait_for(f"{command}.started")
+        return process
+
+    try:
+        yield start
+    finally:
+        kill_all(started)
+        for process in started:
+            await process.stop()

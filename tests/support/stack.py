@@ -1,0 +1,253 @@
+"""Running botline for tests: in-process gateways and workers, and real processes.
+
+In-process pieces are quick and let tests look inside; processes are what
+SIGKILL, SIGTERM and "a second gateway" tests need. Either way they talk to
+the real Redis and RabbitMQ, isolated by a namespace of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
+from services.worker.settings import EndpointConfig, WorkerSettings
+from services.worker.worker import Worker
+from shared.models import Bot
+from shared.registry import Registry
+from tests.support.fake_openai import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def start_gateway(settings: GatewaySettings) -> tuple[web.AppRunner, str]:
+    """Serve a gateway on a random loopback port; returns its runner and base URL."""
+    runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def test_endpoints(upstream_url: str | None) -> dict[str, EndpointConfig]:
+    """Endpoints every test worker knows: a fast echo, a slow echo and the fake upstream."""
+    endpoints = {
+        "echo": EndpointConfig(kind="echo", delay_ms=0),
+        "echo-slow": EndpointConfig(kind="echo", delay_ms=50),
+    }
+    if upstream_url:
+        endpoints["fake"] = EndpointConfig(kind="openai", base_url=upstream_url, timeout_s=10)
+    return endpoints
+
+
+@dataclass
+class Stack:
+    """A namespace's gateways and workers, started on demand and stopped at the end."""
+
+    namespace: str
+    registry: Registry
+    http: aiohttp.ClientSession
+    upstream: FakeOpenAI
+    url: str = ""
+    _runners: list[web.AppRunner] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
+
+    @property
+    def upstream_url(self) -> str:
+        """The fake model server's base URL."""
+        return self.upstream.base_url
+
+    def gateway_settings(self, **overrides: Any) -> GatewaySettings:
+        """Settings of a gateway in this namespace."""
+        base: dict[str, Any] = {"namespace": self.namespace, "port": 0}
+        return GatewaySettings(**(base | overrides))
+
+    def worker_settings(self, **overrides: Any) -> WorkerSettings:
+        """Settings of a worker in this namespace."""
+        base: dict[str, Any] = {
+            "namespace": self.namespace,
+            "endpoints": test_endpoints(self.upstream_url),
+            "drain_timeout_s": 5,
+        }
+        return WorkerSettings(**(base | overrides))
+
+    async def add_gateway(self, **overrides: Any) -> str:
+        """Start a gateway; the first one's URL is also ``self.url``."""
+        runner, url = await start_gateway(self.gateway_settings(**overrides))
+        self._runners.append(runner)
+        self.url = self.url or url
+        return url
+
+    async def add_worker(self, **overrides: Any) -> Worker:
+        """Start a worker."""
+        worker = Worker(self.worker_settings(**overrides))
+        await worker.start()
+        self.workers.append(worker)
+        return worker
+
+    async def bot_and_key(self, **fields: Any) -> tuple[Bot, str]:
+        """A new bot (echo unless told) and a key for it."""
+        bot = await self.registry.create_bot(
+            **({"name": "test", "endpoint": "echo", "model": "m"} | fields)
+        )
+        key, _ = await self.registry.create_key(bot.id, "test")
+        return bot, key
+
+    async def close(self) -> None:
+        """Stop everything this stack started."""
+        for worker in self.workers:
+            await worker.stop()
+        for runner in self._runners:
+            await runner.cleanup()
+
+
+def auth(key: str) -> dict[str, str]:
+    """The Authorization header for a key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def chat(
+    http: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any], CIMultiDictProxy[str]]:
+    """POST a whole chat request; returns status, JSON body and headers."""
+    async with http.post(f"{url}/v1/chat/completions", json=body, headers=auth(key)) as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any] | str]:
+    """The ``data:`` payloads of an event stream, parsed (``[DONE]`` stays a string)."""
+    buffer = b""
+    async for chunk in resp.content.iter_any():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            for line in block.split(b"\n"):
+                if line.startswith(b"data: "):
+                    data = line[6:]
+                    yield data.decode() if data == b"[DONE]" else orjson.loads(data)
+
+
+async def stream_chat(
+    http: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]
+) -> list[dict[str, Any] | str]:
+    """POST a streamed chat request and collect all its events."""
+    async with http.post(
+        f"{url}/v1/chat/completions", json=body | {"stream": True}, headers=auth(key)
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        return [event async for event in sse_events(resp)]
+
+
+class Process:
+    """A ``botline`` process whose output goes to a log file and is watched for events."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args = args
+        self.env = env
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self._seen: dict[str, asyncio.Event] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the process and follow its output."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.cli",
+            *self.args,
+            env=self.env,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        self._reader = asyncio.create_task(self._follow())
+
+    def _event(self, name: str) -> asyncio.Event:
+        return self._seen.setdefault(name, asyncio.Event())
+
+    async def _follow(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        with self.log_path.open("ab") as log:
+            async for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
+                try:
+                    name = orjson.loads(line).get("event")
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(name, str):
+                    self._event(name).set()
+
+    async def wait_for(self, event: str, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+        """Wait until the process logged ``event``."""
+        async with asyncio.timeout(timeout):
+            await self._event(event).wait()
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send a signal."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
+        """Wait for the process to exit; returns its exit code."""
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def stop(self) -> None:
+        """SIGKILL if still running, and reap."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+        if self.proc is not None:
+            await self.wait()
+
+
+def process_env(namespace: str, upstream_url: str | None, **extra: str) -> dict[str, str]:
+    """The environment of a ``botline`` process in a test namespace."""
+    endpoints = {name: cfg.model_dump() for name, cfg in test_endpoints(upstream_url).items()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTLINE_")}
+    env.update(
+        BOTLINE_NAMESPACE=namespace,
+        BOTLINE_ENDPOINTS=orjson.dumps(endpoints).decode(),
+        BOTLINE_LOG_FORMAT="json",
+        BOTLINE_LOG_LEVEL="debug",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def kill_all(processes: Iterable[Process]) -> None:
+    """SIGKILL every process still running (last-resort cleanup)."""
+    for process in processes:
+        if process.proc is not None and process.proc.returncode is None:
+            process.proc.kill()
