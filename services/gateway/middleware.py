@@ -61,6 +61,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     status = 500
+    code: str | None = None
     try:
         try:
             response = await handler(request)
@@ -71,7 +72,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = response.status
         return response
     except BotlineError as exc:
-        status = exc.status
+        status, code = exc.status, exc.code
         return error_response(exc)
     except BaseException as exc:
         if isinstance(exc, web.HTTPException):
@@ -88,6 +89,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             method=request.method,
             path=request.path,
             status=status,
+            code=code,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
 

@@ -1,0 +1,80 @@
+"""No key and no message body ever reaches a log, whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.keys import hash_key
+from tests.conftest import ProcessFactory
+from tests.support.fake_openai import Script
+from tests.support.stack import Stack, auth, chat, free_port, process_env, stream_chat
+
+pytestmark = pytest.mark.integration
+
+SECRET_WORDS = "zebra-umbrella-7731 quantum marmalade"
+SECRET_REPLY = "confidential-reply-4412"
+
+
+async def cli(namespace: str, upstream_url: str, *args: str) -> tuple[str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        *args,
+        env=process_env(namespace, upstream_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode(), err.decode()
+
+
+def read_logs(folder: Path) -> str:
+    return "".join(p.read_text() for p in folder.glob("*.log"))
+
+
+async def test_logs_hold_no_key_and_no_message_content(
+    bare_stack: Stack, processes: ProcessFactory, tmp_path: Path
+) -> None:
+    ns, up = bare_stack.namespace, bare_stack.upstream
+    port = free_port()
+    await processes("worker")
+    await processes("gateway", "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    out, _ = await cli(ns, up.base_url, "bots", "create", "--name", "b", "--endpoint", "fake",
+                       "--model", "m", "--system-prompt", "secret prompt 9931")  # fmt: skip
+    bot_id = out.split('"id": "')[1].split('"')[0]
+    key, _ = await cli(ns, up.base_url, "keys", "create", "--bot", bot_id, "--name", "k")
+    key = key.strip()
+    assert key.startswith("bl-")
+
+    ask = {"messages": [{"role": "user", "content": SECRET_WORDS}]}
+    status, body, _ = await chat(bare_stack.http, url, key, ask)
+    assert status == 200
+    assert SECRET_WORDS in body["choices"]["message"]["content"]
+    up.script(Script(tokens=[SECRET_REPLY, " done"]))
+    events = await stream_chat(bare_stack.http, url, key, ask)
+    assert events
+    # Errors that carry content or keys: a bad body, a bad key, a failing model.
+    async with bare_stack.http.post(
+        f"{url}/v1/chat/completions",
+        json={"messages": [{"role": SECRET_WORDS, "content": SECRET_WORDS}]},
+        headers=auth(key),
+    ) as resp:
+        assert resp.status == 400
+    tampered = key[:-2] + "zz"
+    assert (await chat(bare_stack.http, url, tampered, ask))[0] == 401
+    up.script(Script(status=500))
+    assert (await chat(bare_stack.http, url, key, ask))[0] == 502
+
+    logs = await asyncio.to_thread(read_logs, tmp_path)
+    assert "http.request" in logs
+    assert "job.finished" in logs
+    for secret in (key, tampered, key[3:], hash_key(key), SECRET_WORDS, "zebra", SECRET_REPLY,
+                   "secret prompt"):  # fmt: skip
+        assert secret not in logs, f"{secret[:8]}… leaked into a log"

@@ -1,0 +1,140 @@
+"""The gateway's fencing of events: one attempt, no gaps, retries unseen when possible."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from services.gateway.engine import ChatRun
+from services.gateway.relay import DEAD, Incoming
+from shared.errors import DeadlineExceeded, JobFailed, UpstreamError, WorkerLost
+from shared.wire import ChatJob, ChatMessage, DeltaEvent, EndEvent, ErrorEvent, Usage
+
+USAGE = Usage(prompt_tokens=2, completion_tokens=3)
+
+
+class ScriptedRelay:
+    """Stands in for the AMQP relay: hands the run a scripted sequence of events."""
+
+    def __init__(self, events: list[Incoming]) -> None:
+        self.events = events
+        self.cancelled: list[str] = []
+        self.submitted: list[ChatJob] = []
+
+    def register(self, job_id: str) -> asyncio.Queue[Incoming]:
+        queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        for event in self.events:
+            queue.put_nowait(event)
+        return queue
+
+    def forget(self, job_id: str) -> None:
+        pass
+
+    async def submit(self, job: ChatJob) -> None:
+        self.submitted.append(job)
+
+    def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)
+
+
+JOB = ChatJob(
+    job_id="j1",
+    request_id="r",
+    reply_to="q",
+    deadline_ms=0,
+    endpoint="echo",
+    model="m",
+    messages=[ChatMessage(role="user", content="x")],
+    temperature=0.5,
+    top_p=0.5,
+    max_tokens=10,
+)
+
+
+def delta(attempt: int, seq: int, text: str) -> DeltaEvent:
+    return DeltaEvent(job_id="j1", attempt=attempt, seq=seq, text=text)
+
+
+def end(attempt: int, seq: int, text: str = "") -> EndEvent:
+    return EndEvent(job_id="j1", attempt=attempt, seq=seq, text=text, usage=USAGE)
+
+
+def run_with(events: list[Incoming], **kw: Any) -> tuple[ChatRun, ScriptedRelay]:
+    relay = ScriptedRelay(events)
+    options = {"deadline_s": 5.0, "event_timeout_s": 5.0} | kw
+    return ChatRun(relay, JOB, **options), relay  # type: ignore[arg-type]
+
+
+async def test_whole_answer_joins_the_pieces() -> None:
+    run, relay = run_with([delta(1, 0, "a"), delta(1, 1, "b"), end(1, 2, "c")])
+    async with run:
+        answer = await run.complete()
+    assert (answer.text, answer.usage) == ("abc", USAGE)
+    assert relay.cancelled == []
+
+
+async def test_a_retry_restarts_a_whole_answer_unseen() -> None:
+    run, _ = run_with([delta(1, 0, "lost "), delta(2, 0, "a"), delta(1, 1, "late"), end(2, 1, "b")])
+    async with run:
+        assert (await run.complete()).text == "ab"
+
+
+async def test_a_retry_after_streamed_text_is_worker_lost() -> None:
+    run, relay = run_with([delta(1, 0, "a"), delta(2, 0, "a")])
+    seen: list[DeltaEvent | EndEvent] = []
+
+    async def relay_all() -> None:
+        async with run:
+            async for event in run.stream():
+                seen.append(event)
+
+    with pytest.raises(WorkerLost):
+        await relay_all()
+    assert [e.text for e in seen] == ["a"]
+    assert relay.cancelled == ["j1"]
+
+
+async def test_a_retry_before_anything_was_streamed_is_unseen() -> None:
+    run, _ = run_with([delta(2, 0, "x"), end(2, 1)])
+    async with run:
+        assert [e.text async for e in run.stream()] == ["x", ""]
+
+
+async def test_a_gap_in_seq_is_an_error() -> None:
+    run, _ = run_with([delta(1, 0, "a"), delta(1, 2, "c")])
+    with pytest.raises(WorkerLost):
+        async with run:
+            await run.complete()
+
+
+async def test_error_events_become_their_errors() -> None:
+    error = ErrorEvent(job_id="j1", attempt=1, seq=0, code="upstream_error", message="bad")
+    run, relay = run_with([error])
+    with pytest.raises(UpstreamError):
+        async with run:
+            await run.complete()
+    assert relay.cancelled == []  # the job ended: nothing to cancel
+
+
+async def test_dead_jobs_fail() -> None:
+    run, _ = run_with([DEAD])
+    with pytest.raises(JobFailed):
+        async with run:
+            await run.complete()
+
+
+async def test_silence_after_the_first_event_times_out() -> None:
+    run, relay = run_with([delta(1, 0, "a")], event_timeout_s=0.05)
+    with pytest.raises(DeadlineExceeded, match="sent nothing"):
+        async with run:
+            await run.complete()
+    assert relay.cancelled == ["j1"]
+
+
+async def test_no_event_before_the_deadline_times_out() -> None:
+    run, _ = run_with([], deadline_s=0.05)
+    with pytest.raises(DeadlineExceeded, match="no answer"):
+        async with run:
+            await run.complete()
