@@ -205,6 +205,9 @@ def demo_command(args: argparse.Namespace) -> int:
         return 0
 
     asyncio.run(_with_registry(go))
+    if args.no_serve:
+        print(holder["key"])
+        return 0
     port = os.environ.get("BOTLINE_PORT", "8080")
     key = holder["key"]
     base = f"http://127.0.0.1:{port}"
@@ -254,9 +257,11 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, help="overrides BOTLINE_PORT")
     gw.set_defaults(func=gateway_command)
     sub.add_parser("worker", help="run a model worker").set_defaults(func=worker_command)
-    sub.add_parser(
-        "demo", help="create a demo bot and key, run a gateway and a worker"
-    ).set_defaults(func=demo_command)
+    demo = sub.add_parser("demo", help="create a demo bot and key, run a gateway and a worker")
+    demo.add_argument(
+        "--no-serve", action="store_true", help="only create the bot and key, print the key"
+    )
+    demo.set_defaults(func=demo_command)
 
     bots = sub.add_parser("bots", help="manage bots").add_subparsers(dest="action", required=True)
     create = bots.add_parser("create", help="create a bot")
