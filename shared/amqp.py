@@ -8,6 +8,11 @@
   reply queue on its own ``x-botline-gateway`` header, so the caller hears of
   the failure at once; ``<ns>.jobs.dead`` keeps a bounded copy for operators.
 - ``<ns>.control``: a fanout exchange carrying cancellations to every worker.
+- ``<ns>.replies``: a direct exchange for events, each gateway's reply queue
+  bound on its own name. Its alternate exchange ``<ns>.replies.unroutable``
+  (fanout, bound by every worker's control queue) catches events whose
+  gateway is gone, so the worker running that job stops it. This needs no
+  ``mandatory`` flag and no publisher confirms on the hot delta path.
 """
 
 from __future__ import annotations
@@ -53,10 +58,33 @@ async def declare_control(channel: AbstractChannel, settings: CommonSettings) ->
     )
 
 
+async def declare_replies(
+    channel: AbstractChannel, settings: CommonSettings
+) -> tuple[AbstractExchange, AbstractExchange]:
+    """Declare the events exchange and its alternate; returns (replies, unroutable)."""
+    names = settings.names
+    unroutable = await channel.declare_exchange(
+        names.unroutable_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    replies = await channel.declare_exchange(
+        names.reply_exchange,
+        aio_pika.ExchangeType.DIRECT,
+        durable=True,
+        arguments={"alternate-exchange": names.unroutable_exchange},
+    )
+    return replies, unroutable
+
+
 async def delete_namespace(channel: AbstractChannel, settings: CommonSettings) -> None:
     """Remove a namespace's shared queues and exchanges (tests, `botline` cleanup)."""
     names = settings.names
     for queue in (names.jobs_queue, names.dead_queue):
         await channel.queue_delete(queue)
-    for exchange in (names.dead_exchange, names.control_exchange):
+    exchanges = (
+        names.dead_exchange,
+        names.control_exchange,
+        names.reply_exchange,
+        names.unroutable_exchange,
+    )
+    for exchange in exchanges:
         await channel.exchange_delete(exchange)

@@ -37,6 +37,16 @@ class Names:
         """Fanout exchange for cancellations, bound by one queue per worker."""
         return f"{self.namespace}.control"
 
+    @property
+    def reply_exchange(self) -> str:
+        """Direct exchange workers publish events to, keyed by reply queue name."""
+        return f"{self.namespace}.replies"
+
+    @property
+    def unroutable_exchange(self) -> str:
+        """Alternate exchange of the replies: events whose gateway is gone reach every worker."""
+        return f"{self.namespace}.replies.unroutable"
+
     def reply_queue(self, gateway_id: str) -> str:
         """The exclusive queue one gateway process receives its events on."""
         return f"{self.namespace}.reply.{gateway_id}"

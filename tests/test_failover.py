@@ -101,3 +101,32 @@ async def test_a_job_that_kills_every_worker_is_dead_lettered(
     status, body, _ = answer
     assert (status, body["error"]["code"]) == (502, "job_failed")
     assert len(up.requests) == limit + 1
+
+
+async def test_a_dead_gateway_stops_its_jobs_on_the_workers(
+    bare_stack: Stack, processes: ProcessFactory
+) -> None:
+    """The reply queue vanishes with its gateway; the worker's next delta bounces and stops it."""
+    from tests.support.stack import free_port
+
+    up = bare_stack.upstream
+    script = Script(tokens=[f"t{i} " for i in range(40)], hold_after=1, delay_s=0.05)
+    up.script(script)
+    await bare_stack.add_worker()
+    port = free_port()
+    gateway = await processes("gateway", "--port", str(port))
+    _, key = await bare_stack.bot_and_key(endpoint="fake", model="fake-model")
+    async with bare_stack.http.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json=ASK | {"stream": True},
+        headers=auth(key),
+    ) as resp:
+        events = sse_events(resp)
+        assert (await anext(events))["status"] == "START"  # type: ignore[index]
+        gateway.signal(signal.SIGKILL)
+        await gateway.wait()
+    script.release.set()  # the model goes on; its next delta finds no reply queue
+    recorded = up.requests[-1]
+    async with asyncio.timeout(10):
+        await recorded.disconnected.wait()
+    await bare_stack.workers[0].stats.wait_for("cancelled", 1)

@@ -27,7 +27,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryErr
 from pydantic import ValidationError
 
 from services.gateway.settings import GatewaySettings
-from shared.amqp import GATEWAY_HEADER, declare_control, declare_jobs
+from shared.amqp import GATEWAY_HEADER, declare_control, declare_jobs, declare_replies
 from shared.errors import BackendUnavailable, Overloaded
 from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent, decode_event
 
@@ -75,10 +75,12 @@ class Relay:
         self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare_jobs(self._publish, self.settings)
         self._control = await declare_control(self._publish, self.settings)
+        replies_exchange, _ = await declare_replies(self._publish, self.settings)
         replies = await connection.channel(publisher_confirms=False)
         self._reply_queue = await replies.declare_queue(
             self.reply_queue_name, exclusive=True, auto_delete=True
         )
+        await self._reply_queue.bind(replies_exchange, routing_key=self.reply_queue_name)
         # Jobs dead-lettered after too many deliveries come back to their gateway.
         await self._reply_queue.bind(
             self.settings.names.dead_exchange,
@@ -154,8 +156,9 @@ class Relay:
             return
         with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError, TimeoutError):
             async with asyncio.timeout(self.settings.publish_timeout_s):
+                cancel = CancelJob(job_id=job_id)
                 await self._control.publish(
-                    aio_pika.Message(CancelJob(job_id=job_id).dump()), routing_key=""
+                    aio_pika.Message(cancel.dump(), type=cancel.type), routing_key=""
                 )
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from services.worker.coalesce import coalesce
 from services.worker.models import Finish, Model, make_model
 from services.worker.settings import WorkerSettings
-from shared.amqp import declare_control, declare_jobs
+from shared.amqp import declare_control, declare_jobs, declare_replies
 from shared.errors import BotlineError, DeadlineExceeded, InternalError, UnknownEndpoint
 from shared.registry import now_ms
 from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent
@@ -63,8 +63,9 @@ class _Events:
             correlation_id=self._job.job_id,
             type=event.type,
         )
-        # mandatory: if the gateway's queue is gone, the return cancels the job.
-        await self._exchange.publish(message, routing_key=self._job.reply_to, mandatory=True)
+        # No mandatory flag: an event whose gateway is gone goes to the replies'
+        # alternate exchange, which brings it back to the workers to stop the job.
+        await self._exchange.publish(message, routing_key=self._job.reply_to)
 
     async def delta(self, text: str) -> None:
         job = self._job
@@ -165,12 +166,13 @@ class Worker:
             settings.names.control_queue(self.worker_id), exclusive=True, auto_delete=True
         )
         await control_queue.bind(control)
+        replies, unroutable = await declare_replies(jobs_channel, settings)
+        await control_queue.bind(unroutable)
         await control_queue.consume(self._on_control, no_ack=True)
         # Deltas need no confirms: a lost worker is handled by redelivery and
         # the gateway's fencing, and confirms per delta would halve throughput.
         events_channel: AbstractChannel = await connection.channel(publisher_confirms=False)
-        events_channel.return_callbacks.add(self._on_return)
-        self._events = events_channel.default_exchange
+        self._events = await events_channel.get_exchange(replies.name, ensure=False)
         self._consumer_tag = await self._jobs.consume(self._on_job)
         log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
 
@@ -192,17 +194,17 @@ class Worker:
             await self._connection.close()
         log.info("worker.stopped", jobs=self.stats.total)
 
-    def _on_return(self, _channel: object, message: AbstractIncomingMessage) -> None:
-        # The reply queue is gone: its gateway died, nobody waits for this job.
-        self._cancel(message.correlation_id or "")
-
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
-        try:
-            cancel = CancelJob.model_validate_json(message.body)
-        except ValidationError:
-            log.warning("wire.invalid_control")
-            return
-        self._cancel(cancel.job_id)
+        # Either a cancellation, or an event that found no reply queue: its
+        # gateway is gone and nobody waits for the job any more.
+        if message.type == CancelJob.model_fields["type"].default:
+            try:
+                self._cancel(CancelJob.model_validate_json(message.body).job_id)
+            except ValidationError:
+                log.warning("wire.invalid_control")
+        elif message.correlation_id and message.correlation_id in self._running:
+            log.info("job.orphaned")
+            self._cancel(message.correlation_id)
 
     def _cancel(self, job_id: str) -> None:
         self._cancelled[job_id] = None
