@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NODE_STAMP := tests/node/node_modules/.package-lock.json
 
 .PHONY: run test lint format check services clean
 
@@ -18,13 +19,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# The Node client tests drive /openai/v1 with the official npm package.
+$(NODE_STAMP): tests/node/package-lock.json
+	@command -v npm >/dev/null || { echo "make test needs Node.js >= 20 and npm (apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+
 services:
 	@scripts/ensure-services
 
 run: $(STAMP) services
 	$(BIN)/botline demo
 
-test: $(STAMP) services
+test: $(STAMP) $(NODE_STAMP) services
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

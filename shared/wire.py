@@ -12,7 +12,7 @@ gaps). The gateway relays only one attempt and checks the sequence.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -26,12 +26,33 @@ class _Wire(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message of a conversation."""
+    """One message of a conversation.
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    ``content`` is a string, a list of content parts (OpenAI's multi-part
+    messages) or None (an assistant message that only calls tools). Other
+    OpenAI message fields (``tool_calls``, ``tool_call_id``, ``name``) are
+    kept as they came and passed to the model unchanged.
+    """
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    @property
+    def text(self) -> str:
+        """The message's text, whatever the shape of its content."""
+        if isinstance(self.content, str):
+            return self.content
+        if not self.content:
+            return ""
+        return "".join(
+            str(part.get("text", "")) for part in self.content if part.get("type") == "text"
+        )
+
+    def upstream(self) -> dict[str, Any]:
+        """The message as an OpenAI-compatible server takes it."""
+        return self.model_dump(exclude_none=True) | {"content": self.content}
 
 
 class Usage(BaseModel):
@@ -66,17 +87,24 @@ class ChatJob(_Wire):
     temperature: float
     top_p: float
     max_tokens: int
+    # OpenAI parameters passed to the model as they are (stop, seed, tools, ...).
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class DeltaEvent(_Wire):
-    """A piece of the answer; several tokens, coalesced by the worker."""
+    """A piece of the answer; several tokens, coalesced by the worker.
+
+    Carries either text, or tool-call chunks: each item of ``tool_calls`` is
+    one upstream chunk's ``delta.tool_calls``, exactly as the model sent it.
+    """
 
     type: Literal["chat.delta"] = "chat.delta"
     v: Literal[1] = 1
     job_id: str
     attempt: int
     seq: int
-    text: str
+    text: str = ""
+    tool_calls: list[list[dict[str, Any]]] = Field(default_factory=list)
 
 
 class EndEvent(_Wire):

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
-from services.gateway.chat import ChatRequest, build_job, parse_chat_request
+from services.gateway.chat import ChatInput, build_job
 from services.gateway.engine import ChatRun, new_job_id
 from services.gateway.keycache import KeyCache
 from services.gateway.relay import Relay
 from services.gateway.settings import GatewaySettings
 from shared.errors import RequestTooLarge
+from shared.models import Bot, KeyRecord
 
 REQUEST_ID = web.RequestKey("request_id", str)
 
@@ -49,12 +51,20 @@ async def read_body(request: web.Request) -> bytes:
         raise RequestTooLarge(f"the body is larger than {limit} bytes") from None
 
 
-async def open_chat(request: web.Request) -> tuple[ChatRequest, ChatRun]:
+async def authenticate(request: web.Request) -> tuple[KeyRecord, Bot]:
+    """The caller's key and its bot, or the error to answer."""
+    record, bot = await request.app[GATEWAY].keys.resolve(bearer_token(request))
+    structlog.contextvars.bind_contextvars(key_id=record.key_id, bot_id=bot.id)
+    return record, bot
+
+
+async def open_chat(
+    request: web.Request, parse: Callable[[bytes], ChatInput]
+) -> tuple[ChatInput, Bot, ChatRun]:
     """Authenticate, validate and turn a chat request into a (not yet entered) run."""
     gateway = request.app[GATEWAY]
-    record, bot = await gateway.keys.resolve(bearer_token(request))
-    structlog.contextvars.bind_contextvars(key_id=record.key_id, bot_id=bot.id)
-    chat = parse_chat_request(await read_body(request))
+    _, bot = await authenticate(request)
+    chat = parse(await read_body(request))
     settings = gateway.settings
     job = build_job(
         chat,
@@ -71,4 +81,4 @@ async def open_chat(request: web.Request) -> tuple[ChatRequest, ChatRun]:
         deadline_s=settings.request_deadline_s,
         event_timeout_s=settings.event_timeout_s,
     )
-    return chat, run
+    return chat, bot, run

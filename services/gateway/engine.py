@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 from services.gateway.relay import DeadJob, Incoming, Relay
 from shared.errors import BotlineError, DeadlineExceeded, JobFailed, WorkerLost, error_from_code
@@ -36,6 +37,27 @@ class Answer:
     text: str
     finish_reason: str
     usage: Usage
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def merge_tool_calls(chunks: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Whole tool calls from streamed fragments, the way OpenAI's clients join them."""
+    calls: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for part in chunk:
+            call = calls.setdefault(
+                int(part.get("index", 0)),
+                {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+            )
+            if part.get("id"):
+                call["id"] = part["id"]
+            if part.get("type"):
+                call["type"] = part["type"]
+            function = part.get("function") or {}
+            for name in ("name", "arguments"):
+                if function.get(name):
+                    call["function"][name] += function[name]
+    return [calls[i] for i in sorted(calls)]
 
 
 class ChatRun:
@@ -122,14 +144,20 @@ class ChatRun:
     async def complete(self) -> Answer:
         """Wait for the whole answer. A retried job restarts it unseen."""
         parts: list[str] = []
+        tool_chunks: list[list[dict[str, Any]]] = []
         attempt = None
         async for event in self._events(restartable=True):
             if event.attempt != attempt:
                 parts.clear()
+                tool_chunks.clear()
                 attempt = event.attempt
             parts.append(event.text)
-            if isinstance(event, EndEvent):
-                return Answer("".join(parts), event.finish_reason, event.usage)
+            if isinstance(event, DeltaEvent):
+                tool_chunks += event.tool_calls
+            else:
+                return Answer(
+                    "".join(parts), event.finish_reason, event.usage, merge_tool_calls(tool_chunks)
+                )
         raise WorkerLost("the answer ended without an end event")  # pragma: no cover
 
     def stream(self) -> AsyncGenerator[DeltaEvent | EndEvent, None]:

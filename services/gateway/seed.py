@@ -8,22 +8,18 @@ A failure after the stream started ends it with one ``ERROR`` event.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-import structlog
 from aiohttp import web
 
+from services.gateway.chat import parse_chat_request
 from services.gateway.context import open_chat
-from services.gateway.engine import Answer, ChatRun
-from services.gateway.sse import event, open_stream
-from shared.errors import BotlineError, InternalError
+from services.gateway.engine import Answer
+from services.gateway.sse import event, relay_stream
+from shared.errors import BotlineError
 from shared.registry import now_ms
 from shared.wire import DeltaEvent, EndEvent, Usage
-
-log = structlog.get_logger("botline.gateway.seed")
 
 
 def _usage(usage: Usage) -> dict[str, int]:
@@ -46,8 +42,7 @@ def render_whole(job_id: str, answer: Answer) -> dict[str, Any]:
     }
 
 
-def render_chunk(status: str, text: str, end: EndEvent | None = None) -> dict[str, Any]:
-    """One stream event; ``END`` also carries usage and the finish reason."""
+def _chunk(status: str, text: str, end: EndEvent | None = None) -> bytes:
     chunk: dict[str, Any] = {
         "status": status,
         "created": now_ms(),
@@ -56,58 +51,37 @@ def render_chunk(status: str, text: str, end: EndEvent | None = None) -> dict[st
     if end is not None:
         chunk["usage"] = _usage(end.usage)
         chunk["finishReason"] = end.finish_reason
-    return chunk
+    return event(chunk)
 
 
-def render_error(error: BotlineError) -> dict[str, Any]:
-    """The terminal event of a stream that failed after it started."""
-    return {"status": "ERROR", "created": now_ms(), **error.body()}
+class SeedStream:
+    """``START`` with the first piece, ``MIDDLE`` for each later one, ``END`` with usage."""
+
+    def first(self, item: DeltaEvent) -> bytes:
+        """START carries the first piece."""
+        return _chunk("START", item.text)
+
+    def delta(self, item: DeltaEvent) -> bytes:
+        """MIDDLE."""
+        return _chunk("MIDDLE", item.text)
+
+    def end(self, item: EndEvent) -> bytes:
+        """END, with the last piece (may be empty) and usage."""
+        return _chunk("END", item.text, item)
+
+    def error(self, error: BotlineError) -> bytes:
+        """ERROR, then the stream closes."""
+        return event({"status": "ERROR", "created": now_ms(), **error.body()})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """The seed's endpoint."""
-    chat, run = await open_chat(request)
+    chat, _, run = await open_chat(request, parse_chat_request)
     async with run:
-        if not chat.stream:
-            answer = await run.complete()
-            return web.Response(
-                body=orjson.dumps(render_whole(run.job.job_id, answer)),
-                content_type="application/json",
-            )
-        return await _stream(request, run)
-
-
-async def _stream(request: web.Request, run: ChatRun) -> web.StreamResponse:
-    async with contextlib.aclosing(run.stream()) as events:
-        # Errors up to the first event are still real HTTP errors.
-        first = await anext(events)
-        response = await open_stream(request)
-        await _relay(response, first, events)
-    await response.write_eof()
-    return response
-
-
-async def _relay(
-    response: web.StreamResponse,
-    first: DeltaEvent | EndEvent,
-    events: AsyncIterator[DeltaEvent | EndEvent],
-) -> None:
-    try:
-        if isinstance(first, EndEvent):
-            await response.write(event(render_chunk("START", first.text)))
-            await response.write(event(render_chunk("END", "", first)))
-        else:
-            await response.write(event(render_chunk("START", first.text)))
-            async for item in events:
-                if isinstance(item, DeltaEvent):
-                    await response.write(event(render_chunk("MIDDLE", item.text)))
-                else:
-                    await response.write(event(render_chunk("END", item.text, item)))
-    except BotlineError as exc:
-        log.info("stream.failed", code=exc.code)
-        await response.write(event(render_error(exc)))
-    except (ConnectionError, OSError):
-        raise
-    except Exception:
-        log.exception("stream.crashed")
-        await response.write(event(render_error(InternalError("internal error"))))
+        if chat.stream:
+            return await relay_stream(request, run, SeedStream())
+        answer = await run.complete()
+        return web.Response(
+            body=orjson.dumps(render_whole(run.job.job_id, answer)),
+            content_type="application/json",
+        )

@@ -2,8 +2,10 @@
 
 The first piece goes out at once (time to first token is what callers feel);
 after it, pieces are merged until ``window_s`` has passed since the first
-unsent piece or ``max_chars`` characters are waiting. A reader task pulls from the model
-so that a stalled model does not hold back text already received.
+unsent piece or ``max_chars`` characters are waiting. Text and tool-call
+chunks are never merged into one event, so their order is kept. A reader task
+pulls from the model, so that a stalled model does not hold back text
+already received.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from services.worker.models import Finish, Piece
+from services.worker.models import Finish, Piece, ToolCallChunk
 from shared.errors import UpstreamError
+
+ToolCalls = list[list[dict[str, Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,9 +26,37 @@ class _Failed:
     error: BaseException
 
 
+class _Pending:
+    """What is waiting to be sent: text or tool-call chunks, never both."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.tools: ToolCalls = []
+        self.size = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.text or self.tools)
+
+    def fits(self, piece: str | ToolCallChunk) -> bool:
+        return not (self.tools if isinstance(piece, str) else self.text)
+
+    def add(self, piece: str | ToolCallChunk) -> None:
+        if isinstance(piece, str):
+            self.text.append(piece)
+            self.size += len(piece)
+        else:
+            self.tools.append(piece.calls)
+            self.size += 64
+
+    def take(self) -> tuple[str, ToolCalls]:
+        out = "".join(self.text), self.tools
+        self.text, self.tools, self.size = [], [], 0
+        return out
+
+
 async def coalesce(
     source: AsyncIterator[Piece],
-    send_delta: Callable[[str], Awaitable[None]],
+    send_delta: Callable[[str, ToolCalls], Awaitable[None]],
     send_end: Callable[[str, Finish], Awaitable[None]],
     *,
     window_s: float,
@@ -41,10 +74,12 @@ async def coalesce(
         except Exception as exc:
             queue.put_nowait(_Failed(exc))
 
+    async def flush() -> None:
+        await send_delta(*pending.take())
+
     reader = asyncio.create_task(pump())
     loop = asyncio.get_running_loop()
-    pending: list[str] = []
-    size = 0
+    pending = _Pending()
     flush_at = 0.0
     first = True
     try:
@@ -54,31 +89,27 @@ async def coalesce(
                     async with asyncio.timeout_at(flush_at):
                         item = await queue.get()
                 except TimeoutError:
-                    await send_delta("".join(pending))
-                    pending.clear()
-                    size = 0
+                    await flush()
                     continue
             else:
                 item = await queue.get()
             if isinstance(item, _Failed):
                 raise item.error
             if isinstance(item, Finish):
-                await send_end("".join(pending), item)
+                if pending.tools:
+                    await flush()
+                await send_end(pending.take()[0], item)
                 return
             if not item:
                 continue
-            if first:
-                first = False
-                await send_delta(item)
-                continue
+            if pending and not pending.fits(item):
+                await flush()
             if not pending:
                 flush_at = loop.time() + window_s
-            pending.append(item)
-            size += len(item)
-            if size >= max_chars:
-                await send_delta("".join(pending))
-                pending.clear()
-                size = 0
+            pending.add(item)
+            if first or pending.size >= max_chars:
+                first = False
+                await flush()
     finally:
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)

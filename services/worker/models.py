@@ -32,7 +32,14 @@ class Finish:
     usage: Usage
 
 
-Piece = str | Finish
+@dataclass(frozen=True, slots=True)
+class ToolCallChunk:
+    """One upstream chunk's ``delta.tool_calls``, kept exactly as sent."""
+
+    calls: list[dict[str, Any]]
+
+
+Piece = str | ToolCallChunk | Finish
 
 
 class Model(Protocol):
@@ -58,7 +65,7 @@ class EchoModel:
 
     async def stream(self, job: ChatJob) -> AsyncIterator[Piece]:
         """Echo the last user message, at most ``max_tokens`` words."""
-        last = next((m.content for m in reversed(job.messages) if m.role == "user"), "")
+        last = next((m.text for m in reversed(job.messages) if m.role == "user"), "")
         words = _WORD.findall(last)
         finish = "stop"
         if len(words) > job.max_tokens:
@@ -100,8 +107,9 @@ class OpenAIModel:
 
     def _payload(self, job: ChatJob) -> bytes:
         body: dict[str, Any] = {
+            **job.params,
             "model": job.model,
-            "messages": [m.model_dump() for m in job.messages],
+            "messages": [m.upstream() for m in job.messages],
             "temperature": job.temperature,
             "top_p": job.top_p,
             "max_tokens": job.max_tokens,
@@ -168,10 +176,13 @@ async def _parse_stream(response: aiohttp.ClientResponse, job: ChatJob) -> Async
                 completion_tokens=int(reported.get("completion_tokens") or 0),
             )
         for choice in chunk.get("choices") or ():
-            text = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
             if text:
                 completion_chars.append(text)
                 yield text
+            if delta.get("tool_calls"):
+                yield ToolCallChunk(delta["tool_calls"])
             if choice.get("finish_reason"):
                 finish_reason = choice["finish_reason"]
     if usage is None:

@@ -21,4 +21,4 @@ def estimate(text: str) -> int:
 
 def estimate_prompt(messages: list[ChatMessage]) -> int:
     """An estimate of a prompt's tokens, with OpenAI's few per-message extras."""
-    return sum(estimate(m.content) + 4 for m in messages) + 2 if messages else 0
+    return sum(estimate(m.text) + 4 for m in messages) + 2 if messages else 0

@@ -18,6 +18,7 @@ import secrets
 import signal
 import time
 from collections import Counter, OrderedDict
+from typing import Any
 
 import aio_pika
 import structlog
@@ -67,10 +68,16 @@ class _Events:
         # alternate exchange, which brings it back to the workers to stop the job.
         await self._exchange.publish(message, routing_key=self._job.reply_to)
 
-    async def delta(self, text: str) -> None:
+    async def delta(self, text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
         job = self._job
         await self._send(
-            DeltaEvent(job_id=job.job_id, attempt=self._attempt, seq=self._seq, text=text)
+            DeltaEvent(
+                job_id=job.job_id,
+                attempt=self._attempt,
+                seq=self._seq,
+                text=text,
+                tool_calls=tool_calls,
+            )
         )
 
     async def end(self, text: str, finish: Finish) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from services.worker.coalesce import coalesce
-from services.worker.models import Finish, Piece
+from services.worker.models import Finish, Piece, ToolCallChunk
 from shared.errors import UpstreamError
 from shared.wire import Usage
 
@@ -21,8 +22,8 @@ class Recorder:
         self.end: tuple[str, Finish] | None = None
         self.first_sent = asyncio.Event()
 
-    async def delta(self, text: str) -> None:
-        self.deltas.append(text)
+    async def delta(self, text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
+        self.deltas.append(text or f"<{len(tool_calls)} tool chunks>")
         self.first_sent.set()
 
     async def finish(self, text: str, finish: Finish) -> None:
@@ -77,8 +78,8 @@ async def test_time_window_flushes_while_the_model_pauses() -> None:
 
     second = asyncio.Event()
 
-    async def delta(text: str) -> None:
-        await out.delta(text)
+    async def delta(text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
+        await out.delta(text, tool_calls)
         if len(out.deltas) == 2:
             second.set()
 
@@ -106,3 +107,12 @@ async def test_a_source_without_finish_is_an_error_not_a_hang() -> None:
     out = Recorder()
     with pytest.raises(UpstreamError):
         await coalesce(pieces(["a", "b"]), out.delta, out.finish, window_s=0.01, max_chars=100)
+
+
+async def test_text_and_tool_chunks_keep_their_order_and_boundaries() -> None:
+    out = Recorder()
+    call = {"index": 0, "function": {"arguments": "{}"}}
+    items: list[Piece] = ["a", "b", ToolCallChunk([call]), ToolCallChunk([call]), "c", FINISH]
+    await coalesce(pieces(items), out.delta, out.finish, window_s=10, max_chars=100)
+    assert out.deltas == ["a", "b", "<2 tool chunks>"]
+    assert out.end == ("c", FINISH)
