@@ -12,6 +12,29 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
 
+class Limits(BaseModel):
+    """Per-key limits; None means no limit (on a key: the bot's default applies)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute")
+    concurrency: int | None = Field(None, ge=1, description="requests in flight at once")
+
+    def over(self, defaults: Limits) -> Limits:
+        """These limits, with ``defaults`` where unset."""
+        return Limits(
+            rpm=self.rpm or defaults.rpm,
+            tpm=self.tpm or defaults.tpm,
+            concurrency=self.concurrency or defaults.concurrency,
+        )
+
+    @property
+    def any(self) -> bool:
+        """Whether any limit is set."""
+        return bool(self.rpm or self.tpm or self.concurrency)
+
+
 class Bot(BaseModel):
     """A configured bot: which model answers, and how."""
 
@@ -26,6 +49,8 @@ class Bot(BaseModel):
     top_p: float = Field(0.7, ge=0, le=1)
     max_reply_tokens: int = Field(2048, ge=1)
     max_history_messages: int = Field(10, ge=1)
+    # Defaults for the bot's keys; each key may set its own.
+    limits: Limits = Limits()
     created_at: int = Field(0, description="epoch milliseconds")
 
 
@@ -41,6 +66,7 @@ class KeyRecord(BaseModel):
     created_at: int
     expires_at: int | None = None
     disabled: bool = False
+    limits: Limits = Limits()
     last_used_at: int | None = None
 
     def expired(self, now_ms: int) -> bool:

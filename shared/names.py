@@ -87,6 +87,22 @@ class Names:
         """Hash: key id -> last use, epoch milliseconds."""
         return f"{self.namespace}:key_last_used"
 
+    def rate(self, key_id: str, dimension: str) -> str:
+        """A key's rate limiter state (``rpm``, ``tpm``: GCRA arrival time)."""
+        return f"{self.namespace}:rl:{key_id}:{dimension}"
+
+    def leases(self, key_id: str) -> str:
+        """Sorted set of a key's requests in flight: lease id -> expiry (ms)."""
+        return f"{self.namespace}:rl:{key_id}:leases"
+
+    def key_usage(self, key_id: str) -> str:
+        """Hash of a key's usage counters."""
+        return f"{self.namespace}:usage:key:{key_id}"
+
+    def bot_usage(self, bot_id: str) -> str:
+        """Hash of a bot's usage counters."""
+        return f"{self.namespace}:usage:bot:{bot_id}"
+
     @property
     def invalidate_channel(self) -> str:
         """Pub/sub channel on which key and bot changes reach every gateway."""

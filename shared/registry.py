@@ -15,7 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.models import Bot, KeyRecord, new_id
+from shared.models import Bot, KeyRecord, Limits, new_id
 from shared.names import Names
 
 # One round trip per cache miss: the key's record and its bot together.
@@ -70,6 +70,15 @@ class Registry:
             pipe.publish(self.names.invalidate_channel, invalidation_for_bot(bot.id))
             await pipe.execute()
 
+    async def update_bot(self, bot_id: str, **fields: Any) -> Bot | None:
+        """Change a bot's settings (validated); None if there is no such bot."""
+        bot = await self.get_bot(bot_id)
+        if bot is None:
+            return None
+        updated = Bot.model_validate(bot.model_dump() | fields | {"id": bot.id})
+        await self.put_bot(updated)
+        return updated
+
     async def get_bot(self, bot_id: str) -> Bot | None:
         """A bot by id, or None."""
         raw = await self.redis.get(self.names.bot(bot_id))
@@ -95,7 +104,11 @@ class Registry:
 
     # --- keys -----------------------------------------------------------
     async def create_key(
-        self, bot_id: str, name: str = "", expires_at: int | None = None
+        self,
+        bot_id: str,
+        name: str = "",
+        expires_at: int | None = None,
+        limits: Limits | None = None,
     ) -> tuple[str, KeyRecord]:
         """Create a key for a bot; returns the key (shown once) and its record."""
         key = keys.generate()
@@ -107,6 +120,7 @@ class Registry:
             prefix=keys.display_prefix(key),
             created_at=now_ms(),
             expires_at=expires_at,
+            limits=limits or Limits(),
         )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.names.key(key_hash), record.model_dump_json())
@@ -150,20 +164,18 @@ class Registry:
 
     async def set_disabled(self, key_id: str, disabled: bool) -> KeyRecord | None:
         """Disable or enable a key; None if there is no such key."""
-        return await self._update_key(key_id, disabled=disabled)
+        return await self.update_key(key_id, disabled=disabled)
 
-    async def set_expiry(self, key_id: str, expires_at: int | None) -> KeyRecord | None:
-        """Set or clear a key's expiry; None if there is no such key."""
-        return await self._update_key(key_id, expires_at=expires_at)
-
-    async def _update_key(self, key_id: str, **update: Any) -> KeyRecord | None:
+    async def update_key(self, key_id: str, **update: Any) -> KeyRecord | None:
+        """Change a key's name, expiry, disabled flag or limits; None if no such key."""
         key_hash = await self._hash_of(key_id)
         if key_hash is None:
             return None
         raw = await self.redis.get(self.names.key(key_hash))
         if raw is None:
             return None
-        record = KeyRecord.model_validate_json(raw).model_copy(update=update)
+        current = KeyRecord.model_validate_json(raw)
+        record = KeyRecord.model_validate(current.model_dump() | update | {"key_id": key_id})
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.names.key(key_hash), record.model_dump_json())
             pipe.publish(self.names.invalidate_channel, invalidation_for_key(key_hash))
@@ -195,6 +207,22 @@ class Registry:
         record = KeyRecord.model_validate_json(found[0])
         bot = Bot.model_validate_json(found[1]) if len(found) > 1 else None
         return record, bot
+
+    async def add_usage(self, counts: Mapping[str, Mapping[str, int]]) -> None:
+        """Add to usage hashes (Redis key -> field -> increment), in one round trip."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for name, fields in counts.items():
+                for field, amount in fields.items():
+                    pipe.hincrby(name, field, amount)
+            await pipe.execute()
+
+    async def usage(self, names: list[str]) -> list[dict[str, int]]:
+        """Usage counters of several keys or bots (``Names.key_usage``/``bot_usage``)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(name)
+            found = await pipe.execute()
+        return [{_text(k): int(v) for k, v in hash_.items()} for hash_ in found]
 
     async def touch(self, last_used: Mapping[str, int]) -> None:
         """Record keys' last use (key id -> epoch ms), batched by the gateway."""

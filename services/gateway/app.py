@@ -1,7 +1,8 @@
 """``create_app(settings)``: the gateway as an aiohttp application.
 
-Redis and RabbitMQ, and the background tasks, live in ``cleanup_ctx``
-generators, so they are opened on startup and closed on shutdown in order.
+Redis and RabbitMQ connections and the background tasks live in a
+``cleanup_ctx`` generator, so they are opened on startup and closed on
+shutdown in order.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from redis.asyncio import Redis
 
 from services.gateway.context import GATEWAY, Gateway
 from services.gateway.keycache import KeyCache
-from services.gateway.middleware import edge, stamp_request_id
+from services.gateway.limits import Limiter
+from services.gateway.middleware import edge, stamp_headers
 from services.gateway.relay import Relay
 from services.gateway.routes import setup_routes
 from services.gateway.settings import GatewaySettings
+from services.gateway.usage import UsageBook
 from shared.registry import Registry
 
 log = structlog.get_logger("botline.gateway")
@@ -36,21 +39,23 @@ def redis_client(settings: GatewaySettings) -> Redis:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
-    settings, keys, relay = gateway.settings, gateway.keys, gateway.relay
+    settings = gateway.settings
     tasks = [
-        asyncio.create_task(keys.listen(gateway.redis, settings.names.invalidate_channel)),
-        asyncio.create_task(keys.flush_last_used()),
+        asyncio.create_task(gateway.keys.listen(gateway.redis, settings.names.invalidate_channel)),
+        asyncio.create_task(gateway.usage.run(settings.usage_flush_s)),
+        asyncio.create_task(gateway.limiter.renew_leases()),
     ]
     try:
-        await relay.start()
-        log.info("gateway.started", gateway_id=relay.gateway_id)
+        await gateway.relay.start()
+        log.info("gateway.started", gateway_id=gateway.relay.gateway_id)
         yield
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await keys.flush_once()
-        await relay.close()
+        await gateway.limiter.close()
+        await gateway.usage.flush()
+        await gateway.relay.close()
         await gateway.redis.aclose()
 
 
@@ -58,15 +63,28 @@ def create_app(settings: GatewaySettings) -> web.Application:
     """The gateway application; connections open when it starts."""
     app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
     redis = redis_client(settings)
-    keys = KeyCache(
-        Registry(redis, settings.names),
-        timeout_s=settings.redis_timeout_s,
-        ttl_s=settings.key_cache_ttl_s,
-        max_entries=settings.key_cache_size,
+    registry = Registry(redis, settings.names)
+    app[GATEWAY] = Gateway(
+        settings=settings,
+        redis=redis,
+        registry=registry,
+        keys=KeyCache(
+            registry,
+            timeout_s=settings.redis_timeout_s,
+            ttl_s=settings.key_cache_ttl_s,
+            max_entries=settings.key_cache_size,
+        ),
+        relay=Relay(settings),
+        limiter=Limiter(
+            redis,
+            settings.names,
+            timeout_s=settings.redis_timeout_s,
+            lease_ttl_s=settings.lease_ttl_s,
+        ),
+        usage=UsageBook(registry, timeout_s=settings.redis_timeout_s),
     )
-    app[GATEWAY] = Gateway(settings=settings, redis=redis, keys=keys, relay=Relay(settings))
     app.cleanup_ctx.append(_resources)
-    app.on_response_prepare.append(stamp_request_id)
+    app.on_response_prepare.append(stamp_headers)
     setup_routes(app)
     return app
 

@@ -77,6 +77,8 @@ class ChatRun:
         self._attempt: int | None = None
         self._seq = 0
         self._done = False
+        # The answer's usage, once its end event arrived.
+        self.usage: Usage | None = None
 
     async def __aenter__(self) -> ChatRun:
         self._queue = self._relay.register(self.job.job_id)
@@ -137,6 +139,7 @@ class ChatRun:
                 continue
             self._done = True
             if isinstance(event, EndEvent):
+                self.usage = event.usage
                 yield event
                 return
             raise error_from_code(event.code, event.message)

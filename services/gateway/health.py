@@ -17,7 +17,7 @@ async def livez(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """503 while Redis or RabbitMQ is unreachable, or the key cache cannot be trusted."""
-    gateway = request.app[GATEWAY]
+    gateway = request.config_dict[GATEWAY]
     redis_ok = True
     try:
         async with asyncio.timeout(gateway.settings.redis_timeout_s):

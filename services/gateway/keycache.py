@@ -62,7 +62,6 @@ class KeyCache:
         self._entries: dict[str, _Entry] = {}
         # Bumped by every invalidation; a lookup that raced one is not cached.
         self._generation = 0
-        self._used: dict[str, int] = {}
         self.online = False
 
     async def resolve(self, key: str | None) -> tuple[KeyRecord, Bot]:
@@ -86,7 +85,6 @@ class KeyCache:
             raise ApiKeyExpired("this API key has expired")
         if bot is None:
             raise BotNotFound("the bot of this API key no longer exists")
-        self._used[record.key_id] = wall
         return record, bot
 
     async def _fetch(self, key_hash: str, now: float) -> _Entry:
@@ -164,21 +162,3 @@ class KeyCache:
         finally:
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def flush_last_used(self, every_s: float = 1.0) -> None:
-        """Write keys' last use to Redis in batches; run as a task."""
-        while True:
-            await asyncio.sleep(every_s)
-            await self.flush_once()
-
-    async def flush_once(self) -> None:
-        """Write the pending last-use times now (kept for next time on failure)."""
-        if not self._used:
-            return
-        batch, self._used = self._used, {}
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._registry.touch(batch)
-        except (RedisError, OSError, TimeoutError):
-            for key_id, ms in batch.items():
-                self._used.setdefault(key_id, ms)

@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from services.gateway.context import REQUEST_ID
+from services.gateway.context import RATE_HEADERS, REQUEST_ID
 from shared.errors import BotlineError, InternalError, MethodNotAllowed, NotFound, RequestTooLarge
 
 log = structlog.get_logger("botline.gateway.http")
@@ -94,8 +94,12 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
 
 
-async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: every response, streams included, carries its request id."""
+async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streams and errors included, carries its
+    request id and, for a key with limits, the rate-limit headers."""
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers["X-Request-Id"] = request_id
+    rate_headers = request.get(RATE_HEADERS)
+    if rate_headers:
+        response.headers.update(rate_headers)

@@ -124,14 +124,14 @@ class OpenAIStream:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /openai/v1/chat/completions``."""
-    chat, bot, run = await open_chat(request, parse_openai_request)
-    created = int(time.time())
-    async with run:
-        if chat.stream:
-            renderer = OpenAIStream(run.job.job_id, created, bot.id, chat.include_usage)
+    chat = await open_chat(request, parse_openai_request)
+    created, model = int(time.time()), chat.bot.id
+    async with chat as run:
+        if chat.input.stream:
+            renderer = OpenAIStream(run.job.job_id, created, model, chat.input.include_usage)
             return await relay_stream(request, run, renderer)
         answer = await run.complete()
-        return _json(render_whole(run.job.job_id, created, bot.id, answer))
+        return _json(render_whole(run.job.job_id, created, model, answer))
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -76,9 +76,9 @@ class SeedStream:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """The seed's endpoint."""
-    chat, _, run = await open_chat(request, parse_chat_request)
-    async with run:
-        if chat.stream:
+    chat = await open_chat(request, parse_chat_request)
+    async with chat as run:
+        if chat.input.stream:
             return await relay_stream(request, run, SeedStream())
         answer = await run.complete()
         return web.Response(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from shared.settings import CommonSettings
 
@@ -27,6 +31,23 @@ class GatewaySettings(CommonSettings):
     # A cached key is trusted this long at most, even without invalidations.
     key_cache_ttl_s: float = Field(60.0, gt=0)
     key_cache_size: int = Field(100_000, ge=1)
+
+    # Requests in flight hold a lease per limited key; a dead gateway's expire after this.
+    lease_ttl_s: float = Field(30.0, gt=0)
+    # Usage counts and keys' last use are written to Redis this often.
+    usage_flush_s: float = Field(1.0, gt=0)
+    # Tokens for the admin API and page (JSON list or comma-separated); none: admin off.
+    admin_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    @field_validator("admin_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [t.strip() for t in text.split(",") if t.strip()]
+        return value
 
     publish_timeout_s: float = Field(5.0, gt=0)
     amqp_heartbeat_s: int = Field(10, ge=1)
