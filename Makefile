@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.package-lock.json
 
-.PHONY: run test lint format check services clean
+.PHONY: run test lint format check services browser clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "botline needs Python 3.11 or newer"'
@@ -27,10 +27,13 @@ $(NODE_STAMP): tests/node/package-lock.json
 services:
 	@scripts/ensure-services
 
+browser:
+	@scripts/ensure-chromium
+
 run: $(STAMP) services
 	$(BIN)/botline demo
 
-test: $(STAMP) $(NODE_STAMP) services
+test: $(STAMP) $(NODE_STAMP) services browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.logging import configure_logging
-from shared.models import Bot, KeyRecord
+from shared.models import Bot, KeyRecord, Limits
 from shared.registry import Registry, now_ms
 from shared.settings import CommonSettings
 
@@ -129,7 +130,10 @@ def keys_command(args: argparse.Namespace) -> int:
     async def go(registry: Registry) -> int:
         if args.action == "create":
             await _bot_or_fail(registry, args.bot)
-            key, record = await registry.create_key(args.bot, args.name, _expiry(args.expires))
+            limits = Limits(rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency)
+            key, record = await registry.create_key(
+                args.bot, args.name, _expiry(args.expires), limits
+            )
             print(key)
             print(
                 f"# {record.key_id} for {record.bot_id}: shown once, store it now", file=sys.stderr
@@ -211,6 +215,10 @@ def demo_command(args: argparse.Namespace) -> int:
     port = os.environ.get("BOTLINE_PORT", "8080")
     key = holder["key"]
     base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    # The admin page needs a token: a fresh one per demo run unless one is set.
+    admin_token = env.get("BOTLINE_ADMIN_TOKENS") or secrets.token_urlsafe(24)
+    env["BOTLINE_ADMIN_TOKENS"] = admin_token
     print(
         f"""
 botline demo: bot {holder["bot"].id} on the built-in echo model.
@@ -221,14 +229,18 @@ botline demo: bot {holder["bot"].id} on the built-in echo model.
        -H 'Content-Type: application/json' \\
        -d '{{"messages":[{{"role":"user","content":"Hello, how are you?"}}]}}'
 
-  add "stream":true for a stream. Ctrl-C stops the gateway and the worker.
+  add "stream":true for a stream; OpenAI clients use base_url {base}/openai/v1
+
+  Admin page:  {base}/admin/   (admin token: {admin_token})
+
+  Ctrl-C stops the gateway and the worker.
 """,
         flush=True,
     )
     signal.signal(signal.SIGTERM, _interrupt)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "services.cli", "worker"]),
-        subprocess.Popen([sys.executable, "-m", "services.cli", "gateway"]),
+        subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env),
+        subprocess.Popen([sys.executable, "-m", "services.cli", "gateway"], env=env),
     ]
     interrupted = False
     try:
@@ -285,6 +297,9 @@ def _parser() -> argparse.ArgumentParser:
     kc.add_argument("--bot", required=True, help="the bot id")
     kc.add_argument("--name", default="")
     kc.add_argument("--expires", help="30d, 12h, 15m, 60s or an ISO date-time")
+    kc.add_argument("--rpm", type=int, help="requests per minute (default: the bot's)")
+    kc.add_argument("--tpm", type=int, help="tokens per minute (default: the bot's)")
+    kc.add_argument("--concurrency", type=int, help="requests in flight (default: the bot's)")
     keys.add_parser("list", help="list a bot's keys").add_argument("--bot", required=True)
     for action in ("disable", "enable", "revoke"):
         keys.add_parser(action, help=f"{action} a key").add_argument("key_id")

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 
-from services.gateway import health, openai_api, seed
+from services.gateway import admin, health, openai_api, openapi, seed
+
+STATIC = Path(__file__).parent / "static" / "admin"
+
+
+async def admin_page(request: web.Request) -> web.FileResponse:
+    """The admin web page (one HTML file; it signs in with an admin token)."""
+    return web.FileResponse(STATIC / "index.html")
+
+
+async def admin_redirect(request: web.Request) -> web.Response:
+    """``/admin`` -> ``/admin/``."""
+    raise web.HTTPPermanentRedirect("/admin/")
 
 
 def setup_routes(app: web.Application) -> None:
@@ -17,5 +31,11 @@ def setup_routes(app: web.Application) -> None:
             web.get("/openai/v1/models/{model_id}", openai_api.get_model),
             web.get("/livez", health.livez),
             web.get("/readyz", health.readyz),
+            web.get("/admin", admin_redirect),
+            web.get("/admin/", admin_page),
+            web.static("/admin/static", STATIC),
+            web.get(openapi.ADMIN_PREFIX + "/openapi.json", openapi.serve_document),
         ]
     )
+    for route in admin.ROUTES:
+        app.router.add_route(route.method, openapi.ADMIN_PREFIX + route.path, route.handler)
