@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -95,6 +96,16 @@ async def stack(bare_stack: Stack) -> Stack:
 
 
 ProcessFactory = Callable[..., Awaitable[Process]]
+
+
+async def replace_worker_when_called(
+    upstream: FakeOpenAI, processes: ProcessFactory, doomed: Process, n: int = 1
+) -> Process:
+    """SIGKILL ``doomed`` once the model got its ``n``-th call; start a fresh worker."""
+    await upstream.wait_request(n)
+    doomed.signal(signal.SIGKILL)
+    await doomed.wait()
+    return await processes("worker")
 
 
 @pytest.fixture

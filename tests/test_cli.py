@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
-
 import orjson
 import pytest
 from redis.asyncio import Redis
 
 from shared.keys import hash_key, is_well_formed
 from shared.registry import Registry
-from tests.support.stack import process_env
+from tests.support.stack import run_cli
 
 pytestmark = pytest.mark.integration
 
 
 async def botline(namespace: str, *args: str, ok: bool = True) -> tuple[str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        *args,
-        env=process_env(namespace, None),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert (proc.returncode == 0) == ok, (proc.returncode, err.decode())
-    return out.decode(), err.decode()
+    return await run_cli(namespace, *args, ok=ok)
 
 
 async def test_bots_and_keys_lifecycle(namespace: str, registry: Registry, redis: Redis) -> None:

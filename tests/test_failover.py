@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from tests.conftest import ProcessFactory
+from tests.conftest import ProcessFactory, replace_worker_when_called
 from tests.support.fake_openai import Script
 from tests.support.stack import Stack, auth, chat, sse_events
 
@@ -26,14 +26,9 @@ async def test_worker_killed_before_first_delta_is_invisible(
     _, key = await bare_stack.bot_and_key(endpoint="fake", model="fake-model")
     doomed = await processes("worker")
 
-    async def kill_then_replace() -> None:
-        await up.wait_request(1)
-        doomed.signal(signal.SIGKILL)
-        await doomed.wait()
-        await processes("worker")
-
     answer, _ = await asyncio.gather(
-        chat(bare_stack.http, bare_stack.url, key, ASK), kill_then_replace()
+        chat(bare_stack.http, bare_stack.url, key, ASK),
+        replace_worker_when_called(up, processes, doomed),
     )
     status, body, _ = answer
     assert status == 200, body

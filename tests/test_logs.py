@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from shared.keys import hash_key
 from tests.conftest import ProcessFactory
 from tests.support.fake_openai import Script
-from tests.support.stack import Stack, auth, chat, free_port, process_env, stream_chat
+from tests.support.stack import Stack, auth, chat, free_port, run_cli, stream_chat
 
 pytestmark = pytest.mark.integration
 
@@ -20,18 +19,7 @@ SECRET_REPLY = "confidential-reply-4412"
 
 
 async def cli(namespace: str, upstream_url: str, *args: str) -> tuple[str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        *args,
-        env=process_env(namespace, upstream_url),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode(), err.decode()
+    return await run_cli(namespace, *args, upstream_url=upstream_url)
 
 
 def read_logs(folder: Path) -> str:

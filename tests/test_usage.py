@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import Any
 
 import pytest
 
-from tests.conftest import ProcessFactory
+from tests.conftest import ProcessFactory, replace_worker_when_called
 from tests.support.fake_openai import Script
 from tests.support.stack import Stack, auth, chat, sse_events
 
@@ -71,15 +70,10 @@ async def test_a_retried_job_is_counted_once(bare_stack: Stack, processes: Proce
     bot, key = await bare_stack.bot_and_key(endpoint="fake", model="m")
     doomed = await processes("worker")
 
-    async def kill_then_replace() -> None:
-        await up.wait_request(1)
-        doomed.signal(signal.SIGKILL)
-        await doomed.wait()
-        await processes("worker")
-
     ask = {"messages": [{"role": "user", "content": "once"}]}
     (status, body, _), _ = await asyncio.gather(
-        chat(bare_stack.http, bare_stack.url, key, ask), kill_then_replace()
+        chat(bare_stack.http, bare_stack.url, key, ask),
+        replace_worker_when_called(up, processes, doomed),
     )
     assert status == 200
     assert len(up.requests) == 2  # the model was called twice...

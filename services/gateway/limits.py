@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from shared.errors import BackendUnavailable, BotlineError
 from shared.models import Limits
 from shared.names import Names
+from shared.tasks import TaskSet
 
 log = structlog.get_logger("botline.gateway.limits")
 
@@ -143,7 +144,7 @@ class Limiter:
         self._redis = redis
         # key id -> lease ids of this process's requests in flight (renewed).
         self._leases: dict[str, set[str]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     def _keys(self, key_id: str) -> list[str]:
         n = self._names
@@ -188,9 +189,7 @@ class Limiter:
                     del self._leases[grant.key_id]
         if not (grant.lease or (grant.limits.tpm and tokens)):
             return
-        task = asyncio.get_running_loop().create_task(self._send_settle(grant, tokens))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._send_settle(grant, tokens))
 
     async def _send_settle(self, grant: Grant, tokens: int) -> None:
         try:
@@ -226,8 +225,4 @@ class Limiter:
 
     async def close(self) -> None:
         """Let pending settlements finish."""
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2.0)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from services.gateway.settings import GatewaySettings
 from shared.amqp import GATEWAY_HEADER, declare_control, declare_jobs, declare_replies
 from shared.errors import BackendUnavailable, Overloaded
+from shared.tasks import TaskSet
 from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent, decode_event
 
 log = structlog.get_logger("botline.gateway.relay")
@@ -50,7 +51,7 @@ class Relay:
         self.gateway_id = settings.gateway_id or secrets.token_hex(6)
         self.reply_queue_name = settings.names.reply_queue(self.gateway_id)
         self._pending: dict[str, asyncio.Queue[Incoming]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._connection: AbstractRobustConnection | None = None
         self._publish: AbstractChannel | None = None
         self._control: AbstractExchange | None = None
@@ -91,11 +92,7 @@ class Relay:
 
     async def close(self) -> None:
         """Finish pending cancellations, then close the connection."""
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2.0)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         if self._connection is not None:
             await self._connection.close()
 
@@ -147,9 +144,7 @@ class Relay:
 
     def cancel(self, job_id: str) -> None:
         """Tell the workers to stop a job; returns at once (safe while being cancelled)."""
-        task = asyncio.get_running_loop().create_task(self._send_cancel(job_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._send_cancel(job_id))
 
     async def _send_cancel(self, job_id: str) -> None:
         if self._control is None:

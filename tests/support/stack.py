@@ -236,6 +236,24 @@ def process_env(namespace: str, upstream_url: str | None, **extra: str) -> dict[
     return env
 
 
+async def run_cli(
+    namespace: str, *args: str, upstream_url: str | None = None, ok: bool = True
+) -> tuple[str, str]:
+    """Run the ``botline`` command in a namespace; returns stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        *args,
+        env=process_env(namespace, upstream_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert (proc.returncode == 0) == ok, (proc.returncode, err.decode())
+    return out.decode(), err.decode()
+
+
 def free_port() -> int:
     """A free loopback TCP port."""
     import socket
