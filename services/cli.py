@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.logging import configure_logging
+from shared.loop import new_event_loop
 from shared.models import Bot, KeyRecord, Limits
 from shared.registry import Registry, now_ms
 from shared.settings import CommonSettings
@@ -175,7 +176,8 @@ def worker_command(args: argparse.Namespace) -> int:
 
     settings = WorkerSettings()
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve(settings))
     return 0
 
 

@@ -87,6 +87,8 @@ class ChatJob(_Wire):
     temperature: float
     top_p: float
     max_tokens: int
+    # Whether the caller streams: a whole answer needs no early first delta.
+    stream: bool = True
     # OpenAI parameters passed to the model as they are (stop, seed, tools, ...).
     params: dict[str, Any] = Field(default_factory=dict)
 

@@ -22,6 +22,7 @@ from services.gateway.relay import Relay
 from services.gateway.routes import setup_routes
 from services.gateway.settings import GatewaySettings
 from services.gateway.usage import UsageBook
+from shared.loop import new_event_loop
 from shared.registry import Registry
 
 log = structlog.get_logger("botline.gateway")
@@ -93,6 +94,7 @@ def run(settings: GatewaySettings) -> None:
     """Serve until SIGINT or SIGTERM, then finish in-flight requests."""
     web.run_app(
         create_app(settings),
+        loop=new_event_loop(),
         host=settings.host,
         port=settings.port,
         handler_cancellation=True,  # notice a vanished caller at once

@@ -129,5 +129,6 @@ def build_job(
         temperature=bot.temperature if chat.temperature is None else chat.temperature,
         top_p=bot.top_p if chat.top_p is None else chat.top_p,
         max_tokens=max_tokens,
+        stream=chat.stream,
         params=chat.params,
     )

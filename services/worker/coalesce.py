@@ -1,11 +1,15 @@
 """Merging a model's tokens into few AMQP messages.
 
-The first piece goes out at once (time to first token is what callers feel);
-after it, pieces are merged until ``window_s`` has passed since the first
+For a stream the first piece goes out at once (time to first token is what
+callers feel); after it, pieces are merged until ``window_s`` has passed since the first
 unsent piece or ``max_chars`` characters are waiting. Text and tool-call
 chunks are never merged into one event, so their order is kept. A reader task
 pulls from the model, so that a stalled model does not hold back text
 already received.
+
+A whole (non-stream) answer needs no early piece: it is merged into as few
+events as possible, one per ``window_s`` at most, which then serve only to
+show the gateway that the worker is alive.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ async def coalesce(
     *,
     window_s: float,
     max_chars: int,
+    first_at_once: bool = True,
 ) -> None:
     """Relay ``source`` to ``send_delta`` calls and one final ``send_end``."""
     queue: asyncio.Queue[Piece | _Failed] = asyncio.Queue()
@@ -81,7 +86,7 @@ async def coalesce(
     loop = asyncio.get_running_loop()
     pending = _Pending()
     flush_at = 0.0
-    first = True
+    first = first_at_once
     try:
         while True:
             if pending:

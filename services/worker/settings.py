@@ -47,6 +47,11 @@ class WorkerSettings(CommonSettings):
     # or up to this many characters, so one AMQP message carries many tokens.
     coalesce_ms: float = Field(20.0, ge=0)
     coalesce_chars: int = Field(4096, ge=1)
+    # Whole answers are sent in as few events as possible: one every this
+    # long at most (a sign of life for the gateway's event timeout), or when
+    # this much text is waiting.
+    whole_window_ms: float = Field(5000.0, ge=0)
+    whole_chars: int = Field(65536, ge=1)
 
     amqp_heartbeat_s: int = Field(10, ge=1)
     startup_timeout_s: float = Field(30.0, gt=0)

@@ -274,12 +274,15 @@ class Worker:
         outcome = "done"
         try:
             async with asyncio.timeout_at(deadline) as window, self._limits[job.endpoint]:
+                settings = self.settings
                 await coalesce(
                     model.stream(job),
                     events.delta,
                     events.end,
-                    window_s=self.settings.coalesce_ms / 1000,
-                    max_chars=self.settings.coalesce_chars,
+                    window_s=(settings.coalesce_ms if job.stream else settings.whole_window_ms)
+                    / 1000,
+                    max_chars=settings.coalesce_chars if job.stream else settings.whole_chars,
+                    first_at_once=job.stream,
                 )
         except TimeoutError:
             if not window.expired():
