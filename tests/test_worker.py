@@ -40,13 +40,20 @@ async def test_bot_settings_reach_the_model(stack: Stack) -> None:
     ]
     assert sent["max_tokens"] == 50  # capped by the bot
     assert (sent["temperature"], sent["top_p"]) == (0.3, 0.9)
-    assert sent["stream"] is True
-    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["stream"] is False  # a whole answer is asked for whole
+    assert "stream_options" not in sent
 
     body = {"messages": conversation(1), "max_tokens": 20, "temperature": 1.5, "top_p": 0.1}
     await chat(stack.http, stack.url, key, body)
     sent = stack.upstream.requests[-1].body
     assert (sent["max_tokens"], sent["temperature"], sent["top_p"]) == (20, 1.5, 0.1)
+
+    # A stream is streamed from the model, with usage asked for.
+    events = await stream_chat(stack.http, stack.url, key, {"messages": conversation(1)})
+    assert events
+    sent = stack.upstream.requests[-1].body
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
 
 
 async def test_max_tokens_stops_the_answer(stack: Stack) -> None:

@@ -113,21 +113,30 @@ class OpenAIModel:
             "temperature": job.temperature,
             "top_p": job.top_p,
             "max_tokens": job.max_tokens,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": job.stream,
         }
+        if job.stream:
+            body["stream_options"] = {"include_usage": True}
         return orjson.dumps(body)
 
     async def stream(self, job: ChatJob) -> AsyncIterator[Piece]:
-        """Call the upstream and yield its content deltas."""
+        """Call the upstream and yield its content deltas.
+
+        A whole answer is asked for whole: one JSON body to parse instead of
+        an event per token, and nothing to relay before it is done anyway.
+        """
         try:
             async with self._client().post(
                 self._url, data=self._payload(job), headers=self._headers
             ) as response:
                 if response.status != 200:
                     raise UpstreamError(await _error_message(response))
-                async for piece in _parse_stream(response, job):
-                    yield piece
+                if job.stream:
+                    async for piece in _parse_stream(response, job):
+                        yield piece
+                else:
+                    for piece in _parse_whole(await response.read(), job):
+                        yield piece
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"the model endpoint failed: {type(exc).__name__}") from exc
         except TimeoutError as exc:
@@ -150,6 +159,36 @@ async def _error_message(response: aiohttp.ClientResponse) -> str:
     except (orjson.JSONDecodeError, AttributeError, aiohttp.ClientError):
         pass
     return f"the model endpoint answered {response.status}{detail}"
+
+
+def _parse_whole(data: bytes, job: ChatJob) -> list[Piece]:
+    try:
+        body = orjson.loads(data)
+        choice = body["choices"][0]
+        message = choice.get("message") or {}
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise UpstreamError("the model endpoint sent a malformed answer") from exc
+    pieces: list[Piece] = []
+    text = message.get("content") or ""
+    if text:
+        pieces.append(text)
+    if message.get("tool_calls"):
+        # As one streamed chunk: whole calls, each with its position as index.
+        calls = [{"index": i} | call for i, call in enumerate(message["tool_calls"])]
+        pieces.append(ToolCallChunk(calls))
+    reported = body.get("usage")
+    if isinstance(reported, dict):
+        usage = Usage(
+            prompt_tokens=int(reported.get("prompt_tokens") or 0),
+            completion_tokens=int(reported.get("completion_tokens") or 0),
+        )
+    else:
+        usage = Usage(
+            prompt_tokens=tokens.estimate_prompt(job.messages),
+            completion_tokens=tokens.estimate(text),
+        )
+    pieces.append(Finish(choice.get("finish_reason") or "stop", usage))
+    return pieces
 
 
 async def _parse_stream(response: aiohttp.ClientResponse, job: ChatJob) -> AsyncIterator[Piece]:
