@@ -89,7 +89,9 @@ async def coalesce(
     first = first_at_once
     try:
         while True:
-            if pending:
+            if not queue.empty():
+                item = queue.get_nowait()  # no timer needed for what is already here
+            elif pending:
                 try:
                     async with asyncio.timeout_at(flush_at):
                         item = await queue.get()
