@@ -30,8 +30,8 @@ class CommonSettings(BaseSettings):
     # The job queue's arguments. Every process declares the queue, and RabbitMQ
     # refuses a declaration whose arguments differ, so all must agree.
     jobs_max_length: int = Field(10_000, ge=1)
-    # Deliveries before a job is dead-lettered: a job that kills every worker
-    # must not loop forever (RabbitMQ 3.10 sets no limit of its own).
+    # Redeliveries before a job is dead-lettered: a job that kills every
+    # worker must not go round forever (RabbitMQ sets no limit of its own).
     jobs_delivery_limit: int = Field(3, ge=1)
 
     @property

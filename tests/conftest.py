@@ -122,7 +122,7 @@ async def processes(
         )
         started.append(process)
         await process.start()
-        await process.wait_for(f"{command}.started")
+        await process.wait_for("gateway.listening" if command == "gateway" else "worker.started")
         return process
 
     try:

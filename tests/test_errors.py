@@ -142,8 +142,7 @@ async def test_no_worker_within_the_deadline_is_504(bare_stack: Stack) -> None:
 
 async def test_full_queue_is_503_overloaded(bare_stack: Stack) -> None:
     # No worker: every job stays queued after its caller got a 504. One at a
-    # time, since a quorum queue checks its length behind concurrent publishes
-    # (and may overshoot by one).
+    # time, so that which one finds the queue full is known.
     await bare_stack.add_gateway(request_deadline_s=0.2, jobs_max_length=1)
     _, key = await bare_stack.bot_and_key()
     statuses = []

@@ -89,6 +89,8 @@ async def test_a_job_that_kills_every_worker_is_dead_lettered(
             await up.wait_request(n)
             worker.signal(signal.SIGKILL)
             await worker.wait()
+        # The next worker to be given the job buries it instead of running it.
+        await processes("worker", BOTLINE_JOBS_DELIVERY_LIMIT=str(limit))
 
     answer, _ = await asyncio.gather(
         chat(bare_stack.http, bare_stack.url, key, ASK), keep_killing()

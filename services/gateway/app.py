@@ -8,6 +8,7 @@ shutdown in order.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 
 import structlog
@@ -90,16 +91,31 @@ def create_app(settings: GatewaySettings) -> web.Application:
     return app
 
 
-def run(settings: GatewaySettings) -> None:
-    """Serve until SIGINT or SIGTERM, then finish in-flight requests."""
-    web.run_app(
+async def serve(settings: GatewaySettings) -> None:
+    """Serve until SIGINT or SIGTERM, then let in-flight requests finish."""
+    runner = web.AppRunner(
         create_app(settings),
-        loop=new_event_loop(),
-        host=settings.host,
-        port=settings.port,
         handler_cancellation=True,  # notice a vanished caller at once
         keepalive_timeout=settings.keepalive_timeout_s,
         shutdown_timeout=settings.shutdown_timeout_s,
         access_log=None,  # the edge middleware logs one line per request
-        print=None,
     )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info("gateway.listening", address=site.name)
+        await stop.wait()
+        log.info("gateway.stopping")
+    finally:
+        await runner.cleanup()
+
+
+def run(settings: GatewaySettings) -> None:
+    """Run the gateway in this process until it is told to stop."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve(settings))

@@ -27,7 +27,13 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryErr
 from pydantic import ValidationError
 
 from services.gateway.settings import GatewaySettings
-from shared.amqp import GATEWAY_HEADER, declare_control, declare_jobs, declare_replies
+from shared.amqp import (
+    DEAD_HEADER,
+    GATEWAY_HEADER,
+    declare_control,
+    declare_jobs,
+    declare_replies,
+)
 from shared.errors import BackendUnavailable, Overloaded
 from shared.tasks import TaskSet
 from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent, decode_event
@@ -125,7 +131,8 @@ class Relay:
             correlation_id=job.job_id,
             message_id=job.job_id,
             headers={GATEWAY_HEADER: self.gateway_id},
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            # Transient: see shared/amqp.py for why jobs are not written to disk.
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         if self._publish is None:
             raise BackendUnavailable("the job queue is unreachable")
@@ -160,7 +167,7 @@ class Relay:
         queue = self._pending.get(message.correlation_id or "")
         if queue is None:
             return  # the caller is gone; late events are expected
-        if message.headers.get("x-death"):
+        if message.headers.get(DEAD_HEADER):
             queue.put_nowait(DEAD)
             return
         try:

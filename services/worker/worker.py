@@ -3,8 +3,10 @@
 Acknowledgement policy: a job is acked when its terminal event (end or
 error) has been published, or when it is dropped on purpose (its deadline
 passed while queued, or it was cancelled). A worker that dies holding a job
-leaves it unacked, and RabbitMQ gives it to another worker; the quorum
-queue's delivery count becomes the event's ``attempt``.
+leaves it unacked, and RabbitMQ gives it to another worker, flagged
+``redelivered``. That worker counts the attempt: it publishes a copy with
+the attempt raised (or, past the limit, dead-letters it) and acks the
+original, so the count survives further deaths (see shared/amqp.py).
 
 SIGTERM: stop taking jobs, let running ones finish within
 ``drain_timeout_s``, cancel the rest (they are redelivered), exit.
@@ -35,7 +37,13 @@ from pydantic import ValidationError
 from services.worker.coalesce import coalesce
 from services.worker.models import Finish, Model, make_model
 from services.worker.settings import WorkerSettings
-from shared.amqp import declare_control, declare_jobs, declare_replies
+from shared.amqp import (
+    ATTEMPT_HEADER,
+    DEAD_HEADER,
+    declare_control,
+    declare_jobs,
+    declare_replies,
+)
 from shared.errors import BotlineError, DeadlineExceeded, InternalError, UnknownEndpoint
 from shared.registry import now_ms
 from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent
@@ -106,6 +114,18 @@ class _Events:
         )
 
 
+def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A job message again, with some headers set."""
+    return aio_pika.Message(
+        message.body,
+        headers={**message.headers, **headers},
+        content_type=message.content_type,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+    )
+
+
 class JobStats:
     """Counts of jobs by outcome (``done``, ``dropped``, error codes); awaitable."""
 
@@ -147,6 +167,9 @@ class Worker:
         self._jobs: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._events: AbstractExchange | None = None
+        # Confirmed publishes for the rare paths that must not lose a job.
+        self._confirmed: AbstractChannel | None = None
+        self._dead: AbstractExchange | None = None
         self.stats = JobStats()
 
     async def start(self) -> None:
@@ -180,6 +203,8 @@ class Worker:
         # the gateway's fencing, and confirms per delta would halve throughput.
         events_channel: AbstractChannel = await connection.channel(publisher_confirms=False)
         self._events = await events_channel.get_exchange(replies.name, ensure=False)
+        self._confirmed = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._dead = await self._confirmed.get_exchange(settings.names.dead_exchange, ensure=False)
         self._consumer_tag = await self._jobs.consume(self._on_job)
         log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
 
@@ -226,13 +251,19 @@ class Worker:
             job = ChatJob.model_validate_json(message.body)
         except ValidationError:
             log.error("wire.invalid_job")
-            await message.reject(requeue=False)
+            await self._bury(message, "invalid")
             return
-        delivered = message.headers.get("x-delivery-count")
-        attempt = (delivered if isinstance(delivered, int) else 0) + 1
+        counted = message.headers.get(ATTEMPT_HEADER)
+        attempt = counted if isinstance(counted, int) else 1
         structlog.contextvars.bind_contextvars(
             request_id=job.request_id, job_id=job.job_id, attempt=attempt
         )
+        if message.redelivered and not (
+            job.job_id in self._cancelled or job.deadline_ms <= now_ms()
+        ):
+            # Its last holder died: count that attempt where the next one will see it.
+            await self._retry(message, attempt + 1)
+            return
         if job.job_id in self._cancelled or job.deadline_ms <= now_ms():
             reason = "cancelled" if job.job_id in self._cancelled else "deadline"
             log.info("job.dropped", reason=reason)
@@ -252,6 +283,35 @@ class Worker:
             await self.stats.add("cancelled")
         finally:
             self._running.pop(job.job_id, None)
+        await self._ack(message)
+
+    async def _retry(self, message: AbstractIncomingMessage, attempt: int) -> None:
+        """Put a redelivered job back with its attempt counted, or bury it past the limit."""
+        if attempt > self.settings.jobs_delivery_limit + 1:
+            log.warning("job.dead", reason="delivery_limit")
+            await self._bury(message, "delivery_limit")
+            return
+        assert self._confirmed is not None
+        copy = _copy(message, {ATTEMPT_HEADER: attempt})
+        try:
+            await self._confirmed.default_exchange.publish(
+                copy, routing_key=self.settings.names.jobs_queue, mandatory=True
+            )
+        except (AMQPError, ChannelInvalidStateError) as exc:
+            # Not re-queued with its count: leave it to RabbitMQ to hand out again.
+            log.warning("job.retry_failed", error=type(exc).__name__)
+            await message.nack(requeue=True)
+            return
+        log.info("job.retried", next_attempt=attempt)
+        await self._ack(message)
+
+    async def _bury(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Dead-letter a job: its gateway is told at once, operators keep a copy."""
+        assert self._dead is not None
+        try:
+            await self._dead.publish(_copy(message, {DEAD_HEADER: reason}), routing_key="")
+        except (AMQPError, ChannelInvalidStateError) as exc:
+            log.warning("job.bury_failed", error=type(exc).__name__)
         await self._ack(message)
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
