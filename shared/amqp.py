@@ -29,6 +29,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from pamqp.commands import Basic
 
 from shared.settings import CommonSettings
 
@@ -38,6 +39,44 @@ GATEWAY_HEADER = "x-botline-gateway"
 ATTEMPT_HEADER = "x-botline-attempt"
 # Set on a dead-lettered job: why it was given up.
 DEAD_HEADER = "x-botline-dead"
+
+
+async def publish(
+    channel: AbstractChannel,
+    body: bytes,
+    *,
+    routing_key: str,
+    message_id: str,
+    exchange: str = "",
+    correlation_id: str | None = None,
+    message_type: str | None = None,
+    headers: dict[str, Any] | None = None,
+    mandatory: bool = False,
+) -> None:
+    """Publish one transient JSON message on the channel's own connection.
+
+    Goes to aiormq directly: aio-pika's ``Message`` object cost about 55 us of
+    CPU a publish here, a third of the total, on the path every job and
+    every delta takes. On a confirming channel this waits for the broker's
+    confirm and raises aio-pika's ``DeliveryError`` (nack) or ``PublishError``
+    (returned) like ``Exchange.publish`` does.
+    """
+    raw = await channel.get_underlay_channel()
+    properties = Basic.Properties(
+        content_type="application/json",
+        delivery_mode=1,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        message_type=message_type,
+        headers=headers,
+    )
+    await raw.basic_publish(
+        body,
+        exchange=exchange,
+        routing_key=routing_key,
+        properties=properties,
+        mandatory=mandatory,
+    )
 
 
 async def declare_jobs(channel: AbstractChannel, settings: CommonSettings) -> AbstractQueue:

@@ -74,6 +74,9 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     except BotlineError as exc:
         status, code = exc.status, exc.code
         return error_response(exc)
+    except ConnectionError:
+        status = CLIENT_CLOSED  # the caller went away while we read or wrote
+        raise
     except BaseException as exc:
         if isinstance(exc, web.HTTPException):
             status = exc.status

@@ -18,7 +18,6 @@ import aio_pika
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
@@ -33,6 +32,7 @@ from shared.amqp import (
     declare_control,
     declare_jobs,
     declare_replies,
+    publish,
 )
 from shared.errors import BackendUnavailable, Overloaded
 from shared.tasks import TaskSet
@@ -60,7 +60,6 @@ class Relay:
         self._tasks = TaskSet()
         self._connection: AbstractRobustConnection | None = None
         self._publish: AbstractChannel | None = None
-        self._control: AbstractExchange | None = None
         self._reply_queue: AbstractQueue | None = None
 
     async def start(self) -> None:
@@ -81,7 +80,7 @@ class Relay:
         connection = self._connection
         self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare_jobs(self._publish, self.settings)
-        self._control = await declare_control(self._publish, self.settings)
+        await declare_control(self._publish, self.settings)
         replies_exchange, _ = await declare_replies(self._publish, self.settings)
         replies = await connection.channel(publisher_confirms=False)
         self._reply_queue = await replies.declare_queue(
@@ -125,21 +124,20 @@ class Relay:
 
     async def submit(self, job: ChatJob) -> None:
         """Publish a job and wait for the broker's confirm."""
-        message = aio_pika.Message(
-            body=job.dump(),
-            content_type="application/json",
-            correlation_id=job.job_id,
-            message_id=job.job_id,
-            headers={GATEWAY_HEADER: self.gateway_id},
-            # Transient: see shared/amqp.py for why jobs are not written to disk.
-            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-        )
         if self._publish is None:
             raise BackendUnavailable("the job queue is unreachable")
         try:
             async with asyncio.timeout(self.settings.publish_timeout_s):
-                await self._publish.default_exchange.publish(
-                    message, routing_key=self.settings.names.jobs_queue, mandatory=True
+                # Transient: see shared/amqp.py for why jobs are not written to disk.
+                await publish(
+                    self._publish,
+                    job.dump(),
+                    routing_key=self.settings.names.jobs_queue,
+                    message_id=job.job_id,
+                    correlation_id=job.job_id,
+                    message_type=job.type,
+                    headers={GATEWAY_HEADER: self.gateway_id},
+                    mandatory=True,
                 )
         except PublishError as exc:
             raise BackendUnavailable("the job queue does not exist") from exc
@@ -154,13 +152,18 @@ class Relay:
         self._tasks.spawn(self._send_cancel(job_id))
 
     async def _send_cancel(self, job_id: str) -> None:
-        if self._control is None:
+        if self._publish is None:
             return
         with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError, TimeoutError):
             async with asyncio.timeout(self.settings.publish_timeout_s):
                 cancel = CancelJob(job_id=job_id)
-                await self._control.publish(
-                    aio_pika.Message(cancel.dump(), type=cancel.type), routing_key=""
+                await publish(
+                    self._publish,
+                    cancel.dump(),
+                    exchange=self.settings.names.control_exchange,
+                    routing_key="",
+                    message_id=f"cancel.{job_id}",
+                    message_type=cancel.type,
                 )
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:

@@ -43,6 +43,7 @@ from shared.amqp import (
     declare_control,
     declare_jobs,
     declare_replies,
+    publish,
 )
 from shared.errors import BotlineError, DeadlineExceeded, InternalError, UnknownEndpoint
 from shared.registry import now_ms
@@ -58,23 +59,29 @@ _REMEMBER_CANCELLED = 10_000
 class _Events:
     """Publishes one attempt's events with a gap-free ``seq``."""
 
-    def __init__(self, exchange: AbstractExchange, job: ChatJob, attempt: int) -> None:
+    def __init__(
+        self, channel: AbstractChannel, exchange: str, job: ChatJob, attempt: int
+    ) -> None:
+        self._channel = channel
         self._exchange = exchange
         self._job = job
         self._attempt = attempt
         self._seq = 0
 
     async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent) -> None:
+        job = self._job
         self._seq += 1
-        message = aio_pika.Message(
-            event.dump(),
-            content_type="application/json",
-            correlation_id=self._job.job_id,
-            type=event.type,
-        )
         # No mandatory flag: an event whose gateway is gone goes to the replies'
         # alternate exchange, which brings it back to the workers to stop the job.
-        await self._exchange.publish(message, routing_key=self._job.reply_to)
+        await publish(
+            self._channel,
+            event.dump(),
+            exchange=self._exchange,
+            routing_key=job.reply_to,
+            message_id=f"{job.job_id}.{self._attempt}.{event.seq}",
+            correlation_id=job.job_id,
+            message_type=event.type,
+        )
 
     async def delta(self, text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
         job = self._job
@@ -166,7 +173,8 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._jobs: AbstractQueue | None = None
         self._consumer_tag: str | None = None
-        self._events: AbstractExchange | None = None
+        self._events: AbstractChannel | None = None
+        self._replies_exchange = settings.names.reply_exchange
         # Confirmed publishes for the rare paths that must not lose a job.
         self._confirmed: AbstractChannel | None = None
         self._dead: AbstractExchange | None = None
@@ -196,13 +204,12 @@ class Worker:
             settings.names.control_queue(self.worker_id), exclusive=True, auto_delete=True
         )
         await control_queue.bind(control)
-        replies, unroutable = await declare_replies(jobs_channel, settings)
+        _, unroutable = await declare_replies(jobs_channel, settings)
         await control_queue.bind(unroutable)
         await control_queue.consume(self._on_control, no_ack=True)
         # Deltas need no confirms: a lost worker is handled by redelivery and
         # the gateway's fencing, and confirms per delta would halve throughput.
-        events_channel: AbstractChannel = await connection.channel(publisher_confirms=False)
-        self._events = await events_channel.get_exchange(replies.name, ensure=False)
+        self._events = await connection.channel(publisher_confirms=False)
         self._confirmed = await connection.channel(publisher_confirms=True, on_return_raises=True)
         self._dead = await self._confirmed.get_exchange(settings.names.dead_exchange, ensure=False)
         self._consumer_tag = await self._jobs.consume(self._on_job)
@@ -323,7 +330,7 @@ class Worker:
 
     async def _run(self, job: ChatJob, attempt: int) -> None:
         assert self._events is not None
-        events = _Events(self._events, job, attempt)
+        events = _Events(self._events, self._replies_exchange, job, attempt)
         model = self._models.get(job.endpoint)
         if model is None:
             await events.error(UnknownEndpoint(f"no model endpoint named {job.endpoint!r}"))
