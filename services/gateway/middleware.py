@@ -75,8 +75,10 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         status, code = exc.status, exc.code
         return error_response(exc)
     except ConnectionError:
-        status = CLIENT_CLOSED  # the caller went away while we read or wrote
-        raise
+        # The caller went away while we read its body: nobody to answer, nothing
+        # to report (aiohttp drops a response for a closed connection).
+        status = CLIENT_CLOSED
+        return web.Response(status=CLIENT_CLOSED)
     except BaseException as exc:
         if isinstance(exc, web.HTTPException):
             status = exc.status

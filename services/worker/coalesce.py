@@ -63,11 +63,16 @@ async def coalesce(
     send_delta: Callable[[str, ToolCalls], Awaitable[None]],
     send_end: Callable[[str, Finish], Awaitable[None]],
     *,
-    window_s: float,
+    window_s: float | Callable[[], float],
     max_chars: int,
     first_at_once: bool = True,
 ) -> None:
-    """Relay ``source`` to ``send_delta`` calls and one final ``send_end``."""
+    """Relay ``source`` to ``send_delta`` calls and one final ``send_end``.
+
+    ``window_s`` may be a function, asked each time a new window opens, so
+    that a busy worker can widen its windows (see ``Worker``).
+    """
+    window = window_s if callable(window_s) else (lambda: window_s)
     queue: asyncio.Queue[Piece | _Failed] = asyncio.Queue()
 
     async def pump() -> None:
@@ -112,7 +117,7 @@ async def coalesce(
             if pending and not pending.fits(item):
                 await flush()
             if not pending:
-                flush_at = loop.time() + window_s
+                flush_at = loop.time() + window()
             pending.add(item)
             if first or pending.size >= max_chars:
                 first = False

@@ -59,9 +59,7 @@ _REMEMBER_CANCELLED = 10_000
 class _Events:
     """Publishes one attempt's events with a gap-free ``seq``."""
 
-    def __init__(
-        self, channel: AbstractChannel, exchange: str, job: ChatJob, attempt: int
-    ) -> None:
+    def __init__(self, channel: AbstractChannel, exchange: str, job: ChatJob, attempt: int) -> None:
         self._channel = channel
         self._exchange = exchange
         self._job = job
@@ -321,6 +319,17 @@ class Worker:
             log.warning("job.bury_failed", error=type(exc).__name__)
         await self._ack(message)
 
+    def _stream_window(self) -> float:
+        """The coalescing window of a stream: wider when many streams share this worker.
+
+        Every event costs the worker, RabbitMQ and the gateway a fixed amount
+        of CPU whatever it carries, so the total rate is held near
+        ``events_per_s``: with few streams each gets the base window, with
+        many each gets a share of the budget (and larger, rarer deltas).
+        """
+        settings = self.settings
+        return max(settings.coalesce_ms / 1000, len(self._running) / settings.events_per_s)
+
     async def _ack(self, message: AbstractIncomingMessage) -> None:
         try:
             await message.ack()
@@ -346,8 +355,7 @@ class Worker:
                     model.stream(job),
                     events.delta,
                     events.end,
-                    window_s=(settings.coalesce_ms if job.stream else settings.whole_window_ms)
-                    / 1000,
+                    window_s=self._stream_window if job.stream else settings.whole_window_ms / 1000,
                     max_chars=settings.coalesce_chars if job.stream else settings.whole_chars,
                     first_at_once=job.stream,
                 )
