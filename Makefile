@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.package-lock.json
 
-.PHONY: run test lint format check services browser clean
+.PHONY: run test lint format check services browser bench bench-quick clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "botline needs Python 3.11 or newer"'
@@ -44,6 +44,13 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The side-by-side benchmark: direct, botline, LiteLLM (installed into bench/.venv-litellm).
+bench: $(STAMP) services
+	$(BIN)/python -m bench
+
+bench-quick: $(STAMP) services
+	$(BIN)/python -m bench --quick
 
 check: lint test
 

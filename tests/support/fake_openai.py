@@ -5,8 +5,9 @@ how each request is answered by pushing :class:`Script` objects, and inspect wha
 sent through :attr:`FakeOpenAI.requests`. Without a script the reply is
 ``"fake reply to: " + <last user message>``, one chunk per space-separated token.
 
-Standalone: ``python -m tests.support.fake_openai --port 9999 [--delay-ms 5]`` serves the
-default behaviour until SIGINT/SIGTERM.
+Standalone: ``python -m tests.support.fake_openai --port 9999 [--delay-ms 5] [--tokens N]``
+serves the default behaviour until SIGINT/SIGTERM; with ``--tokens N`` every reply is exactly
+N tokens, ``"tok0 tok1 ... tok<N-1>"`` (benchmarks want a fixed reply length).
 """
 
 from __future__ import annotations
@@ -109,11 +110,21 @@ class FakeOpenAI:
     """In-process fake of the OpenAI chat-completions API on loopback."""
 
     def __init__(
-        self, *, host: str = "127.0.0.1", port: int = 0, delay_s: float = 0.0, record: bool = True
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        delay_s: float = 0.0,
+        record: bool = True,
+        tokens: list[str] | None = None,
     ) -> None:
-        """``delay_s`` paces unscripted replies; ``record=False`` keeps no history (benchmarks)."""
+        """``delay_s`` paces unscripted replies; ``record=False`` keeps no history (benchmarks).
+
+        ``tokens``, when given, is every unscripted reply instead of the default one.
+        """
         self._host, self._port = host, port
         self._delay_s = delay_s
+        self._tokens = tokens
         self._record = record
         self._runner: web.AppRunner | None = None
         self._scripts: deque[Script] = deque()
@@ -196,7 +207,11 @@ class FakeOpenAI:
             async with self._arrived:
                 self.requests.append(rec)
                 self._arrived.notify_all()
-        script = self._scripts.popleft() if self._scripts else Script(delay_s=self._delay_s)
+        script = (
+            self._scripts.popleft()
+            if self._scripts
+            else Script(tokens=self._tokens, delay_s=self._delay_s)
+        )
         resp: web.StreamResponse
         if script.status is not None:
             resp = web.json_response(error_body(script.status), status=script.status)
@@ -286,13 +301,19 @@ class FakeOpenAI:
         resp.body = _json(payload)
 
 
-async def _serve(host: str, port: int, delay_s: float) -> None:
+def numbered_tokens(n: int) -> list[str]:
+    """``n`` tokens that join to ``"tok0 tok1 ... tok<n-1>"``, like the default reply's."""
+    words = [f"tok{i}" for i in range(n)]
+    return [w + " " for w in words[:-1]] + words[-1:]
+
+
+async def _serve(host: str, port: int, delay_s: float, tokens: list[str] | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # record=False: a long benchmark run must not keep every request body in memory.
-    async with FakeOpenAI(host=host, port=port, delay_s=delay_s, record=False) as up:
+    async with FakeOpenAI(host=host, port=port, delay_s=delay_s, record=False, tokens=tokens) as up:
         print(f"fake OpenAI serving on {up.base_url}", flush=True)
         await stop.wait()
 
@@ -305,8 +326,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9999, help="0 picks a free port")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="sleep before each token")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help='every reply is exactly N tokens, "tok0 tok1 ..." (default: echo the user)',
+    )
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.host, args.port, args.delay_ms / 1000))
+    if args.tokens is not None and args.tokens < 1:
+        parser.error("--tokens must be at least 1")
+    tokens = numbered_tokens(args.tokens) if args.tokens is not None else None
+    asyncio.run(_serve(args.host, args.port, args.delay_ms / 1000, tokens))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,327 @@
+"""The output: header, aligned plain-text tables, the floors, a PNG chart and raw JSON.
+
+The floors are informational: each line says MET or MISSED (or n/a when the run did not
+measure it) and nothing here changes the exit status, since timings on a shared 2-core
+machine are not something a CI job should fail on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.workloads import Plan
+
+Summary = Mapping[str, Mapping[str, Mapping[str, Any]]]
+
+
+def header(info: Mapping[str, Mapping[str, str]], plan: Plan, processes: Mapping[str, str]) -> str:
+    """Versions, machine, and what is compared."""
+    lines = [
+        "botline benchmark"
+        + (" (--quick: proves it works; timings mean little)" if plan.quick else "")
+    ]
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    machine = info["machine"]
+    lines.append(
+        f"machine: nproc {machine['nproc']}, {machine['cpu']}, {machine['memory']} memory, "
+        f"Linux {machine['kernel']}"
+    )
+    for name, what in processes.items():
+        lines.append(f"  {name}: {what}")
+    ups = ", ".join(
+        f"{role}: {tokens} tokens{f' at {delay:g} ms/token' if delay else ', no delay'}"
+        for role, (tokens, delay) in plan.upstreams.items()
+    )
+    lines.append(f"fake upstream (one process each): {ups}")
+    exceptions = [
+        f"{plan.rounds_of(w)} for {w.kind} c={w.concurrency}"
+        for w in plan.workloads
+        if plan.rounds_of(w) != plan.rounds
+    ]
+    but = f" ({', '.join(exceptions)})" if exceptions else ""
+    lines.append(
+        f"rounds: {plan.rounds}{but}, "
+        "targets interleaved, median per target; load generator: its own process, aiohttp, "
+        "one connection per concurrent caller"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell: the first two left-aligned, the rest right."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(out).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head), rule, *(line(r) for r in rows)])
+
+
+def _errors(cell: Mapping[str, Any]) -> str:
+    if not cell["errors"]:
+        return "0"
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(cell["error_kinds"].items()))
+    return f"{cell['errors']} ({kinds})"
+
+
+def whole_table(summary: Summary, plan: Plan) -> str:
+    """Whole answers: throughput, latency and what each proxy adds."""
+    head = [
+        "workload", "target", "req/s", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms",
+        "CPU ms/req", "(split)", "errors",
+    ]  # fmt: skip
+    rows = []
+    for w in plan.workloads:
+        if w.kind != "whole" or w.key not in summary:
+            continue
+        for i, (target, c) in enumerate(summary[w.key].items()):
+            rows.append(
+                [
+                    f"c={w.concurrency}" if i == 0 else "",
+                    target,
+                    _fmt(c["rps"], 1),
+                    _fmt(c["p50_ms"]),
+                    _fmt(c["p99_ms"]),
+                    _fmt(c["added_p50_ms"], signed=True),
+                    _fmt(c["added_p99_ms"], signed=True),
+                    _fmt(c["cpu_ms_per_request"]),
+                    _split(c["cpu_ms_per_request_by_group"], 2),
+                    _errors(c),
+                ]
+            )
+    title = (
+        f"Whole answers (stream false, {plan.tokens('whole')} tokens, no upstream delay); "
+        "+ = added over direct, same round; CPU = the proxy's own processes "
+        "(split: gw/wk = botline's gateway/worker, w1/w2 = LiteLLM's workers)"
+    )
+    return title + "\n" + _table(head, rows)
+
+
+_SHORT = {"gateway": "gw", "worker": "wk", "supervisor": "sup", "worker1": "w1", "worker2": "w2"}
+
+
+def _split(parts: Mapping[str, float | None], digits: int) -> str:
+    """CPU per process, e.g. ``gw 0.029 + wk 0.053``; processes that round to 0 left out."""
+    shown = {k: v for k, v in parts.items() if v is not None and round(v, digits) != 0}
+    if len(parts) < 2 or not shown:
+        return ""
+    return " + ".join(f"{_SHORT.get(k, k)} {v:.{digits}f}" for k, v in shown.items())
+
+
+def stream_table(summary: Summary, plan: Plan) -> str:
+    """Streams: time to first token, chunk gaps, errors, CPU and memory per stream."""
+    head = [
+        "workload", "target", "ok", "TTFT p50", "TTFT p99", "+TTFT p50", "+TTFT p99",
+        "gap p50", "gap p99", "chunks", "CPU s/1k tok", "(split)", "KiB/stream", "errors",
+    ]  # fmt: skip
+    rows = []
+    notes = []
+    for w in plan.workloads:
+        if w.kind != "stream" or w.key not in summary:
+            continue
+        for i, (target, c) in enumerate(summary[w.key].items()):
+            memory = c["memory_per_stream_bytes"]
+            mem_text = "-" if memory is None else f"{memory / 1024:.1f}"
+            if memory is not None and not c["all_open"]:
+                mem_text += f" (peak {c['peak_open']})"
+            rows.append(
+                [
+                    f"c={w.concurrency}" if i == 0 else "",
+                    target,
+                    str(c["ok"]),
+                    _fmt(c["p50_ms"]),
+                    _fmt(c["p99_ms"]),
+                    _fmt(c["added_p50_ms"], signed=True),
+                    _fmt(c["added_p99_ms"], signed=True),
+                    _fmt(c["gap_p50_ms"]),
+                    _fmt(c["gap_p99_ms"]),
+                    _fmt(c["chunks_per_stream"], 1),
+                    _fmt(c["cpu_s_per_1k_tokens_total"], 3),
+                    _split(c["cpu_s_per_1k_tokens"], 3),
+                    mem_text,
+                    _errors(c),
+                ]
+            )
+        botline = summary[w.key].get("botline")
+        if botline is not None:
+            context = botline["context_cpu_s_per_1k_tokens"]
+            notes.append(
+                f"  c={w.concurrency}: during botline's runs RabbitMQ used "
+                f"{_fmt(context.get('rabbitmq'), 3)} and Redis {_fmt(context.get('redis'), 3)} "
+                "CPU s/1k tok (not in the CPU column); the upstream "
+                f"{_fmt(context.get('upstream'), 3)}"
+            )
+    tokens, delay = plan.upstreams["stream"]
+    title = (
+        f"Streams ({tokens} tokens at {delay:g} ms/token, include_usage); times in ms; "
+        "ok = streams complete over all rounds; gap = between content chunks at the client; "
+        "chunks = content chunks per stream; KiB/stream = RSS growth of the gateway "
+        "(LiteLLM: all its processes) with every stream open, worst round"
+    )
+    return title + "\n" + _table(head, rows) + ("\n" + "\n".join(notes) if notes else "")
+
+
+@dataclass(frozen=True)
+class Floor:
+    """One of botline's targets, and whether this run met it."""
+
+    status: str  # MET, MISSED or n/a
+    text: str
+
+
+def floors(summary: Summary, plan: Plan) -> list[Floor]:
+    """botline's floors, judged on this run's medians."""
+
+    def cell(workload: str, target: str) -> Mapping[str, Any] | None:
+        return summary.get(workload, {}).get(target)
+
+    found = []
+    bl, lt = cell("whole-c64", "botline"), cell("whole-c64", "litellm")
+    name = "whole-answer throughput at c=64 >= 5x LiteLLM's"
+    if bl and lt and bl["rps"] is not None and lt["rps"]:
+        ratio = bl["rps"] / lt["rps"]
+        found.append(
+            Floor(
+                "MET" if ratio >= 5 else "MISSED",
+                f"{name}: {bl['rps']:.0f} vs {lt['rps']:.0f} req/s = {ratio:.2f}x",
+            )
+        )
+    else:
+        found.append(Floor("n/a", f"{name}: not measured in this run"))
+
+    bl = cell("whole-c1", "botline")
+    name = "added p50 latency at c=1 <= 2 ms"
+    if bl and bl["added_p50_ms"] is not None:
+        added = bl["added_p50_ms"]
+        found.append(Floor("MET" if added <= 2 else "MISSED", f"{name}: {added:+.2f} ms"))
+    else:
+        found.append(Floor("n/a", f"{name}: not measured in this run"))
+
+    stream_keys = [w.key for w in plan.workloads if w.kind == "stream"]
+    ttft_key = "stream-c100" if "stream-c100" in stream_keys else (stream_keys or [""])[0]
+    bl = cell(ttft_key, "botline")
+    name = (
+        f"added TTFT p50 <= 3 ms (at {ttft_key.removeprefix('stream-').replace('c', 'c=')} streams)"
+    )
+    if bl and bl["added_p50_ms"] is not None:
+        added = bl["added_p50_ms"]
+        found.append(Floor("MET" if added <= 3 else "MISSED", f"{name}: {added:+.2f} ms"))
+    else:
+        found.append(Floor("n/a", f"{name}: not measured in this run"))
+
+    bl = cell("stream-c1000", "botline")
+    name = "1000 concurrent streams with no error"
+    if bl:
+        text = f"{name}: {bl['errors']} errors in {bl['ok'] + bl['errors']} streams"
+        found.append(Floor("MET" if bl["errors"] == 0 else "MISSED", text))
+    else:
+        found.append(Floor("n/a", f"{name}: not measured in this run (--quick)"))
+
+    name = "gateway memory per open stream <= 64 KiB"
+    memory = bl["memory_per_stream_bytes"] if bl else None
+    if bl and memory is not None:
+        kib = memory / 1024
+        found.append(Floor("MET" if kib <= 64 else "MISSED", f"{name}: {kib:.1f} KiB"))
+    else:
+        found.append(Floor("n/a", f"{name}: not measured in this run (--quick)"))
+    return found
+
+
+def floors_text(found: Sequence[Floor]) -> str:
+    """The floors, one line each."""
+    lines = ["Floors for botline (informational; never the exit status):"]
+    lines += [f"  {f.status:6}  {f.text}" for f in found]
+    return "\n".join(lines)
+
+
+def noise(runs: Sequence[Mapping[str, Any]], nproc: int) -> str:
+    """How busy the machine was outside the benchmark's own processes during the runs."""
+    shares = sorted(
+        r["foreign_cpu_s"] / (r["load"]["wall_s"] * nproc) for r in runs if r["load"]["wall_s"] > 0
+    )
+    if not shares:
+        return ""
+    middle, worst = shares[len(shares) // 2], shares[-1]
+    text = (
+        f"CPU outside the benchmark's processes during the runs: median {middle:.0%}, "
+        f"worst {worst:.0%} of the machine (kernel network work not charged to a process "
+        "counts here too)"
+    )
+    if worst > 0.15:
+        text += "\n  warning: something else was busy on this machine; figures may be skewed"
+    return text
+
+
+def chart(summary: Summary, plan: Plan, path: Path, subtitle: str) -> None:
+    """Four panels: throughput, whole-answer latency, TTFT, CPU per 1000 streamed tokens."""
+    import matplotlib  # imported late: slow, and only the chart needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after use(): no GUI backend is looked for
+
+    colours = {"direct": "#7f7f7f", "botline": "#1f77b4", "litellm": "#d62728"}
+    whole = [w for w in plan.workloads if w.kind == "whole" and w.key in summary]
+    stream = [w for w in plan.workloads if w.kind == "stream" and w.key in summary]
+    targets = list(dict.fromkeys(t for w in [*whole, *stream] for t in summary[w.key]))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    width = 0.8 / max(len(targets), 1)
+
+    def bars(ax: Any, workloads: Sequence[Any], field: str, label: str, who: Sequence[str]) -> None:
+        for i, target in enumerate(who):
+            xs = [j + (i - (len(who) - 1) / 2) * width for j in range(len(workloads))]
+            ys = [summary[w.key].get(target, {}).get(field) or 0 for w in workloads]
+            ax.bar(xs, ys, width, label=target, color=colours.get(target))
+        ax.set_xticks(range(len(workloads)), [f"c={w.concurrency}" for w in workloads])
+        ax.set_ylabel(label)
+
+    bars(axes[0][0], whole, "rps", "requests/s", targets)
+    axes[0][0].set_title(f"Whole answers ({plan.tokens('whole')} tokens): throughput")
+    bars(axes[0][1], whole, "p50_ms", "p50 latency, ms (whisker: p99)", targets)
+    for i, target in enumerate(targets):
+        for j, w in enumerate(whole):
+            c = summary[w.key].get(target)
+            if c and c["p50_ms"] is not None and c["p99_ms"] is not None:
+                x = j + (i - (len(targets) - 1) / 2) * width
+                axes[0][1].plot([x, x], [c["p50_ms"], c["p99_ms"]], color="black", linewidth=1)
+    axes[0][1].set_title("Whole answers: latency")
+    axes[0][1].set_yscale("log")
+    bars(axes[1][0], stream, "p50_ms", "TTFT p50, ms (whisker: p99)", targets)
+    for i, target in enumerate(targets):
+        for j, w in enumerate(stream):
+            c = summary[w.key].get(target)
+            if c and c["p50_ms"] is not None and c["p99_ms"] is not None:
+                x = j + (i - (len(targets) - 1) / 2) * width
+                axes[1][0].plot([x, x], [c["p50_ms"], c["p99_ms"]], color="black", linewidth=1)
+    axes[1][0].set_title(f"Streams ({plan.tokens('stream')} tokens): time to first token")
+    axes[1][0].set_yscale("log")
+    proxies = [t for t in targets if t != "direct"]
+    bars(axes[1][1], stream, "cpu_s_per_1k_tokens_total", "CPU s per 1000 tokens", proxies)
+    axes[1][1].set_title("Streams: the proxy's CPU per 1000 tokens")
+    for ax in axes.flat:
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"botline vs LiteLLM vs direct — {subtitle}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """The raw results, indented, keys in order."""
+    path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))

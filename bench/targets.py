@@ -1,0 +1,407 @@
+"""Starting and stopping what is measured: the fake upstreams and the three targets.
+
+- the fake upstream, ``tests/support/fake_openai.py``, one process per reply shape;
+- ``direct``: the load generator calls the fake upstream itself (the floor of any proxy);
+- ``botline``: ``botline worker`` and ``botline gateway`` on the running RabbitMQ and Redis,
+  in a namespace of their own that is deleted afterwards, with bots on the fake upstream;
+- ``litellm``: LiteLLM's proxy from PyPI, in a virtual environment of its own that this
+  module creates (``bench/.venv-litellm``) from the pinned ``bench/requirements-litellm.txt``,
+  configured against the same fake upstream, without a database or callbacks.
+
+Each target is an async context manager: its processes are stopped, and botline's
+namespace deleted, when the block exits, whatever the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+from redis.asyncio import Redis
+
+from bench.procs import BenchError, Proc, Processes, free_port, process_tree, wait_http_ok
+from shared.amqp import delete_namespace
+from shared.names import Names
+from shared.registry import Registry
+from shared.settings import CommonSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
+LITELLM_REQUIREMENTS = ROOT / "bench" / "requirements-litellm.txt"
+# Written after a successful install: the requirements it was made from.
+_LITELLM_STAMP = LITELLM_VENV / ".bench-requirements"
+LITELLM_MASTER_KEY = "sk-bench-master-key"
+LITELLM_WORKERS = 2  # botline runs two processes too: one gateway and one worker
+
+# The `model` each workload sends; LiteLLM routes on it, the others ignore it.
+MODELS = {"whole": "bench-whole", "stream": "bench-stream"}
+# botline's endpoint (and bot) per upstream.
+_ENDPOINTS = {"whole": "fake", "stream": "fake-stream"}
+# Enough for 1000 concurrent streams, on both proxies: not a limit being measured.
+_MAX_CONNECTIONS = 2000
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One fake OpenAI-compatible server process."""
+
+    role: str  # "whole" or "stream": which workloads it answers
+    tokens: int
+    delay_ms: float
+    port: int
+    proc: Proc
+
+    @property
+    def base_url(self) -> str:
+        """Its base URL, with ``/v1``."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where and how a target is called for one kind of workload."""
+
+    url: str
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A system under test, as the workloads see it."""
+
+    name: str
+    processes: str  # said in the output, e.g. "2 (1 gateway + 1 worker)"
+    routes: dict[str, Route]  # by upstream role
+    # The target's own processes now, by name; CPU time is reported per group.
+    groups: Callable[[], dict[str, list[int]]]
+    # The groups whose memory growth per open stream is reported, added up.
+    memory_groups: tuple[str, ...]
+    # The processes that must stay up: a run after one died would measure nothing.
+    procs: tuple[Proc, ...] = ()
+
+
+async def start_upstream(
+    procs: Processes, role: str, *, tokens: int, delay_ms: float = 0.0
+) -> Upstream:
+    """Start ``python -m tests.support.fake_openai`` answering ``tokens`` tokens per reply."""
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.support.fake_openai", "--port", str(port)]
+    argv += ["--tokens", str(tokens), "--delay-ms", str(delay_ms)]
+    proc = await procs.start(f"upstream-{role}", argv, cwd=ROOT, env=_env(PYTHONPATH=str(ROOT)))
+    upstream = Upstream(role, tokens, delay_ms, port, proc)
+    await wait_http_ok(f"{upstream.base_url}/models", [proc], timeout=30)
+    return upstream
+
+
+def direct(upstreams: Mapping[str, Upstream]) -> Target:
+    """The fake upstream called with no proxy in between."""
+    routes = {role: Route(f"{up.base_url}/chat/completions", {}) for role, up in upstreams.items()}
+    return Target("direct", "0 (no proxy)", routes, dict, ())
+
+
+# --- botline -----------------------------------------------------------------
+def _botline_env(namespace: str, upstreams: Mapping[str, Upstream]) -> dict[str, str]:
+    endpoints = {
+        _ENDPOINTS[role]: {
+            "kind": "openai",
+            "base_url": up.base_url,
+            "timeout_s": 60,
+            "max_concurrency": _MAX_CONNECTIONS,
+        }
+        for role, up in upstreams.items()
+    }
+    # The caller's own BOTLINE_* settings would change what is measured; only where
+    # Redis and RabbitMQ are is taken from them.
+    keep = {"BOTLINE_REDIS_URL", "BOTLINE_AMQP_URL"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTLINE_") or k in keep}
+    env.update(
+        BOTLINE_NAMESPACE=namespace,
+        BOTLINE_LOG_LEVEL="warning",
+        BOTLINE_ENDPOINTS=json.dumps(endpoints),
+        # The worker's AMQP prefetch: 1000 concurrent streams must all be in flight.
+        BOTLINE_CONCURRENCY=str(_MAX_CONNECTIONS),
+        BOTLINE_REQUEST_DEADLINE_S="300",
+    )
+    return env
+
+
+async def _create_bots(registry: Registry, roles: list[str]) -> dict[str, str]:
+    """A bot on each upstream's endpoint and a key for it; returns key by role."""
+    found = {}
+    for role in roles:
+        bot = await registry.create_bot(
+            name=f"bench-{role}",
+            endpoint=_ENDPOINTS[role],
+            model="fake-model",
+            max_reply_tokens=4096,
+        )
+        key, _ = await registry.create_key(bot.id, "bench")
+        found[role] = key
+    return found
+
+
+async def _delete_botline_namespace(redis: Redis, settings: CommonSettings) -> None:
+    """Remove the namespace's Redis keys, queues and exchanges."""
+    batch: list[bytes | str] = []
+    async for name in redis.scan_iter(match=settings.names.all_redis_keys, count=500):
+        batch.append(name)
+        if len(batch) >= 500:
+            await redis.delete(*batch)
+            batch.clear()
+    if batch:
+        await redis.delete(*batch)
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        await delete_namespace(channel, settings)
+
+
+async def _warm_up(target: Target, concurrency: int = 32) -> None:
+    """Answers on every route, whole and streamed, many at once, before anything is measured.
+
+    Proves the wiring (botline's worker consumes, the upstreams answer), and pays first-use
+    costs outside the measurements: LiteLLM imports much of its code lazily on the first
+    calls, in each of its worker processes, which concurrent calls spread over.
+    """
+    timeout = aiohttp.ClientTimeout(total=120)
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def call(session: aiohttp.ClientSession, role: str, route: Route, stream: bool) -> None:
+        body = {"model": MODELS[role], "messages": messages, "stream": stream}
+        async with session.post(route.url, json=body, headers=route.headers) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise BenchError(f"{target.name} {role}: HTTP {resp.status}: {text[:300]}")
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for role, route in target.routes.items():
+            for stream in (False, True):
+                await asyncio.gather(
+                    *(call(session, role, route, stream) for _ in range(concurrency))
+                )
+
+
+@asynccontextmanager
+async def botline(procs: Processes, upstreams: Mapping[str, Upstream]) -> AsyncIterator[Target]:
+    """One ``botline worker`` and one ``botline gateway`` in a fresh namespace."""
+    namespace = f"bench{secrets.token_hex(4)}"
+    env = _botline_env(namespace, upstreams)
+    settings = CommonSettings(namespace=namespace)  # Redis and RabbitMQ as the services see them
+    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    exe = str(Path(sys.executable).with_name("botline"))
+    port = free_port()
+    started: list[Proc] = []
+    try:
+        keys = await _create_bots(Registry(redis, Names(namespace)), list(upstreams))
+        worker = await procs.start("botline-worker", [exe, "worker"], env=env, cwd=ROOT)
+        started.append(worker)
+        argv = [exe, "gateway", "--port", str(port)]
+        gateway = await procs.start("botline-gateway", argv, env=env, cwd=ROOT)
+        started.append(gateway)
+        await wait_http_ok(f"http://127.0.0.1:{port}/readyz", started, timeout=60)
+        url = f"http://127.0.0.1:{port}/openai/v1/chat/completions"
+        routes = {role: Route(url, {"Authorization": f"Bearer {keys[role]}"}) for role in keys}
+        target = Target(
+            "botline",
+            "2 (1 gateway + 1 worker) + RabbitMQ + Redis",
+            routes,
+            lambda: {"gateway": [gateway.pid], "worker": [worker.pid]},
+            ("gateway",),
+            (gateway, worker),
+        )
+        await _warm_up(target)
+        yield target
+    finally:
+        # Processes first: a live worker or gateway would re-declare what is deleted.
+        for proc in reversed(started):
+            await procs.stop(proc)
+        try:
+            await _delete_botline_namespace(redis, settings)
+        finally:
+            await redis.aclose()
+
+
+# --- LiteLLM -------------------------------------------------------------------
+async def _run_logged(procs: Processes, name: str, argv: list[str], timeout: float) -> None:  # noqa: ASYNC109 -- an install's budget
+    proc = await procs.start(name, argv, cwd=ROOT, env=_env())
+    try:
+        code = await asyncio.wait_for(proc.process.wait(), timeout)
+    finally:
+        await procs.stop(proc)
+    if code != 0:
+        raise BenchError(f"{' '.join(argv)} failed ({code}):\n{proc.log_tail()}")
+
+
+async def ensure_litellm(procs: Processes) -> Path:
+    """The ``litellm`` command of ``bench/.venv-litellm``, installed first if needed."""
+    wanted = LITELLM_REQUIREMENTS.read_text()
+    exe = LITELLM_VENV / "bin" / "litellm"
+    if exe.exists() and _LITELLM_STAMP.exists() and _LITELLM_STAMP.read_text() == wanted:
+        return exe
+    print(f"installing LiteLLM into {LITELLM_VENV} (once; a few minutes)", file=sys.stderr)
+    python = LITELLM_VENV / "bin" / "python"
+    if not python.exists():
+        # The project's interpreter: a venv made from a venv is based on the base Python.
+        await _run_logged(
+            procs, "litellm-venv", [sys.executable, "-m", "venv", str(LITELLM_VENV)], 300
+        )
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
+    await _run_logged(procs, "litellm-install", [*pip, "-r", str(LITELLM_REQUIREMENTS)], 1500)
+    _LITELLM_STAMP.write_text(wanted)
+    return exe
+
+
+async def litellm_version() -> str:
+    """The installed LiteLLM's version, from its own interpreter."""
+    python = LITELLM_VENV / "bin" / "python"
+    code = "import importlib.metadata as m; print(m.version('litellm'))"
+    proc = await asyncio.create_subprocess_exec(
+        str(python), "-c", code, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return out.decode().strip() or "?"
+
+
+def _litellm_config(upstreams: Mapping[str, Upstream]) -> dict[str, object]:
+    """The proxy's config: one model per upstream, nothing else switched on."""
+    models = [
+        {
+            "model_name": MODELS[role],
+            "litellm_params": {
+                "model": "openai/fake-model",
+                "api_base": up.base_url,
+                "api_key": "fake",
+            },
+        }
+        for role, up in upstreams.items()
+    ]
+    return {
+        "model_list": models,
+        "litellm_settings": {
+            # No logging or callbacks: the proxy alone is measured. (This LiteLLM has no
+            # telemetry left to switch off: its --telemetry flag is a no-op.)
+            "set_verbose": False,
+            "json_logs": False,
+            "callbacks": [],
+            "success_callback": [],
+            "failure_callback": [],
+            "turn_off_message_logging": True,
+            "request_timeout": 300,
+        },
+        "general_settings": {
+            # A fixed master key, so that LiteLLM checks a key on every call as botline does.
+            "master_key": LITELLM_MASTER_KEY,
+            "disable_spend_logs": True,
+            "disable_error_logs": True,
+        },
+    }
+
+
+def _write_litellm_config(work_dir: Path, upstreams: Mapping[str, Upstream]) -> Path:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config = work_dir / "litellm-config.yaml"
+    # JSON is YAML: no YAML library needed here.
+    config.write_text(json.dumps(_litellm_config(upstreams), indent=2))
+    return config
+
+
+def _litellm_env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in _env().items()
+        # No database: LiteLLM would use one if the environment named it.
+        if k not in {"DATABASE_URL", "DIRECT_URL", "DATABASE_HOST", "REDIS_HOST", "REDIS_URL"}
+    }
+    env.update(
+        # The cost map is otherwise fetched from the internet at start-up (retried).
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        # PRODUCTION: do not load a .env file found above the install folder.
+        LITELLM_MODE="PRODUCTION",
+        LITELLM_LOG="ERROR",
+        # Its default per-host pool (500 a worker) could queue 1000 streams: match botline.
+        AIOHTTP_CONNECTOR_LIMIT=str(_MAX_CONNECTIONS),
+        AIOHTTP_CONNECTOR_LIMIT_PER_HOST=str(_MAX_CONNECTIONS),
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    return env
+
+
+@asynccontextmanager
+async def litellm(
+    procs: Processes, upstreams: Mapping[str, Upstream], work_dir: Path
+) -> AsyncIterator[Target]:
+    """LiteLLM's proxy with ``LITELLM_WORKERS`` uvicorn workers, no database."""
+    exe = await ensure_litellm(procs)
+    config = _write_litellm_config(work_dir, upstreams)
+    port = free_port()
+    argv = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--num_workers", str(LITELLM_WORKERS)]
+    proc = await procs.start("litellm", argv, env=_litellm_env(), cwd=work_dir)
+    try:
+        auth = {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"}
+        await wait_http_ok(
+            f"http://127.0.0.1:{port}/health/readiness", [proc], timeout=180, headers=auth
+        )
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        tree = _LiteLLMTree(proc.pid)
+        target = Target(
+            "litellm",
+            f"{LITELLM_WORKERS} uvicorn workers (+1 supervisor)",
+            {role: Route(url, auth) for role in upstreams},
+            tree,
+            tuple(tree()),
+            (proc,),
+        )
+        await _warm_up(target)
+        yield target
+    finally:
+        await procs.stop(proc)
+
+
+class _LiteLLMTree:
+    """LiteLLM's processes by role: ``supervisor``, ``worker1``, ``worker2``, ``other``.
+
+    Per worker, so that an uneven spread of connections over the workers shows. Found once
+    and again only when one of them has gone (uvicorn replaces a worker it finds stuck),
+    since scanning /proc every sample would cost the machine CPU during the runs.
+    """
+
+    def __init__(self, leader: int) -> None:
+        self._leader = leader
+        self._groups: dict[str, list[int]] = {}
+
+    def __call__(self) -> dict[str, list[int]]:
+        pids = [p for group in self._groups.values() for p in group]
+        if not pids or not all(Path(f"/proc/{p}").exists() for p in pids):
+            self._groups = self._find()
+        return self._groups
+
+    def _find(self) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = {"supervisor": [self._leader], "other": []}
+        workers = 0
+        for pid in sorted(process_tree(self._leader)):
+            if pid == self._leader:
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline:  # a uvicorn worker (multiprocessing spawn)
+                workers += 1
+                groups[f"worker{workers}"] = [pid]
+            else:  # multiprocessing's resource tracker, and anything else it runs
+                groups["other"].append(pid)
+        return groups
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, **extra}
