@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from services.gateway.context import GATEWAY, Gateway
 from services.gateway.keycache import KeyCache
@@ -30,13 +30,22 @@ log = structlog.get_logger("botline.gateway")
 
 
 def redis_client(settings: GatewaySettings) -> Redis:
-    """A Redis client that fails fast instead of waiting a minute on a dead server."""
-    return Redis.from_url(
+    """A Redis client that fails fast instead of waiting a minute on a dead server.
+
+    Its pool blocks rather than fails when every connection is busy: redis-py's
+    default pool raises ``Too many connections`` past 100, which turned a burst
+    of 100 new callers into 503s. Waiting for a connection counts against the
+    same timeout as the call itself.
+    """
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url.get_secret_value(),
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=10,
     )
+    return Redis.from_pool(pool)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

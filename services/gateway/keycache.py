@@ -1,5 +1,9 @@
 """API key checks: format first, then an in-process cache in front of one Redis call.
 
+Concurrent misses for one key share a single lookup: a burst of new callers
+on a key (or everyone at once when its entry expires) is one Redis call, not
+one each.
+
 The cache is trusted only while this process is subscribed to the
 invalidation channel: every change to a key or bot is published there, so a
 disable or revoke reaches every gateway within milliseconds. When the
@@ -60,6 +64,8 @@ class KeyCache:
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._entries: dict[str, _Entry] = {}
+        # Lookups under way, by key hash, shared by the requests that missed.
+        self._fetching: dict[str, tuple[int, asyncio.Task[_Entry]]] = {}
         # Bumped by every invalidation; a lookup that raced one is not cached.
         self._generation = 0
         self.online = False
@@ -74,7 +80,7 @@ class KeyCache:
         now = time.monotonic()
         entry = self._entries.get(key_hash) if self.online else None
         if entry is None or entry.until <= now:
-            entry = await self._fetch(key_hash, now)
+            entry = await self._shared_fetch(key_hash, now)
         record, bot = entry.record, entry.bot
         if record is None:
             raise InvalidApiKey("unknown API key")
@@ -87,8 +93,28 @@ class KeyCache:
             raise BotNotFound("the bot of this API key no longer exists")
         return record, bot
 
-    async def _fetch(self, key_hash: str, now: float) -> _Entry:
+    async def _shared_fetch(self, key_hash: str, now: float) -> _Entry:
+        # A lookup started before the last invalidation may have read what it
+        # invalidated: only one started since then is joined.
         generation = self._generation
+        under_way = self._fetching.get(key_hash)
+        if under_way is not None and under_way[0] == generation:
+            fetch = under_way[1]
+        else:
+            fetch = asyncio.create_task(self._fetch(key_hash, now, generation))
+            self._fetching[key_hash] = (generation, fetch)
+
+            def done(task: asyncio.Task[_Entry]) -> None:
+                if self._fetching.get(key_hash, (0, None))[1] is task:
+                    del self._fetching[key_hash]
+                if not task.cancelled():
+                    task.exception()  # retrieved, even if every caller left
+
+            fetch.add_done_callback(done)
+        # Shielded: a caller that goes away must not cancel the others' lookup.
+        return await asyncio.shield(fetch)
+
+    async def _fetch(self, key_hash: str, now: float, generation: int) -> _Entry:
         try:
             async with asyncio.timeout(self._timeout_s):
                 record, bot = await self._registry.lookup(key_hash)

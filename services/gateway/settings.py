@@ -28,6 +28,9 @@ class GatewaySettings(CommonSettings):
     # Redis must answer fast or not at all: the auth lookup is on every
     # uncached request, and redis-py's defaults wait about a minute.
     redis_timeout_s: float = Field(1.0, gt=0)
+    # Connections to Redis at most; more concurrent calls wait for one (up to
+    # the timeout above). One is the key cache's subscription.
+    redis_max_connections: int = Field(64, ge=2)
     # A cached key is trusted this long at most, even without invalidations.
     key_cache_ttl_s: float = Field(60.0, gt=0)
     key_cache_size: int = Field(100_000, ge=1)

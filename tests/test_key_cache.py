@@ -1,0 +1,132 @@
+"""The key cache under bursts: one lookup per key, never more Redis connections than allowed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from services.gateway.app import redis_client
+from services.gateway.keycache import KeyCache
+from services.gateway.settings import GatewaySettings
+from shared.errors import ApiKeyDisabled
+from shared.models import Bot, KeyRecord
+from shared.registry import Registry
+from tests.conftest import REDIS_URL
+
+pytestmark = pytest.mark.integration
+
+
+class CountingRegistry(Registry):
+    """The real registry, counting key lookups; ``hold`` keeps lookups waiting."""
+
+    def __init__(self, redis: Redis, registry: Registry) -> None:
+        super().__init__(redis, registry.names)
+        self.lookups = 0
+        self.looked_up = asyncio.Event()
+        self.hold: asyncio.Event | None = None
+
+    async def lookup(self, key_hash: str) -> tuple[KeyRecord | None, Bot | None]:
+        self.lookups += 1
+        self.looked_up.set()
+        hold = self.hold
+        found = await super().lookup(key_hash)
+        if hold is not None:
+            await hold.wait()  # what was read is held back, as on a slow network
+        return found
+
+
+@pytest.fixture
+async def counting(redis: Redis, registry: Registry) -> CountingRegistry:
+    return CountingRegistry(redis, registry)
+
+
+@pytest.fixture
+async def cache(counting: CountingRegistry, redis: Redis) -> AsyncIterator[KeyCache]:
+    cache = KeyCache(counting, timeout_s=5.0, ttl_s=60.0, max_entries=100)
+    listener = asyncio.create_task(cache.listen(redis, counting.names.invalidate_channel))
+    async with asyncio.timeout(5):
+        # The cache has no event for this; polling its flag is the only way in.
+        while not cache.online:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    yield cache
+    listener.cancel()
+    await asyncio.gather(listener, return_exceptions=True)
+
+
+async def test_a_burst_of_new_callers_on_one_key_is_one_lookup(
+    cache: KeyCache, counting: CountingRegistry
+) -> None:
+    bot = await counting.create_bot(name="b", endpoint="echo", model="m")
+    key, record = await counting.create_key(bot.id, "k")
+
+    found = await asyncio.gather(*(cache.resolve(key) for _ in range(300)))
+
+    assert counting.lookups == 1
+    assert {r.key_id for r, _ in found} == {record.key_id}
+    await cache.resolve(key)
+    assert counting.lookups == 1  # and then cached
+
+
+async def test_a_caller_that_leaves_does_not_fail_the_others(
+    cache: KeyCache, counting: CountingRegistry
+) -> None:
+    bot = await counting.create_bot(name="b", endpoint="echo", model="m")
+    key, record = await counting.create_key(bot.id, "k")
+    counting.hold = asyncio.Event()
+    first = asyncio.create_task(cache.resolve(key))
+    second = asyncio.create_task(cache.resolve(key))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    counting.hold.set()
+
+    found, _ = await second
+    assert found.key_id == record.key_id
+    assert counting.lookups == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_a_caller_after_an_invalidation_does_not_join_an_older_lookup(
+    cache: KeyCache, counting: CountingRegistry
+) -> None:
+    bot = await counting.create_bot(name="b", endpoint="echo", model="m")
+    key, record = await counting.create_key(bot.id, "k")
+    counting.hold = asyncio.Event()
+    before = asyncio.create_task(cache.resolve(key))
+    async with asyncio.timeout(5):
+        await counting.looked_up.wait()
+
+    # Disabled while that lookup's (still enabled) answer is on its way.
+    generation = cache._generation
+    await counting.set_disabled(record.key_id, True)
+    async with asyncio.timeout(5):
+        while cache._generation == generation:  # noqa: ASYNC110 -- until it is heard
+            await asyncio.sleep(0.01)
+    counting.hold.set()
+    counting.hold = None
+
+    with pytest.raises(ApiKeyDisabled):
+        await cache.resolve(key)
+    assert counting.lookups == 2
+    await before  # it started before the change: either answer is fair
+    with pytest.raises(ApiKeyDisabled):  # but it was not cached
+        await cache.resolve(key)
+
+
+async def test_more_concurrent_redis_calls_than_connections_wait_instead_of_failing(
+    namespace: str, redis: Redis
+) -> None:
+    settings = GatewaySettings(
+        namespace=namespace, redis_url=REDIS_URL, redis_max_connections=4, redis_timeout_s=5.0
+    )
+    client = redis_client(settings)
+    try:
+        await client.set(f"{namespace}:x", b"1")
+        found = await asyncio.gather(*(client.get(f"{namespace}:x") for _ in range(300)))
+        assert found == [b"1"] * 300
+        assert len(client.connection_pool._available_connections) <= 4  # type: ignore[attr-defined]
+    finally:
+        await client.aclose()
