@@ -127,6 +127,6 @@ async def test_more_concurrent_redis_calls_than_connections_wait_instead_of_fail
         await client.set(f"{namespace}:x", b"1")
         found = await asyncio.gather(*(client.get(f"{namespace}:x") for _ in range(300)))
         assert found == [b"1"] * 300
-        assert len(client.connection_pool._available_connections) <= 4  # type: ignore[attr-defined]
+        assert len(client.connection_pool._available_connections) <= 4
     finally:
         await client.aclose()
