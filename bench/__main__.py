@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--targets",
         default=",".join(TARGETS),
         help="comma-separated subset of direct,botline,litellm (default: all)",
+    )
+    parser.add_argument(
+        "--workloads",
+        default="",
+        help="comma-separated subset of the plan's workloads, e.g. whole-c1,stream-c100 "
+        "(default: all)",
     )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results", help="where results go"
@@ -136,6 +143,13 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, interrupted)
     plan_ = plan(quick=args.quick, rounds=args.rounds)
+    if args.workloads:
+        wanted = {w.strip() for w in args.workloads.split(",") if w.strip()}
+        unknown = wanted - {w.key for w in plan_.workloads}
+        if unknown:
+            print(f"bench: no such workload: {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 1
+        plan_ = replace(plan_, workloads=[w for w in plan_.workloads if w.key in wanted])
     stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     wall = time.monotonic()
