@@ -25,9 +25,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from pamqp.commands import Basic
 
@@ -52,6 +53,7 @@ async def publish(
     message_type: str | None = None,
     headers: dict[str, Any] | None = None,
     mandatory: bool = False,
+    wait: bool = True,
 ) -> None:
     """Publish one transient JSON message on the channel's own connection.
 
@@ -60,8 +62,16 @@ async def publish(
     every delta takes. On a confirming channel this waits for the broker's
     confirm and raises aio-pika's ``DeliveryError`` (nack) or ``PublishError``
     (returned) like ``Exchange.publish`` does.
+
+    ``wait=False`` returns once the message is queued for the connection's
+    writer instead of after the writer has drained it to the socket. aiormq
+    holds the channel's lock for that whole wait, so with ``wait=True`` every
+    publisher on a busy channel queues behind the others' socket writes.
+    Backpressure remains: the writer's queue is bounded, and any waiting
+    publish on the connection makes the writer drain the socket.
     """
-    raw = await channel.get_underlay_channel()
+    # The concrete channel: ``wait`` is missing from aiormq's abstract one.
+    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
     properties = Basic.Properties(
         content_type="application/json",
         delivery_mode=1,
@@ -76,6 +86,7 @@ async def publish(
         routing_key=routing_key,
         properties=properties,
         mandatory=mandatory,
+        wait=wait,
     )
 
 

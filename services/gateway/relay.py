@@ -166,7 +166,8 @@ class Relay:
                     message_type=cancel.type,
                 )
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+    def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        # Not a coroutine: aio-pika then calls it without a task of its own.
         queue = self._pending.get(message.correlation_id or "")
         if queue is None:
             return  # the caller is gone; late events are expected

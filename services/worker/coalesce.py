@@ -3,9 +3,9 @@
 For a stream the first piece goes out at once (time to first token is what
 callers feel); after it, pieces are merged until ``window_s`` has passed since the first
 unsent piece or ``max_chars`` characters are waiting. Text and tool-call
-chunks are never merged into one event, so their order is kept. A reader task
-pulls from the model, so that a stalled model does not hold back text
-already received.
+chunks are never merged into one event, so their order is kept. A timer
+sends what is waiting when a window ends while the model is quiet, so a
+stalled model does not hold back text already received.
 
 A whole (non-stream) answer needs no early piece: it is merged into as few
 events as possible, one per ``window_s`` at most, which then serve only to
@@ -16,18 +16,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from services.worker.models import Finish, Piece, ToolCallChunk
 from shared.errors import UpstreamError
 
 ToolCalls = list[list[dict[str, Any]]]
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    error: BaseException
 
 
 class _Pending:
@@ -71,57 +65,67 @@ async def coalesce(
 
     ``window_s`` may be a function, asked each time a new window opens, so
     that a busy worker can widen its windows (see ``Worker``).
+
+    The task that reads the model also sends, so a piece costs no task
+    switch and no timer; only a window that ends while the model is quiet
+    starts a timer, whose flush runs as a task of its own. A lock keeps
+    sends in order, and nothing is sent after this returns or raises.
     """
     window = window_s if callable(window_s) else (lambda: window_s)
-    queue: asyncio.Queue[Piece | _Failed] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for piece in source:
-                queue.put_nowait(piece)
-            # Read only if the model forgot its Finish: never hang the caller.
-            queue.put_nowait(_Failed(UpstreamError("the answer ended without a finish")))
-        except Exception as exc:
-            queue.put_nowait(_Failed(exc))
-
-    async def flush() -> None:
-        await send_delta(*pending.take())
-
-    reader = asyncio.create_task(pump())
     loop = asyncio.get_running_loop()
     pending = _Pending()
-    flush_at = 0.0
+    sending = asyncio.Lock()
+    timer: asyncio.TimerHandle | None = None
+    late: asyncio.Task[None] | None = None
+    closed = False
+
+    async def flush() -> None:
+        nonlocal timer
+        if timer is not None:
+            timer.cancel()
+            timer = None
+        async with sending:
+            if pending and not closed:
+                await send_delta(*pending.take())
+
+    def window_ended() -> None:
+        nonlocal timer, late
+        timer = None
+        late = asyncio.create_task(flush())
+
     first = first_at_once
     try:
-        while True:
-            if not queue.empty():
-                item = queue.get_nowait()  # no timer needed for what is already here
-            elif pending:
-                try:
-                    async with asyncio.timeout_at(flush_at):
-                        item = await queue.get()
-                except TimeoutError:
-                    await flush()
-                    continue
-            else:
-                item = await queue.get()
-            if isinstance(item, _Failed):
-                raise item.error
+        async for item in source:
             if isinstance(item, Finish):
                 if pending.tools:
                     await flush()
-                await send_end(pending.take()[0], item)
+                if timer is not None:
+                    timer.cancel()
+                    timer = None
+                async with sending:
+                    closed = True
+                    await send_end(pending.take()[0], item)
                 return
             if not item:
                 continue
             if pending and not pending.fits(item):
                 await flush()
             if not pending:
-                flush_at = loop.time() + window()
+                timer = loop.call_at(loop.time() + window(), window_ended)
             pending.add(item)
             if first or pending.size >= max_chars:
                 first = False
                 await flush()
+        # Only if the model forgot its Finish: never hang the caller.
+        raise UpstreamError("the answer ended without a finish")
     finally:
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+        closed = True
+        if timer is not None:
+            timer.cancel()
+        if late is not None and not late.done():
+            # A flush under way finishes (no gap in the events); one not yet
+            # started sends nothing now.
+            await asyncio.shield(late)
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -66,7 +66,7 @@ class _Events:
         self._attempt = attempt
         self._seq = 0
 
-    async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent) -> None:
+    async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent, *, wait: bool = True) -> None:
         job = self._job
         self._seq += 1
         # No mandatory flag: an event whose gateway is gone goes to the replies'
@@ -79,6 +79,7 @@ class _Events:
             message_id=f"{job.job_id}.{self._attempt}.{event.seq}",
             correlation_id=job.job_id,
             message_type=event.type,
+            wait=wait,
         )
 
     async def delta(self, text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
@@ -90,7 +91,10 @@ class _Events:
                 seq=self._seq,
                 text=text,
                 tool_calls=tool_calls,
-            )
+            ),
+            # Deltas do not wait for the socket: a first delta must not queue
+            # behind other streams' writes. Ends do (the job is acked after).
+            wait=False,
         )
 
     async def end(self, text: str, finish: Finish) -> None:

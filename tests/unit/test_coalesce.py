@@ -116,3 +116,50 @@ async def test_text_and_tool_chunks_keep_their_order_and_boundaries() -> None:
     await coalesce(pieces(items), out.delta, out.finish, window_s=10, max_chars=100)
     assert out.deltas == ["a", "b", "<2 tool chunks>"]
     assert out.end == ("c", FINISH)
+
+
+async def test_a_slow_timed_flush_is_never_overtaken_by_the_end() -> None:
+    sent: list[str] = []
+    slow = asyncio.Event()
+    window_passed = asyncio.Event()
+
+    async def delta(text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
+        if text == "b":
+            window_passed.set()
+            await slow.wait()  # the timed flush of "b" is still being sent...
+        sent.append(text)
+
+    async def finish(text: str, finish: Finish) -> None:
+        sent.append(f"end:{text}")
+
+    async def source() -> AsyncIterator[Piece]:
+        yield "a"
+        yield "b"
+        await window_passed.wait()
+        yield "c"  # ...when more text and the end arrive
+        yield FINISH
+
+    task = asyncio.create_task(coalesce(source(), delta, finish, window_s=0.01, max_chars=100))
+    async with asyncio.timeout(5):
+        await window_passed.wait()
+    await asyncio.sleep(0.02)
+    slow.set()
+    await task
+    assert sent == ["a", "b", "end:c"]
+
+
+async def test_nothing_is_sent_after_a_model_error() -> None:
+    sent: list[str] = []
+
+    async def delta(text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
+        sent.append(text)
+
+    async def failing() -> AsyncIterator[Piece]:
+        yield "a"
+        yield "b"  # waits for its window...
+        raise UpstreamError("boom")  # ...which never ends: the error comes first
+
+    with pytest.raises(UpstreamError):
+        await coalesce(failing(), delta, Recorder().finish, window_s=0.05, max_chars=100)
+    await asyncio.sleep(0.1)
+    assert sent == ["a"]
