@@ -166,8 +166,7 @@ class Relay:
                     message_type=cancel.type,
                 )
 
-    def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        # Not a coroutine: aio-pika then calls it without a task of its own.
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         queue = self._pending.get(message.correlation_id or "")
         if queue is None:
             return  # the caller is gone; late events are expected

@@ -66,11 +66,14 @@ class _Events:
         self._attempt = attempt
         self._seq = 0
 
-    async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent, *, wait: bool = True) -> None:
+    async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent, *, wait: bool = False) -> None:
         job = self._job
         self._seq += 1
         # No mandatory flag: an event whose gateway is gone goes to the replies'
         # alternate exchange, which brings it back to the workers to stop the job.
+        # Deltas do not wait for the socket (a first delta must not queue behind
+        # other streams' writes); a job's last event does, as backpressure: a
+        # worker whose broker stops reading stops finishing, and taking, jobs.
         await publish(
             self._channel,
             event.dump(),
@@ -91,10 +94,7 @@ class _Events:
                 seq=self._seq,
                 text=text,
                 tool_calls=tool_calls,
-            ),
-            # Deltas do not wait for the socket: a first delta must not queue
-            # behind other streams' writes. Ends do (the job is acked after).
-            wait=False,
+            )
         )
 
     async def end(self, text: str, finish: Finish) -> None:
@@ -107,7 +107,8 @@ class _Events:
                 text=text,
                 finish_reason=finish.finish_reason,
                 usage=finish.usage,
-            )
+            ),
+            wait=True,
         )
 
     async def error(self, error: BotlineError) -> None:
@@ -119,7 +120,8 @@ class _Events:
                 seq=self._seq,
                 code=error.code,
                 message=error.message,
-            )
+            ),
+            wait=True,
         )
 
 
