@@ -20,6 +20,7 @@ bounded by a request count and a deadline, and every request by a timeout.
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
 from collections import Counter
@@ -46,6 +47,7 @@ class Spec:
     warmup: int  # unmeasured requests first, at the same concurrency
     expect_tokens: int  # "tok" words each answer must hold (0: do not check)
     timeout_s: float  # one request, at most
+    stagger_s: float = 0.0  # measured phase: each caller first waits a random part of this
 
     def dumps(self) -> bytes:
         """The spec as one JSON line."""
@@ -193,15 +195,20 @@ async def _phase(
     count: int,
     duration_s: float,
     opened: _Open,
+    stagger_s: float = 0.0,
 ) -> tuple[_Tally, float]:
-    """``count`` requests at most, none started after ``duration_s``; returns wall time."""
+    """``count`` requests at most, none started after ``duration_s``; returns wall time.
+
+    With ``stagger_s`` each caller's first request waits a random part of it.
+    """
     tally = _Tally()
     issued = 0
     start = time.monotonic()
     deadline = start + duration_s
 
-    async def user() -> None:
+    async def user(delay: float) -> None:
         nonlocal issued
+        await asyncio.sleep(delay)
         while issued < count and time.monotonic() < deadline:
             issued += 1
             if spec.stream:
@@ -209,7 +216,8 @@ async def _phase(
             else:
                 await _whole(session, spec, payload, tally)
 
-    await asyncio.gather(*(user() for _ in range(spec.concurrency)))
+    delays = [random.uniform(0, stagger_s) for _ in range(spec.concurrency)]
+    await asyncio.gather(*(user(delay) for delay in delays))
     return tally, time.monotonic() - start
 
 
@@ -251,7 +259,9 @@ async def run(spec: Spec) -> None:
         if line.strip() != "go":
             return
         opened.peak, opened.armed = 0, True
-        tally, wall_s = await _phase(session, spec, payload, spec.requests, spec.duration_s, opened)
+        tally, wall_s = await _phase(
+            session, spec, payload, spec.requests, spec.duration_s, opened, spec.stagger_s
+        )
         _emit({"event": "done"})
         _emit(_result(spec, tally, wall_s, opened))
 

@@ -58,11 +58,20 @@ class Workload:
     warmup: int
     timeout_s: float  # one request, at most
     rounds: int | None = None  # None: the plan's
+    # 0: every caller starts at once (a burst). Otherwise each caller's first request
+    # waits a random part of this, and each caller then asks again as soon as its answer
+    # ends: ``concurrency`` requests stay open, arriving spread out (a steady load).
+    stagger_s: float = 0.0
 
     @property
     def key(self) -> str:
-        """A stable name, e.g. ``whole-c16``."""
-        return f"{self.kind}-c{self.concurrency}"
+        """A stable name, e.g. ``whole-c16`` or ``stream-c100-steady``."""
+        return f"{self.kind}-c{self.concurrency}" + ("-steady" if self.stagger_s else "")
+
+    @property
+    def label(self) -> str:
+        """How tables and charts name it, e.g. ``c=100`` or ``c=100 steady``."""
+        return f"c={self.concurrency}" + (" steady" if self.stagger_s else "")
 
     def body(self) -> dict[str, Any]:
         """The OpenAI request body, the same for every target."""
@@ -108,6 +117,9 @@ def plan(*, quick: bool, rounds: int | None = None) -> Plan:
                 Workload("whole", 1, requests=300, duration_s=1.5, warmup=20, timeout_s=30),
                 Workload("whole", 16, requests=2000, duration_s=1.5, warmup=32, timeout_s=30),
                 Workload("stream", 20, requests=40, duration_s=10, warmup=20, timeout_s=60),
+                Workload(
+                    "stream", 20, requests=40, duration_s=10, warmup=0, timeout_s=60, stagger_s=0.3
+                ),
             ],
         )
     return Plan(
@@ -123,6 +135,17 @@ def plan(*, quick: bool, rounds: int | None = None) -> Plan:
             # here, so its 1000 x 256 tokens take over two minutes on two cores: two rounds
             # of that, not three, keep the full run within about 15 minutes.
             Workload("stream", 100, requests=100, duration_s=60, warmup=20, timeout_s=300),
+            # The same 100 streams kept open, arrivals spread over one stream's length
+            # (~1.4 s), four streams per caller: what a busy service sees all day.
+            Workload(
+                "stream",
+                100,
+                requests=400,
+                duration_s=60,
+                warmup=20,
+                timeout_s=300,
+                stagger_s=1.4,
+            ),
             Workload(
                 "stream", 1000, requests=1000, duration_s=60, warmup=20, timeout_s=300, rounds=2
             ),
@@ -209,6 +232,7 @@ async def run_one(
         warmup=workload.warmup,
         expect_tokens=tokens,
         timeout_s=workload.timeout_s,
+        stagger_s=workload.stagger_s,
     )
     name = f"load-{workload.key}-{target.name}"
     argv = [sys.executable, "-m", "bench.load"]
