@@ -67,8 +67,8 @@ async def publish(
     connection's writer (or, on a confirming channel, once confirmed), not
     after the writer has drained it to the socket: aiormq holds the channel's
     lock for that wait, so every publisher on a busy channel would queue
-    behind the others' socket writes (a burst of 100 jobs took ~50 ms to
-    leave a gateway that way). Order on the connection is kept either way.
+    behind the others' socket writes (whole answers at 64 concurrent callers:
+    797 req/s waiting, 877 not). Order on the connection is kept either way.
     ``wait=True`` is backpressure: the writer's queue is bounded, and a
     waiting publish makes the writer drain the socket first.
     """

@@ -76,7 +76,7 @@ async def coalesce(
     pending = _Pending()
     sending = asyncio.Lock()
     timer: asyncio.TimerHandle | None = None
-    late: asyncio.Task[None] | None = None
+    late: set[asyncio.Task[None]] = set()  # timed flushes, held until done
     closed = False
 
     async def flush() -> None:
@@ -89,9 +89,11 @@ async def coalesce(
                 await send_delta(*pending.take())
 
     def window_ended() -> None:
-        nonlocal timer, late
+        nonlocal timer
         timer = None
-        late = asyncio.create_task(flush())
+        task = asyncio.create_task(flush())
+        late.add(task)
+        task.add_done_callback(late.discard)
 
     first = first_at_once
     try:
@@ -122,10 +124,10 @@ async def coalesce(
         closed = True
         if timer is not None:
             timer.cancel()
-        if late is not None and not late.done():
-            # A flush under way finishes (no gap in the events); one not yet
-            # started sends nothing now.
-            await asyncio.shield(late)
+        # A timed flush under way finishes first (no gap in the events); one
+        # not yet started sends nothing now.
+        async with sending:
+            pass
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
