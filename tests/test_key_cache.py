@@ -38,6 +38,12 @@ class CountingRegistry(Registry):
         return found
 
 
+async def new_key(registry: Registry) -> tuple[str, KeyRecord]:
+    """A key (and its record) of a new echo bot."""
+    bot = await registry.create_bot(name="b", endpoint="echo", model="m")
+    return await registry.create_key(bot.id, "k")
+
+
 @pytest.fixture
 async def counting(redis: Redis, registry: Registry) -> CountingRegistry:
     return CountingRegistry(redis, registry)
@@ -59,8 +65,7 @@ async def cache(counting: CountingRegistry, redis: Redis) -> AsyncIterator[KeyCa
 async def test_a_burst_of_new_callers_on_one_key_is_one_lookup(
     cache: KeyCache, counting: CountingRegistry
 ) -> None:
-    bot = await counting.create_bot(name="b", endpoint="echo", model="m")
-    key, record = await counting.create_key(bot.id, "k")
+    key, record = await new_key(counting)
 
     found = await asyncio.gather(*(cache.resolve(key) for _ in range(300)))
 
@@ -73,12 +78,12 @@ async def test_a_burst_of_new_callers_on_one_key_is_one_lookup(
 async def test_a_caller_that_leaves_does_not_fail_the_others(
     cache: KeyCache, counting: CountingRegistry
 ) -> None:
-    bot = await counting.create_bot(name="b", endpoint="echo", model="m")
-    key, record = await counting.create_key(bot.id, "k")
+    key, record = await new_key(counting)
     counting.hold = asyncio.Event()
     first = asyncio.create_task(cache.resolve(key))
     second = asyncio.create_task(cache.resolve(key))
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):
+        await counting.looked_up.wait()  # both are waiting on the one lookup
     first.cancel()
     counting.hold.set()
 
@@ -92,8 +97,7 @@ async def test_a_caller_that_leaves_does_not_fail_the_others(
 async def test_a_caller_after_an_invalidation_does_not_join_an_older_lookup(
     cache: KeyCache, counting: CountingRegistry
 ) -> None:
-    bot = await counting.create_bot(name="b", endpoint="echo", model="m")
-    key, record = await counting.create_key(bot.id, "k")
+    key, record = await new_key(counting)
     counting.hold = asyncio.Event()
     before = asyncio.create_task(cache.resolve(key))
     async with asyncio.timeout(5):
