@@ -25,14 +25,24 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import AMQPError
 from pamqp.commands import Basic
 
 from shared.settings import CommonSettings
+
+log = structlog.get_logger("botline.amqp")
 
 # Header naming the gateway that owns a job; dead jobs are routed back on it.
 GATEWAY_HEADER = "x-botline-gateway"
@@ -40,6 +50,25 @@ GATEWAY_HEADER = "x-botline-gateway"
 ATTEMPT_HEADER = "x-botline-attempt"
 # Set on a dead-lettered job: why it was given up.
 DEAD_HEADER = "x-botline-dead"
+
+
+async def connect(settings: CommonSettings, name: str) -> AbstractRobustConnection:
+    """A robust connection named ``name`` (seen in RabbitMQ's management UI).
+
+    Retried each second until ``startup_timeout_s``, so that services may
+    start before the broker; after that aio-pika reconnects on its own.
+    """
+    async with asyncio.timeout(settings.startup_timeout_s):
+        while True:
+            try:
+                return await aio_pika.connect_robust(
+                    settings.amqp_url.get_secret_value(),
+                    heartbeat=settings.amqp_heartbeat_s,
+                    client_properties={"connection_name": name},
+                )
+            except (AMQPError, OSError) as exc:
+                log.warning("amqp.connect_failed", error=type(exc).__name__)
+                await asyncio.sleep(1.0)
 
 
 async def publish(

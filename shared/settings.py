@@ -34,6 +34,10 @@ class CommonSettings(BaseSettings):
     # worker must not go round forever (RabbitMQ sets no limit of its own).
     jobs_delivery_limit: int = Field(3, ge=1)
 
+    amqp_heartbeat_s: int = Field(10, ge=1)
+    # How long a starting process keeps trying to reach RabbitMQ.
+    startup_timeout_s: float = Field(30.0, gt=0)
+
     @property
     def names(self) -> Names:
         """The queue, exchange and key names of this namespace."""

@@ -14,7 +14,6 @@ import contextlib
 import secrets
 from typing import Final
 
-import aio_pika
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -29,6 +28,7 @@ from services.gateway.settings import GatewaySettings
 from shared.amqp import (
     DEAD_HEADER,
     GATEWAY_HEADER,
+    connect,
     declare_control,
     declare_jobs,
     declare_replies,
@@ -64,20 +64,8 @@ class Relay:
 
     async def start(self) -> None:
         """Connect (retrying until ``startup_timeout_s``) and declare what we use."""
-        url = self.settings.amqp_url.get_secret_value()
-        async with asyncio.timeout(self.settings.startup_timeout_s):
-            while True:
-                try:
-                    self._connection = await aio_pika.connect_robust(
-                        url,
-                        heartbeat=self.settings.amqp_heartbeat_s,
-                        client_properties={"connection_name": f"gateway-{self.gateway_id}"},
-                    )
-                    break
-                except (AMQPError, OSError) as exc:
-                    log.warning("amqp.connect_failed", error=type(exc).__name__)
-                    await asyncio.sleep(1.0)
-        connection = self._connection
+        connection = await connect(self.settings, f"gateway-{self.gateway_id}")
+        self._connection = connection
         self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare_jobs(self._publish, self.settings)
         await declare_control(self._publish, self.settings)

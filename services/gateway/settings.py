@@ -53,8 +53,6 @@ class GatewaySettings(CommonSettings):
         return value
 
     publish_timeout_s: float = Field(5.0, gt=0)
-    amqp_heartbeat_s: int = Field(10, ge=1)
-    startup_timeout_s: float = Field(30.0, gt=0)
 
     keepalive_timeout_s: float = Field(75.0, gt=0)
     shutdown_timeout_s: float = Field(30.0, ge=0)

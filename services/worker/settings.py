@@ -59,8 +59,6 @@ class WorkerSettings(CommonSettings):
     whole_window_ms: float = Field(5000.0, ge=0)
     whole_chars: int = Field(65536, ge=1)
 
-    amqp_heartbeat_s: int = Field(10, ge=1)
-    startup_timeout_s: float = Field(30.0, gt=0)
     # On SIGTERM: stop taking jobs, give running ones this long, then cancel.
     drain_timeout_s: float = Field(30.0, ge=0)
     # When set, touched every few seconds: a liveness probe for containers.

@@ -40,6 +40,7 @@ from services.worker.settings import WorkerSettings
 from shared.amqp import (
     ATTEMPT_HEADER,
     DEAD_HEADER,
+    connect,
     declare_control,
     declare_jobs,
     declare_replies,
@@ -187,19 +188,8 @@ class Worker:
     async def start(self) -> None:
         """Connect, declare, and start consuming jobs and cancellations."""
         settings = self.settings
-        async with asyncio.timeout(settings.startup_timeout_s):
-            while True:
-                try:
-                    self._connection = await aio_pika.connect_robust(
-                        settings.amqp_url.get_secret_value(),
-                        heartbeat=settings.amqp_heartbeat_s,
-                        client_properties={"connection_name": f"worker-{self.worker_id}"},
-                    )
-                    break
-                except (AMQPError, OSError) as exc:
-                    log.warning("amqp.connect_failed", error=type(exc).__name__)
-                    await asyncio.sleep(1.0)
-        connection = self._connection
+        connection = await connect(settings, f"worker-{self.worker_id}")
+        self._connection = connection
         jobs_channel = await connection.channel()
         await jobs_channel.set_qos(prefetch_count=settings.concurrency)
         self._jobs = await declare_jobs(jobs_channel, settings)
