@@ -133,7 +133,7 @@ def plan(*, quick: bool, rounds: int | None = None) -> Plan:
             Workload("whole", 64, requests=50_000, duration_s=5, warmup=640, timeout_s=30),
             # One stream per connection. LiteLLM needs ~0.75 ms of CPU per streamed token
             # here, so its 1000 x 256 tokens take over two minutes on two cores: two rounds
-            # of that, not three, keep the full run within about 15 minutes.
+            # of that, not three, keep the full run near 16 minutes.
             Workload("stream", 100, requests=100, duration_s=60, warmup=20, timeout_s=300),
             # The same 100 streams kept open, arrivals spread over one stream's length
             # (~1.4 s), four streams per caller: what a busy service sees all day.
