@@ -9,7 +9,8 @@ import aiohttp
 import pytest
 
 from shared.registry import now_ms
-from tests.support.stack import Stack, auth
+from tests.conftest import ProcessFactory
+from tests.support.stack import Stack, auth, free_port
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -220,3 +221,30 @@ async def wait_ready(http: aiohttp.ClientSession, url: str, ready: bool) -> None
                 if resp.status == want:
                     return
             await asyncio.sleep(0.05)
+
+
+async def test_a_caller_that_never_finishes_its_request_head_is_disconnected(
+    processes: ProcessFactory,
+) -> None:
+    """Slowloris: a head sent a header at a time is cut off after KEEPALIVE_TIMEOUT_S."""
+    port = free_port()
+    await processes("gateway", "--port", str(port), BOTLINE_KEEPALIVE_TIMEOUT_S="1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: botline\r\n")
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                writer.write(b"X-Slow: 1\r\n")  # never the blank line that ends a head
+                try:
+                    if await asyncio.wait_for(reader.read(1024), 0.2) == b"":
+                        break  # closed by the gateway
+                except TimeoutError:
+                    continue
+    except ConnectionError:
+        pass  # closed under our feet: what is tested
+    finally:
+        writer.close()
+    held = loop.time() - started
+    assert held < 5, f"the connection was held {held:.1f} s"

@@ -54,5 +54,7 @@ class GatewaySettings(CommonSettings):
 
     publish_timeout_s: float = Field(5.0, gt=0)
 
+    # Idle connections close after this; so does one whose request head is not
+    # complete by then (aiohttp arms the timer when the connection opens).
     keepalive_timeout_s: float = Field(75.0, gt=0)
     shutdown_timeout_s: float = Field(30.0, ge=0)
