@@ -291,24 +291,23 @@ def chart(summary: Summary, plan: Plan, path: Path, subtitle: str) -> None:
         ax.set_xticks(range(len(workloads)), [w.label for w in workloads])
         ax.set_ylabel(label)
 
+    def whiskers(ax: Any, workloads: Sequence[Any]) -> None:
+        """A line from p50 to p99 on each of ``bars``' bars."""
+        for i, target in enumerate(targets):
+            for j, w in enumerate(workloads):
+                c = summary[w.key].get(target)
+                if c and c["p50_ms"] is not None and c["p99_ms"] is not None:
+                    x = j + (i - (len(targets) - 1) / 2) * width
+                    ax.plot([x, x], [c["p50_ms"], c["p99_ms"]], color="black", linewidth=1)
+
     bars(axes[0][0], whole, "rps", "requests/s", targets)
     axes[0][0].set_title(f"Whole answers ({plan.tokens('whole')} tokens): throughput")
     bars(axes[0][1], whole, "p50_ms", "p50 latency, ms (whisker: p99)", targets)
-    for i, target in enumerate(targets):
-        for j, w in enumerate(whole):
-            c = summary[w.key].get(target)
-            if c and c["p50_ms"] is not None and c["p99_ms"] is not None:
-                x = j + (i - (len(targets) - 1) / 2) * width
-                axes[0][1].plot([x, x], [c["p50_ms"], c["p99_ms"]], color="black", linewidth=1)
+    whiskers(axes[0][1], whole)
     axes[0][1].set_title("Whole answers: latency")
     axes[0][1].set_yscale("log")
     bars(axes[1][0], stream, "p50_ms", "TTFT p50, ms (whisker: p99)", targets)
-    for i, target in enumerate(targets):
-        for j, w in enumerate(stream):
-            c = summary[w.key].get(target)
-            if c and c["p50_ms"] is not None and c["p99_ms"] is not None:
-                x = j + (i - (len(targets) - 1) / 2) * width
-                axes[1][0].plot([x, x], [c["p50_ms"], c["p99_ms"]], color="black", linewidth=1)
+    whiskers(axes[1][0], stream)
     axes[1][0].set_title(f"Streams ({plan.tokens('stream')} tokens): time to first token")
     axes[1][0].set_yscale("log")
     proxies = [t for t in targets if t != "direct"]

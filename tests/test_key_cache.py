@@ -28,6 +28,12 @@ class CountingRegistry(Registry):
         self.looked_up = asyncio.Event()
         self.hold: asyncio.Event | None = None
 
+    def release(self) -> None:
+        """Let held lookups finish; later ones are not held."""
+        if self.hold is not None:
+            self.hold.set()
+            self.hold = None
+
     async def lookup(self, key_hash: str) -> tuple[KeyRecord | None, Bot | None]:
         self.lookups += 1
         self.looked_up.set()
@@ -42,6 +48,17 @@ async def new_key(registry: Registry) -> tuple[str, KeyRecord]:
     """A key (and its record) of a new echo bot."""
     bot = await registry.create_bot(name="b", endpoint="echo", model="m")
     return await registry.create_key(bot.id, "k")
+
+
+async def held_lookup(
+    cache: KeyCache, counting: CountingRegistry, key: str, *, callers: int
+) -> list[asyncio.Task[tuple[KeyRecord, Bot]]]:
+    """``callers`` resolves of ``key`` whose lookup has started and is held back."""
+    counting.hold = asyncio.Event()
+    tasks = [asyncio.create_task(cache.resolve(key)) for _ in range(callers)]
+    async with asyncio.timeout(5):
+        await counting.looked_up.wait()
+    return tasks
 
 
 @pytest.fixture
@@ -79,13 +96,9 @@ async def test_a_caller_that_leaves_does_not_fail_the_others(
     cache: KeyCache, counting: CountingRegistry
 ) -> None:
     key, record = await new_key(counting)
-    counting.hold = asyncio.Event()
-    first = asyncio.create_task(cache.resolve(key))
-    second = asyncio.create_task(cache.resolve(key))
-    async with asyncio.timeout(5):
-        await counting.looked_up.wait()  # both are waiting on the one lookup
+    first, second = await held_lookup(cache, counting, key, callers=2)
     first.cancel()
-    counting.hold.set()
+    counting.release()
 
     found, _ = await second
     assert found.key_id == record.key_id
@@ -98,10 +111,7 @@ async def test_a_caller_after_an_invalidation_does_not_join_an_older_lookup(
     cache: KeyCache, counting: CountingRegistry
 ) -> None:
     key, record = await new_key(counting)
-    counting.hold = asyncio.Event()
-    before = asyncio.create_task(cache.resolve(key))
-    async with asyncio.timeout(5):
-        await counting.looked_up.wait()
+    (before,) = await held_lookup(cache, counting, key, callers=1)
 
     # Disabled while that lookup's (still enabled) answer is on its way.
     generation = cache._generation
@@ -109,8 +119,7 @@ async def test_a_caller_after_an_invalidation_does_not_join_an_older_lookup(
     async with asyncio.timeout(5):
         while cache._generation == generation:  # noqa: ASYNC110 -- until it is heard
             await asyncio.sleep(0.01)
-    counting.hold.set()
-    counting.hold = None
+    counting.release()
 
     with pytest.raises(ApiKeyDisabled):
         await cache.resolve(key)

@@ -176,19 +176,22 @@ def _parse_whole(data: bytes, job: ChatJob) -> list[Piece]:
         # As one streamed chunk: whole calls, each with its position as index.
         calls = [{"index": i} | call for i, call in enumerate(message["tool_calls"])]
         pieces.append(ToolCallChunk(calls))
-    reported = body.get("usage")
+    usage = _usage(body.get("usage"), job, [text])
+    pieces.append(Finish(choice.get("finish_reason") or "stop", usage))
+    return pieces
+
+
+def _usage(reported: object, job: ChatJob, completion: list[str]) -> Usage:
+    """The upstream's own token counts if it sent them, else our estimate."""
     if isinstance(reported, dict):
-        usage = Usage(
+        return Usage(
             prompt_tokens=int(reported.get("prompt_tokens") or 0),
             completion_tokens=int(reported.get("completion_tokens") or 0),
         )
-    else:
-        usage = Usage(
-            prompt_tokens=tokens.estimate_prompt(job.messages),
-            completion_tokens=tokens.estimate(text),
-        )
-    pieces.append(Finish(choice.get("finish_reason") or "stop", usage))
-    return pieces
+    return Usage(
+        prompt_tokens=tokens.estimate_prompt(job.messages),
+        completion_tokens=tokens.estimate("".join(completion)),
+    )
 
 
 async def _data_lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
@@ -215,7 +218,7 @@ async def _data_lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 
 async def _parse_stream(response: aiohttp.ClientResponse, job: ChatJob) -> AsyncIterator[Piece]:
     finish_reason = "stop"
-    usage: Usage | None = None
+    reported: object = None
     completion_chars: list[str] = []
     async for data in _data_lines(response):
         try:
@@ -226,10 +229,6 @@ async def _parse_stream(response: aiohttp.ClientResponse, job: ChatJob) -> Async
             raise UpstreamError("the model endpoint failed mid-answer")
         if chunk.get("usage"):
             reported = chunk["usage"]
-            usage = Usage(
-                prompt_tokens=int(reported.get("prompt_tokens") or 0),
-                completion_tokens=int(reported.get("completion_tokens") or 0),
-            )
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
             text = delta.get("content")
@@ -240,12 +239,7 @@ async def _parse_stream(response: aiohttp.ClientResponse, job: ChatJob) -> Async
                 yield ToolCallChunk(delta["tool_calls"])
             if choice.get("finish_reason"):
                 finish_reason = choice["finish_reason"]
-    if usage is None:
-        usage = Usage(
-            prompt_tokens=tokens.estimate_prompt(job.messages),
-            completion_tokens=tokens.estimate("".join(completion_chars)),
-        )
-    yield Finish(finish_reason, usage)
+    yield Finish(finish_reason, _usage(reported, job, completion_chars))
 
 
 def make_model(config: EndpointConfig) -> Model:

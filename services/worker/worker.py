@@ -259,15 +259,18 @@ class Worker:
         structlog.contextvars.bind_contextvars(
             request_id=job.request_id, job_id=job.job_id, attempt=attempt
         )
-        if message.redelivered and not (
-            job.job_id in self._cancelled or job.deadline_ms <= now_ms()
-        ):
+        if job.job_id in self._cancelled:
+            dropped = "cancelled"
+        elif job.deadline_ms <= now_ms():
+            dropped = "deadline"
+        else:
+            dropped = None
+        if message.redelivered and dropped is None:
             # Its last holder died: count that attempt where the next one will see it.
             await self._retry(message, attempt + 1)
             return
-        if job.job_id in self._cancelled or job.deadline_ms <= now_ms():
-            reason = "cancelled" if job.job_id in self._cancelled else "deadline"
-            log.info("job.dropped", reason=reason)
+        if dropped is not None:
+            log.info("job.dropped", reason=dropped)
             await self._ack(message)
             await self.stats.add("dropped")
             return
