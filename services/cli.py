@@ -27,10 +27,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.clock import now_ms
 from shared.logging import configure_logging
 from shared.loop import new_event_loop
-from shared.models import Bot, KeyRecord, Limits
-from shared.registry import Registry, now_ms
+from shared.records import Bot, KeyRecord, Limits
+from shared.registry import Registry
 from shared.settings import CommonSettings
 
 DEMO_BOT = "demo"

@@ -7,13 +7,15 @@ OpenAI-style ``type``. Workers send errors to the gateway by code
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 
 class BotlineError(Exception):
     """Base of every error a caller may see."""
 
-    status: ClassVar[int] = 500
+    # A class default; only :class:`HttpError` sets it per instance.
+    status: int = 500
     code: ClassVar[str] = "internal_error"
     type: ClassVar[str] = "server_error"
     # Seconds a client should wait before retrying; sent as Retry-After.
@@ -160,6 +162,47 @@ class JobFailed(BotlineError):
 
 class InternalError(BotlineError):
     """Anything unexpected."""
+
+
+class HttpError(InternalError):
+    """An HTTP error aiohttp raised itself, none of the above: its status is kept."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RateLimited(BotlineError):
+    """A key over one of its limits."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_ms: int, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after_ms / 1000))
+        self.headers = headers
+
+
+class AdminUnauthorized(BotlineError):
+    """No valid admin token (or the admin API is off)."""
+
+    status = 401
+    code = "invalid_admin_token"
+    type = "authentication_error"
+
+
+class ModelNotFound(NotFound):
+    """Not the key's bot (the OpenAI surface's ``/models/{id}``)."""
+
+    code = "model_not_found"
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A parameter botline cannot honour."""
+
+    code = "unsupported_parameter"
 
 
 _BY_CODE: dict[str, type[BotlineError]] = {

@@ -8,15 +8,15 @@ channel, which every gateway listens to and drops its cached entry on.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.models import Bot, KeyRecord, Limits, new_id
+from shared.clock import now_ms
 from shared.names import Names
+from shared.records import Bot, KeyRecord, Limits, new_id
 
 # One round trip per cache miss: the key's record and its bot together.
 _LOOKUP = """
@@ -26,11 +26,6 @@ local bot = redis.call('GET', ARGV[1] .. cjson.decode(record)['bot_id'])
 if not bot then return {record} end
 return {record, bot}
 """
-
-
-def now_ms() -> int:
-    """The current time, epoch milliseconds."""
-    return time.time_ns() // 1_000_000
 
 
 def _text(value: bytes | str) -> str:

@@ -8,7 +8,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from services.gateway.admin import ROUTES
-from shared.registry import now_ms
+from shared.clock import now_ms
 from tests.support.stack import Stack, auth, chat
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from shared.registry import now_ms
+from shared.clock import now_ms
 from tests.conftest import ProcessFactory
 from tests.support.stack import Stack, auth, free_port
 from tests.support.tcpproxy import TcpProxy

@@ -9,10 +9,10 @@ import pytest
 from redis.asyncio import Redis
 
 from services.gateway.app import redis_client
-from services.gateway.keycache import KeyCache
+from services.gateway.key_cache import KeyCache
 from services.gateway.settings import GatewaySettings
 from shared.errors import ApiKeyDisabled
-from shared.models import Bot, KeyRecord
+from shared.records import Bot, KeyRecord
 from shared.registry import Registry
 from tests.conftest import REDIS_URL
 

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from shared.models import Limits
+from shared.records import Limits
 from tests.conftest import ProcessFactory
 from tests.support.fake_openai import Script
 from tests.support.stack import Stack, auth, free_port, sse_events

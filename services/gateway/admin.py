@@ -18,19 +18,12 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.gateway.chat import invalid, load_object
-from services.gateway.context import GATEWAY, Gateway, bearer_token, read_body
-from shared.errors import BotlineError, NotFound
-from shared.models import Bot, KeyRecord, Limits
-from shared.registry import now_ms
-
-
-class AdminUnauthorized(BotlineError):
-    """No valid admin token (or the admin API is off)."""
-
-    status = 401
-    code = "invalid_admin_token"
-    type = "authentication_error"
+from services.gateway.admission import bearer_token
+from services.gateway.bodies import invalid, load_object, read_body
+from services.gateway.resources import GATEWAY, Gateway
+from shared.clock import now_ms
+from shared.errors import AdminUnauthorized, NotFound
+from shared.records import Bot, KeyRecord, Limits
 
 
 class BotInput(BaseModel):

@@ -15,11 +15,11 @@ import structlog
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from services.gateway.context import GATEWAY, Gateway
-from services.gateway.keycache import KeyCache
+from services.gateway.job_client import JobClient
+from services.gateway.key_cache import KeyCache
 from services.gateway.limits import Limiter
 from services.gateway.middleware import edge, stamp_headers
-from services.gateway.relay import Relay
+from services.gateway.resources import GATEWAY, Gateway
 from services.gateway.routes import setup_routes
 from services.gateway.settings import GatewaySettings
 from services.gateway.usage import UsageBook
@@ -57,8 +57,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(gateway.limiter.renew_leases()),
     ]
     try:
-        await gateway.relay.start()
-        log.info("gateway.started", gateway_id=gateway.relay.gateway_id)
+        await gateway.job_client.start()
+        log.info("gateway.started", gateway_id=gateway.job_client.gateway_id)
         yield
     finally:
         for task in tasks:
@@ -66,7 +66,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
         await gateway.limiter.close()
         await gateway.usage.flush()
-        await gateway.relay.close()
+        await gateway.job_client.close()
         await gateway.redis.aclose()
 
 
@@ -85,7 +85,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             ttl_s=settings.key_cache_ttl_s,
             max_entries=settings.key_cache_size,
         ),
-        relay=Relay(settings),
+        job_client=JobClient(settings),
         limiter=Limiter(
             redis,
             settings.names,

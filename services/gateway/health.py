@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from services.gateway.context import GATEWAY
+from services.gateway.resources import GATEWAY
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -26,7 +26,7 @@ async def readyz(request: web.Request) -> web.Response:
         redis_ok = False
     checks = {
         "redis": redis_ok,
-        "amqp": gateway.relay.ready,
+        "amqp": gateway.job_client.ready,
         "key_invalidations": gateway.keys.online,
     }
     ready = all(checks.values())

@@ -26,9 +26,9 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.errors import BackendUnavailable, BotlineError
-from shared.models import Limits
+from shared.errors import BackendUnavailable, RateLimited
 from shared.names import Names
+from shared.records import Limits
 from shared.tasks import TaskSet
 
 log = structlog.get_logger("botline.gateway.limits")
@@ -93,19 +93,6 @@ def duration(ms: int) -> str:
     seconds = math.ceil(ms / 1000)
     minutes, seconds = divmod(seconds, 60)
     return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
-
-
-class RateLimited(BotlineError):
-    """A key over one of its limits."""
-
-    status = 429
-    code = "rate_limit_exceeded"
-    type = "rate_limit_error"
-
-    def __init__(self, message: str, retry_after_ms: int, headers: dict[str, str]) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, math.ceil(retry_after_ms / 1000))
-        self.headers = headers
 
 
 @dataclass(slots=True)

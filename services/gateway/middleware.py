@@ -16,8 +16,15 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from services.gateway.context import RATE_HEADERS, REQUEST_ID
-from shared.errors import BotlineError, InternalError, MethodNotAllowed, NotFound, RequestTooLarge
+from services.gateway.resources import RATE_HEADERS, REQUEST_ID
+from shared.errors import (
+    BotlineError,
+    HttpError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+)
 
 log = structlog.get_logger("botline.gateway.http")
 
@@ -46,9 +53,7 @@ def _from_http_exception(exc: web.HTTPException) -> BotlineError:
         return MethodNotAllowed(f"method {exc.method} is not allowed here")
     if isinstance(exc, web.HTTPNotFound):
         return NotFound("no such endpoint")
-    error = InternalError(exc.reason)
-    error.status = exc.status  # type: ignore[misc]
-    return error
+    return HttpError(exc.reason, exc.status)
 
 
 @web.middleware

@@ -12,19 +12,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from services.gateway.context import authenticate, open_chat
-from services.gateway.engine import Answer
+from services.gateway.admission import authenticate, chat_session
+from services.gateway.chat_run import Answer
 from services.gateway.openai_request import parse_openai_request
-from services.gateway.sse import event, relay_stream
-from shared.errors import BotlineError, NotFound
-from shared.models import Bot
+from services.gateway.sse import event, write_stream
+from shared.errors import BotlineError, ModelNotFound
+from shared.records import Bot
 from shared.wire import DeltaEvent, EndEvent, Usage
-
-
-class ModelNotFound(NotFound):
-    """Not the key's bot."""
-
-    code = "model_not_found"
 
 
 def _usage(usage: Usage) -> dict[str, int]:
@@ -124,12 +118,11 @@ class OpenAIStream:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /openai/v1/chat/completions``."""
-    chat = await open_chat(request, parse_openai_request)
-    created, model = int(time.time()), chat.bot.id
-    async with chat as run:
-        if chat.input.stream:
-            renderer = OpenAIStream(run.job.job_id, created, model, chat.input.include_usage)
-            return await relay_stream(request, run, renderer)
+    async with chat_session(request, parse_openai_request) as session:
+        run, created, model = session.run, int(time.time()), session.bot.id
+        if session.input.stream:
+            renderer = OpenAIStream(run.job.job_id, created, model, session.input.include_usage)
+            return await write_stream(request, run, renderer)
         answer = await run.complete()
         return _json(render_whole(run.job.job_id, created, model, answer))
 

@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
-from services.gateway.chat import ChatInput, invalid, load_object
-from shared.errors import InvalidRequest
+from services.gateway.bodies import invalid, load_object
+from services.gateway.job_builder import ChatInput
+from shared.errors import UnsupportedParameter
 from shared.wire import ChatMessage
 
 # Passed to the model as they are; the bot's caps still apply to the rest.
@@ -29,12 +30,6 @@ PASSTHROUGH = (
     "parallel_tool_calls",
     "reasoning_effort",
 )
-
-
-class UnsupportedParameter(InvalidRequest):
-    """A parameter botline cannot honour."""
-
-    code = "unsupported_parameter"
 
 
 class OpenAIMessage(BaseModel):

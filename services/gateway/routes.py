@@ -6,7 +6,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from services.gateway import admin, health, openai_api, openapi, seed
+from services.gateway import admin, health, openai_api, openapi, seed_api
 
 STATIC = Path(__file__).parent / "static" / "admin"
 
@@ -25,7 +25,7 @@ def setup_routes(app: web.Application) -> None:
     """Add every route to the app."""
     app.router.add_routes(
         [
-            web.post("/v1/chat/completions", seed.chat_completions),
+            web.post("/v1/chat/completions", seed_api.chat_completions),
             web.post("/openai/v1/chat/completions", openai_api.chat_completions),
             web.get("/openai/v1/models", openai_api.list_models),
             web.get("/openai/v1/models/{model_id}", openai_api.get_model),

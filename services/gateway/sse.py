@@ -14,7 +14,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from services.gateway.engine import ChatRun
+from services.gateway.chat_run import ChatRun
 from shared.errors import BotlineError, InternalError
 from shared.wire import DeltaEvent, EndEvent
 
@@ -53,7 +53,7 @@ class StreamRenderer(Protocol):
         ...
 
 
-async def relay_stream(
+async def write_stream(
     request: web.Request, run: ChatRun, render: StreamRenderer
 ) -> web.StreamResponse:
     """Stream a run's answer to the caller."""

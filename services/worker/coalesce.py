@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from services.worker.models import Finish, Piece, ToolCallChunk
+from services.worker.endpoints import Finish, Piece, ToolCallChunk
 from shared.errors import UpstreamError
 
 ToolCalls = list[list[dict[str, Any]]]
@@ -61,7 +61,7 @@ async def coalesce(
     max_chars: int,
     first_at_once: bool = True,
 ) -> None:
-    """Relay ``source`` to ``send_delta`` calls and one final ``send_end``.
+    """JobClient ``source`` to ``send_delta`` calls and one final ``send_end``.
 
     ``window_s`` may be a function, asked each time a new window opens, so
     that a busy worker can widen its windows (see ``Worker``).

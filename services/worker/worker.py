@@ -35,7 +35,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from services.worker.coalesce import coalesce
-from services.worker.models import Finish, Model, make_model
+from services.worker.endpoints import Finish, Model, make_model
 from services.worker.settings import WorkerSettings
 from shared.amqp import (
     ATTEMPT_HEADER,
@@ -46,8 +46,8 @@ from shared.amqp import (
     declare_replies,
     publish,
 )
+from shared.clock import now_ms
 from shared.errors import BotlineError, DeadlineExceeded, InternalError, UnknownEndpoint
-from shared.registry import now_ms
 from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent
 
 log = structlog.get_logger("botline.worker")

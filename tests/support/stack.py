@@ -25,7 +25,7 @@ from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.worker.settings import EndpointConfig, WorkerSettings
 from services.worker.worker import Worker
-from shared.models import Bot
+from shared.records import Bot
 from shared.registry import Registry
 from tests.support.fake_openai import FakeOpenAI
 

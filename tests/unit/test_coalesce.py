@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from services.worker.coalesce import coalesce
-from services.worker.models import Finish, Piece, ToolCallChunk
+from services.worker.endpoints import Finish, Piece, ToolCallChunk
 from shared.errors import UpstreamError
 from shared.wire import Usage
 

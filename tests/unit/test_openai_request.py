@@ -7,9 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
-from services.gateway.chat import ChatInput
-from services.gateway.openai_request import UnsupportedParameter, parse_openai_request
-from shared.errors import InvalidRequest
+from services.gateway.job_builder import ChatInput
+from services.gateway.openai_request import parse_openai_request
+from shared.errors import InvalidRequest, UnsupportedParameter
 
 USER = {"role": "user", "content": "hi"}
 PART_AND = {"type": "text", "text": "and "}

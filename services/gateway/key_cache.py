@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.clock import now_ms
 from shared.errors import (
     ApiKeyDisabled,
     ApiKeyExpired,
@@ -31,8 +32,8 @@ from shared.errors import (
     BotNotFound,
     InvalidApiKey,
 )
-from shared.models import Bot, KeyRecord
-from shared.registry import Registry, now_ms
+from shared.records import Bot, KeyRecord
+from shared.registry import Registry
 
 log = structlog.get_logger("botline.gateway.keys")
 

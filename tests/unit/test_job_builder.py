@@ -5,9 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from services.gateway.chat import build_job, parse_chat_request
+from services.gateway.job_builder import build_job
+from services.gateway.seed_api import parse_seed_request
 from shared.errors import InvalidRequest
-from shared.models import Bot
+from shared.records import Bot
 
 
 def bot(**fields: object) -> Bot:
@@ -17,11 +18,11 @@ def bot(**fields: object) -> Bot:
 
 
 def parse(body: object) -> object:
-    return parse_chat_request(orjson.dumps(body))
+    return parse_seed_request(orjson.dumps(body))
 
 
 def test_defaults_come_from_the_bot() -> None:
-    request = parse_chat_request(b'{"messages":[{"role":"user","content":"hi"}]}')
+    request = parse_seed_request(b'{"messages":[{"role":"user","content":"hi"}]}')
     job = build_job(request, bot(), job_id="j", request_id="r", reply_to="q", deadline_s=10)
     assert (job.temperature, job.top_p, job.max_tokens) == (0.7, 0.7, 2048)
     assert [m.role for m in job.messages] == ["user"]
@@ -29,7 +30,7 @@ def test_defaults_come_from_the_bot() -> None:
 
 def test_system_prompt_first_then_the_last_messages() -> None:
     messages = [{"role": "user", "content": str(i)} for i in range(12)]
-    request = parse_chat_request(orjson.dumps({"messages": messages}))
+    request = parse_seed_request(orjson.dumps({"messages": messages}))
     job = build_job(
         request,
         bot(system_prompt="S", max_history_messages=3),

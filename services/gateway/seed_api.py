@@ -8,18 +8,58 @@ A failure after the stream started ends it with one ``ERROR`` event.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from services.gateway.chat import parse_chat_request
-from services.gateway.context import open_chat
-from services.gateway.engine import Answer
-from services.gateway.sse import event, relay_stream
+from services.gateway.admission import chat_session
+from services.gateway.bodies import invalid, load_object
+from services.gateway.chat_run import Answer
+from services.gateway.job_builder import ChatInput
+from services.gateway.sse import event, write_stream
+from shared.clock import now_ms
 from shared.errors import BotlineError
-from shared.registry import now_ms
-from shared.wire import DeltaEvent, EndEvent, Usage
+from shared.wire import ChatMessage, DeltaEvent, EndEvent, Usage
+
+
+class SeedMessage(BaseModel):
+    """A message as the seed's callers send it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(strict=True)
+
+
+class SeedRequest(BaseModel):
+    """The body of ``POST /v1/chat/completions``; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[SeedMessage] = Field(min_length=1)
+    stream: StrictBool = False
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    # Accepted and ignored: the bot decides the model.
+    model: Any = None
+
+
+def parse_seed_request(raw: bytes) -> ChatInput:
+    """Validate a seed-format request body."""
+    try:
+        request = SeedRequest.model_validate(load_object(raw))
+    except ValidationError as exc:
+        raise invalid(exc) from None
+    return ChatInput(
+        messages=[ChatMessage(role=m.role, content=m.content) for m in request.messages],
+        stream=request.stream,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+    )
 
 
 def _usage(usage: Usage) -> dict[str, int]:
@@ -76,12 +116,11 @@ class SeedStream:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """The seed's endpoint."""
-    chat = await open_chat(request, parse_chat_request)
-    async with chat as run:
-        if chat.input.stream:
-            return await relay_stream(request, run, SeedStream())
-        answer = await run.complete()
+    async with chat_session(request, parse_seed_request) as session:
+        if session.input.stream:
+            return await write_stream(request, session.run, SeedStream())
+        answer = await session.run.complete()
         return web.Response(
-            body=orjson.dumps(render_whole(run.job.job_id, answer)),
+            body=orjson.dumps(render_whole(session.run.job.job_id, answer)),
             content_type="application/json",
         )

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from services.gateway.engine import ChatRun
-from services.gateway.relay import DEAD, Incoming
+from services.gateway.chat_run import ChatRun
+from services.gateway.job_client import DEAD, Incoming
 from shared.errors import DeadlineExceeded, JobFailed, UpstreamError, WorkerLost
 from shared.wire import ChatJob, ChatMessage, DeltaEvent, EndEvent, ErrorEvent, Usage
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from services.gateway.relay import DeadJob, Incoming, Relay
-from shared.errors import BotlineError, DeadlineExceeded, JobFailed, WorkerLost, error_from_code
+from services.gateway.job_client import DeadJob, Incoming, JobClient
+from shared.errors import DeadlineExceeded, JobFailed, WorkerLost, error_from_code
 from shared.wire import ChatJob, DeltaEvent, EndEvent, Usage
 
 
@@ -67,9 +67,11 @@ class ChatRun:
     timeout, an error) cancels the job on the workers.
     """
 
-    def __init__(self, relay: Relay, job: ChatJob, *, deadline_s: float, event_timeout_s: float):
+    def __init__(
+        self, job_client: JobClient, job: ChatJob, *, deadline_s: float, event_timeout_s: float
+    ):
         self.job = job
-        self._relay = relay
+        self._client = job_client
         self._deadline = asyncio.get_running_loop().time() + deadline_s
         self._deadline_s = deadline_s
         self._event_timeout_s = event_timeout_s
@@ -81,11 +83,11 @@ class ChatRun:
         self.usage: Usage | None = None
 
     async def __aenter__(self) -> ChatRun:
-        self._queue = self._relay.register(self.job.job_id)
+        self._queue = self._client.register(self.job.job_id)
         try:
-            await self._relay.submit(self.job)
+            await self._client.submit(self.job)
         except BaseException:
-            self._relay.forget(self.job.job_id)
+            self._client.forget(self.job.job_id)
             raise
         return self
 
@@ -95,9 +97,9 @@ class ChatRun:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._relay.forget(self.job.job_id)
+        self._client.forget(self.job.job_id)
         if not self._done:
-            self._relay.cancel(self.job.job_id)
+            self._client.cancel(self.job.job_id)
 
     async def _next(self) -> Incoming:
         assert self._queue is not None, "use ChatRun as an async context manager"
@@ -166,6 +168,3 @@ class ChatRun:
     def stream(self) -> AsyncGenerator[DeltaEvent | EndEvent, None]:
         """The answer as it comes; the last item is the :class:`EndEvent`."""
         return self._events(restartable=False)
-
-
-__all__ = ["Answer", "BotlineError", "ChatRun", "new_job_id"]

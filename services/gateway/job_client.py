@@ -38,7 +38,7 @@ from shared.errors import BackendUnavailable, Overloaded
 from shared.tasks import TaskSet
 from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent, decode_event
 
-log = structlog.get_logger("botline.gateway.relay")
+log = structlog.get_logger("botline.gateway.job_client")
 
 
 class DeadJob:
@@ -49,7 +49,7 @@ DEAD: Final = DeadJob()
 Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob
 
 
-class Relay:
+class JobClient:
     """Owns this gateway's AMQP connection, reply queue and in-flight jobs."""
 
     def __init__(self, settings: GatewaySettings) -> None:
