@@ -76,11 +76,12 @@ async def publish(
     body: bytes,
     *,
     routing_key: str,
-    message_id: str,
+    message_id: str | None,
     exchange: str = "",
     correlation_id: str | None = None,
     message_type: str | None = None,
     headers: dict[str, Any] | None = None,
+    content_type: str | None = "application/json",
     mandatory: bool = False,
     wait: bool = False,
 ) -> None:
@@ -104,7 +105,7 @@ async def publish(
     # The concrete channel: ``wait`` is missing from aiormq's abstract one.
     raw = cast(aiormq.Channel, await channel.get_underlay_channel())
     properties = Basic.Properties(
-        content_type="application/json",
+        content_type=content_type,
         delivery_mode=1,
         message_id=message_id,
         correlation_id=correlation_id,

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import secrets
 import signal
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
@@ -35,7 +35,8 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from services.worker.coalesce import coalesce
-from services.worker.endpoints import Finish, Model, make_model
+from services.worker.endpoints import Model, make_model
+from services.worker.job_events import JobEvents, JobStats
 from services.worker.settings import WorkerSettings
 from shared.amqp import (
     ATTEMPT_HEADER,
@@ -48,7 +49,7 @@ from shared.amqp import (
 )
 from shared.clock import now_ms
 from shared.errors import BotlineError, DeadlineExceeded, InternalError, UnknownEndpoint
-from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent
+from shared.wire import CancelJob, ChatJob
 
 log = structlog.get_logger("botline.worker")
 
@@ -57,109 +58,22 @@ log = structlog.get_logger("botline.worker")
 _REMEMBER_CANCELLED = 10_000
 
 
-class _Events:
-    """Publishes one attempt's events with a gap-free ``seq``."""
+class Action(enum.Enum):
+    """What becomes of a job message."""
 
-    def __init__(self, channel: AbstractChannel, exchange: str, job: ChatJob, attempt: int) -> None:
-        self._channel = channel
-        self._exchange = exchange
-        self._job = job
-        self._attempt = attempt
-        self._seq = 0
-
-    async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent, *, wait: bool = False) -> None:
-        job = self._job
-        self._seq += 1
-        # No mandatory flag: an event whose gateway is gone goes to the replies'
-        # alternate exchange, which brings it back to the workers to stop the job.
-        # Deltas do not wait for the socket (a first delta must not queue behind
-        # other streams' writes); a job's last event does, as backpressure: a
-        # worker whose broker stops reading stops finishing, and taking, jobs.
-        await publish(
-            self._channel,
-            event.dump(),
-            exchange=self._exchange,
-            routing_key=job.reply_to,
-            message_id=f"{job.job_id}.{self._attempt}.{event.seq}",
-            correlation_id=job.job_id,
-            message_type=event.type,
-            wait=wait,
-        )
-
-    async def delta(self, text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
-        job = self._job
-        await self._send(
-            DeltaEvent(
-                job_id=job.job_id,
-                attempt=self._attempt,
-                seq=self._seq,
-                text=text,
-                tool_calls=tool_calls,
-            )
-        )
-
-    async def end(self, text: str, finish: Finish) -> None:
-        job = self._job
-        await self._send(
-            EndEvent(
-                job_id=job.job_id,
-                attempt=self._attempt,
-                seq=self._seq,
-                text=text,
-                finish_reason=finish.finish_reason,
-                usage=finish.usage,
-            ),
-            wait=True,
-        )
-
-    async def error(self, error: BotlineError) -> None:
-        job = self._job
-        await self._send(
-            ErrorEvent(
-                job_id=job.job_id,
-                attempt=self._attempt,
-                seq=self._seq,
-                code=error.code,
-                message=error.message,
-            ),
-            wait=True,
-        )
+    ACK = "ack"  # answered, or dropped on purpose
+    RETRY = "retry"  # redelivered: a copy with the attempt counted is queued, this one acked
+    BURY = "bury"  # dead-lettered with a reason, then acked
 
 
-def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """A job message again, with some headers set."""
-    return aio_pika.Message(
-        message.body,
-        headers={**message.headers, **headers},
-        content_type=message.content_type,
-        correlation_id=message.correlation_id,
-        message_id=message.message_id,
-        delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-    )
+@dataclass(frozen=True, slots=True)
+class Disposition:
+    """A job message's fate, decided once by :meth:`Worker._handle`."""
 
-
-class JobStats:
-    """Counts of jobs by outcome (``done``, ``dropped``, error codes); awaitable."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self._changed = asyncio.Condition()
-
-    async def add(self, outcome: str) -> None:
-        """Count one job."""
-        async with self._changed:
-            self.counts[outcome] += 1
-            self._changed.notify_all()
-
-    async def wait_for(self, outcome: str, count: int, timeout_s: float = 10.0) -> None:
-        """Until ``count`` jobs ended with ``outcome``."""
-        async with asyncio.timeout(timeout_s), self._changed:
-            await self._changed.wait_for(lambda: self.counts[outcome] >= count)
-
-    @property
-    def total(self) -> int:
-        """Jobs handled, whatever their outcome."""
-        return sum(self.counts.values())
+    action: Action
+    reason: str = ""  # BURY: why, in the dead header
+    attempt: int = 0  # RETRY: the attempt the copy carries
+    count: str | None = None  # an outcome to count once the message is settled
 
 
 class Worker:
@@ -182,7 +96,6 @@ class Worker:
         self._replies_exchange = settings.names.reply_exchange
         # Confirmed publishes for the rare paths that must not lose a job.
         self._confirmed: AbstractChannel | None = None
-        self._dead: AbstractExchange | None = None
         self.stats = JobStats()
 
     async def start(self) -> None:
@@ -205,7 +118,6 @@ class Worker:
         # the gateway's fencing, and confirms per delta would halve throughput.
         self._events = await connection.channel(publisher_confirms=False)
         self._confirmed = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._dead = await self._confirmed.get_exchange(settings.names.dead_exchange, ensure=False)
         self._consumer_tag = await self._jobs.consume(self._on_job)
         log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
 
@@ -248,12 +160,20 @@ class Worker:
             task.cancel()
 
     async def _on_job(self, message: AbstractIncomingMessage) -> None:
+        disposition = await self._handle(message)
+        await self._dispose(message, disposition)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> Disposition:
+        """Run a job, or decide not to; returns what becomes of its message.
+
+        Raises (leaving the message unacked, so another worker takes it) only
+        when this worker shuts down mid-job.
+        """
         try:
             job = ChatJob.model_validate_json(message.body)
         except ValidationError:
             log.error("wire.invalid_job")
-            await self._bury(message, "invalid")
-            return
+            return Disposition(Action.BURY, reason="invalid")
         counted = message.headers.get(ATTEMPT_HEADER)
         attempt = counted if isinstance(counted, int) else 1
         structlog.contextvars.bind_contextvars(
@@ -267,13 +187,13 @@ class Worker:
             dropped = None
         if message.redelivered and dropped is None:
             # Its last holder died: count that attempt where the next one will see it.
-            await self._retry(message, attempt + 1)
-            return
+            if attempt + 1 > self.settings.jobs_delivery_limit + 1:
+                log.warning("job.dead", reason="delivery_limit")
+                return Disposition(Action.BURY, reason="delivery_limit")
+            return Disposition(Action.RETRY, attempt=attempt + 1)
         if dropped is not None:
             log.info("job.dropped", reason=dropped)
-            await self._ack(message)
-            await self.stats.add("dropped")
-            return
+            return Disposition(Action.ACK, count="dropped")
         task = asyncio.current_task()
         assert task is not None
         self._running[job.job_id] = task
@@ -287,36 +207,65 @@ class Worker:
             await self.stats.add("cancelled")
         finally:
             self._running.pop(job.job_id, None)
-        await self._ack(message)
+        return Disposition(Action.ACK)
 
-    async def _retry(self, message: AbstractIncomingMessage, attempt: int) -> None:
-        """Put a redelivered job back with its attempt counted, or bury it past the limit."""
-        if attempt > self.settings.jobs_delivery_limit + 1:
-            log.warning("job.dead", reason="delivery_limit")
-            await self._bury(message, "delivery_limit")
-            return
+    async def _dispose(self, message: AbstractIncomingMessage, disposition: Disposition) -> None:
+        """The one place a job message is settled with RabbitMQ."""
+        action = disposition.action
+        if action is Action.RETRY:
+            try:
+                await self._republish(
+                    message,
+                    {ATTEMPT_HEADER: disposition.attempt},
+                    routing_key=self.settings.names.jobs_queue,
+                    mandatory=True,
+                )
+            except (AMQPError, ChannelInvalidStateError) as exc:
+                # Not re-queued with its count: leave it to RabbitMQ to hand out again.
+                log.warning("job.retry_failed", error=type(exc).__name__)
+                await message.nack(requeue=True)
+                return
+            log.info("job.retried", next_attempt=disposition.attempt)
+        elif action is Action.BURY:
+            # Dead-lettered: its gateway is told at once, operators keep a copy.
+            try:
+                await self._republish(
+                    message,
+                    {DEAD_HEADER: disposition.reason},
+                    exchange=self.settings.names.dead_exchange,
+                )
+            except (AMQPError, ChannelInvalidStateError) as exc:
+                log.warning("job.bury_failed", error=type(exc).__name__)
+        try:
+            await message.ack()
+        except (AMQPError, ChannelInvalidStateError):
+            # The channel died meanwhile; RabbitMQ redelivers the job.
+            log.warning("job.ack_failed")
+        if disposition.count is not None:
+            await self.stats.add(disposition.count)
+
+    async def _republish(
+        self,
+        message: AbstractIncomingMessage,
+        headers: dict[str, Any],
+        *,
+        routing_key: str = "",
+        exchange: str = "",
+        mandatory: bool = False,
+    ) -> None:
+        """A job message again, with some headers set, on the confirming channel."""
         assert self._confirmed is not None
-        copy = _copy(message, {ATTEMPT_HEADER: attempt})
-        try:
-            await self._confirmed.default_exchange.publish(
-                copy, routing_key=self.settings.names.jobs_queue, mandatory=True
-            )
-        except (AMQPError, ChannelInvalidStateError) as exc:
-            # Not re-queued with its count: leave it to RabbitMQ to hand out again.
-            log.warning("job.retry_failed", error=type(exc).__name__)
-            await message.nack(requeue=True)
-            return
-        log.info("job.retried", next_attempt=attempt)
-        await self._ack(message)
-
-    async def _bury(self, message: AbstractIncomingMessage, reason: str) -> None:
-        """Dead-letter a job: its gateway is told at once, operators keep a copy."""
-        assert self._dead is not None
-        try:
-            await self._dead.publish(_copy(message, {DEAD_HEADER: reason}), routing_key="")
-        except (AMQPError, ChannelInvalidStateError) as exc:
-            log.warning("job.bury_failed", error=type(exc).__name__)
-        await self._ack(message)
+        await publish(
+            self._confirmed,
+            message.body,
+            exchange=exchange,
+            routing_key=routing_key,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            content_type=message.content_type,
+            headers={**message.headers, **headers},
+            mandatory=mandatory,
+        )
 
     def _stream_window(self) -> float:
         """The coalescing window of a stream: wider when many streams share this worker.
@@ -329,16 +278,9 @@ class Worker:
         settings = self.settings
         return max(settings.coalesce_ms / 1000, len(self._running) / settings.events_per_s)
 
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
-        try:
-            await message.ack()
-        except (AMQPError, ChannelInvalidStateError):
-            # The channel died meanwhile; RabbitMQ redelivers the job.
-            log.warning("job.ack_failed")
-
     async def _run(self, job: ChatJob, attempt: int) -> None:
         assert self._events is not None
-        events = _Events(self._events, self._replies_exchange, job, attempt)
+        events = JobEvents(self._events, self._replies_exchange, job, attempt)
         model = self._models.get(job.endpoint)
         if model is None:
             await events.error(UnknownEndpoint(f"no model endpoint named {job.endpoint!r}"))

@@ -1,0 +1,110 @@
+"""What one job produces: its events on their way to the gateway, and the count of outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from aio_pika.abc import AbstractChannel
+
+from services.worker.endpoints import Finish
+from shared.amqp import publish
+from shared.errors import BotlineError
+from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent
+
+
+class JobEvents:
+    """Publishes one attempt's events with a gap-free ``seq``."""
+
+    def __init__(self, channel: AbstractChannel, exchange: str, job: ChatJob, attempt: int) -> None:
+        self._channel = channel
+        self._exchange = exchange
+        self._job = job
+        self._attempt = attempt
+        self._seq = 0
+
+    async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent, *, wait: bool = False) -> None:
+        job = self._job
+        self._seq += 1
+        # No mandatory flag: an event whose gateway is gone goes to the replies'
+        # alternate exchange, which brings it back to the workers to stop the job.
+        # Deltas do not wait for the socket (a first delta must not queue behind
+        # other streams' writes); a job's last event does, as backpressure: a
+        # worker whose broker stops reading stops finishing, and taking, jobs.
+        await publish(
+            self._channel,
+            event.dump(),
+            exchange=self._exchange,
+            routing_key=job.reply_to,
+            message_id=f"{job.job_id}.{self._attempt}.{event.seq}",
+            correlation_id=job.job_id,
+            message_type=event.type,
+            wait=wait,
+        )
+
+    async def delta(self, text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
+        """A piece of the answer (text and/or tool-call fragments)."""
+        job = self._job
+        await self._send(
+            DeltaEvent(
+                job_id=job.job_id,
+                attempt=self._attempt,
+                seq=self._seq,
+                text=text,
+                tool_calls=tool_calls,
+            )
+        )
+
+    async def end(self, text: str, finish: Finish) -> None:
+        """The last piece, with the finish reason and usage; waits for the socket."""
+        job = self._job
+        await self._send(
+            EndEvent(
+                job_id=job.job_id,
+                attempt=self._attempt,
+                seq=self._seq,
+                text=text,
+                finish_reason=finish.finish_reason,
+                usage=finish.usage,
+            ),
+            wait=True,
+        )
+
+    async def error(self, error: BotlineError) -> None:
+        """The job's one terminal error; waits for the socket."""
+        job = self._job
+        await self._send(
+            ErrorEvent(
+                job_id=job.job_id,
+                attempt=self._attempt,
+                seq=self._seq,
+                code=error.code,
+                message=error.message,
+            ),
+            wait=True,
+        )
+
+
+class JobStats:
+    """Counts of jobs by outcome (``done``, ``dropped``, error codes); awaitable."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._changed = asyncio.Condition()
+
+    async def add(self, outcome: str) -> None:
+        """Count one job."""
+        async with self._changed:
+            self.counts[outcome] += 1
+            self._changed.notify_all()
+
+    async def wait_for(self, outcome: str, count: int, timeout_s: float = 10.0) -> None:
+        """Until ``count`` jobs ended with ``outcome``."""
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: self.counts[outcome] >= count)
+
+    @property
+    def total(self) -> int:
+        """Jobs handled, whatever their outcome."""
+        return sum(self.counts.values())
