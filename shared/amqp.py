@@ -2,9 +2,9 @@
 
 - ``<ns>.jobs``: a durable classic queue of transient jobs. A job lives only
   as long as its caller waits on a live connection, so it is not written to
-  disk: a quorum queue measured 2.5x RabbitMQ's CPU per request and 1.7 ms
-  more latency here (docs/performance.md), for a durability nobody could use
-  (after a broker restart no gateway still holds the caller). ``x-max-length``
+  disk: a quorum queue cost several times RabbitMQ's CPU per request and
+  added latency (figures in docs/performance.md), for a durability nobody
+  could use (after a broker restart no gateway still holds the caller). ``x-max-length``
   with ``reject-publish`` makes a full queue answer the gateway's publish with
   a nack (seen only with publisher confirms).
 - Classic queues count no deliveries, so the workers do: a job carries its
@@ -87,9 +87,9 @@ async def publish(
 ) -> None:
     """Publish one transient JSON message on the channel's own connection.
 
-    Goes to aiormq directly: aio-pika's ``Message`` object cost about 55 us of
-    CPU a publish here, a third of the total, on the path every job and
-    every delta takes. On a confirming channel this waits for the broker's
+    Goes to aiormq directly: aio-pika's ``Message`` object was a large part of
+    a publish's CPU, on the path every job and every delta takes
+    (docs/performance.md). On a confirming channel this waits for the broker's
     confirm and raises aio-pika's ``DeliveryError`` (nack) or ``PublishError``
     (returned) like ``Exchange.publish`` does.
 
@@ -97,8 +97,8 @@ async def publish(
     connection's writer (or, on a confirming channel, once confirmed), not
     after the writer has drained it to the socket: aiormq holds the channel's
     lock for that wait, so every publisher on a busy channel would queue
-    behind the others' socket writes (whole answers at 64 concurrent callers:
-    797 req/s waiting, 877 not). Order on the connection is kept either way.
+    behind the others' socket writes, which cost throughput under load
+    (docs/performance.md). Order on the connection is kept either way.
     ``wait=True`` is backpressure: the writer's queue is bounded, and a
     waiting publish makes the writer drain the socket first.
     """

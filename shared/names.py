@@ -19,7 +19,7 @@ class Names:
     # --- RabbitMQ -------------------------------------------------------
     @property
     def jobs_queue(self) -> str:
-        """Quorum queue every worker consumes chat jobs from."""
+        """Classic queue every worker consumes chat jobs from."""
         return f"{self.namespace}.jobs"
 
     @property

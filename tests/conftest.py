@@ -34,7 +34,9 @@ async def redis(namespace: str) -> AsyncIterator[Redis]:
     """A Redis client; the namespace's keys are deleted afterwards."""
     client = Redis.from_url(REDIS_URL)
     yield client
-    async for key in client.scan_iter(match=f"{namespace}:*", count=500):
+    async for key in client.scan_iter(
+        match=CommonSettings(namespace=namespace).names.all_redis_keys, count=500
+    ):
         await client.delete(key)
     await client.aclose()
 

@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from shared.keys import hash_key, is_well_formed
 from shared.registry import Registry
+from shared.settings import CommonSettings
 from tests.support.stack import run_cli
 
 pytestmark = pytest.mark.integration
@@ -40,7 +41,12 @@ async def test_bots_and_keys_lifecycle(namespace: str, registry: Registry, redis
     assert is_well_formed(key)
     assert "shown once" in note
     # Only the hash is at rest: the key itself is nowhere in Redis.
-    for name in [k async for k in redis.scan_iter(match=f"{namespace}:*")]:
+    for name in [
+        k
+        async for k in redis.scan_iter(
+            match=CommonSettings(namespace=namespace).names.all_redis_keys
+        )
+    ]:
         value = await redis.get(name) if await redis.type(name) == b"string" else b""
         assert key.encode() not in (value or b"")
     record, _ = await registry.lookup(hash_key(key))

@@ -33,13 +33,14 @@ from shared.tasks import TaskSet
 
 log = structlog.get_logger("botline.gateway.limits")
 
+# The window of both per-minute limits, passed to the scripts.
 _WINDOW_MS = 60_000
 
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local window = 60000
+local window = tonumber(ARGV[6])
 local rpm_left, rpm_reset, tpm_left, tpm_reset, new_rpm_tat = -1, 0, -1, 0, 0
 if rpm > 0 then
   local interval = window / rpm
@@ -79,7 +80,7 @@ local tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
 if tpm > 0 and tokens > 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now) + tokens * 60000 / tpm
+  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now) + tokens * tonumber(ARGV[4]) / tpm
   redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
 end
 return 1
@@ -147,6 +148,7 @@ class Limiter:
             limits.concurrency or 0,
             lease,
             self._lease_ms,
+            _WINDOW_MS,
         ]
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -183,7 +185,7 @@ class Limiter:
             async with asyncio.timeout(self._timeout_s * 3):
                 await self._settle(
                     keys=self._keys(grant.key_id)[1:],
-                    args=[grant.limits.tpm or 0, tokens, grant.lease],
+                    args=[grant.limits.tpm or 0, tokens, grant.lease, _WINDOW_MS],
                 )
         except (RedisError, OSError, TimeoutError) as exc:
             # The lease expires by itself; the tokens are not charged.

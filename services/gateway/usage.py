@@ -16,8 +16,6 @@ from redis.exceptions import RedisError
 from shared.registry import Registry
 from shared.wire import Usage
 
-FIELDS = ("requests", "prompt_tokens", "completion_tokens")
-
 
 class UsageBook:
     """Pending usage counts of this gateway process."""

@@ -49,9 +49,8 @@ class WorkerSettings(CommonSettings):
     coalesce_chars: int = Field(4096, ge=1)
     # The events a second this worker aims to send in all, across its streams:
     # under load the windows widen rather than the CPU melting into AMQP
-    # overhead (each event costs ~0.3 ms of CPU end to end, whatever it holds).
-    # 1000: 100 streams get a delta every 100 ms; at 2000 the same 100 streams
-    # saturated a 2-core machine and time to first token doubled or worse.
+    # overhead (each event costs the same CPU end to end, whatever it holds).
+    # Why this default and not twice it: docs/performance.md.
     events_per_s: float = Field(1000.0, gt=0)
     # Whole answers are sent in as few events as possible: one every this
     # long at most (a sign of life for the gateway's event timeout), or when
