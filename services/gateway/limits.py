@@ -76,11 +76,11 @@ return {1, '', 0, rpm_left, rpm_reset, tpm_left, tpm_reset}
 
 _SETTLE = """
 if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
-local tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tpm, tokens, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
 if tpm > 0 and tokens > 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now) + tokens * tonumber(ARGV[4]) / tpm
+  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now) + tokens * window / tpm
   redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
 end
 return 1
