@@ -69,7 +69,31 @@ class KeyCache:
         self._fetching: dict[str, tuple[int, asyncio.Task[_Entry]]] = {}
         # Bumped by every invalidation; a lookup that raced one is not cached.
         self._generation = 0
-        self.online = False
+        # Set at the next bump, then replaced: what wait_invalidated() awaits.
+        self._bumped = asyncio.Event()
+        # Set while the invalidation channel is followed (and entries are trusted).
+        self._online = asyncio.Event()
+
+    @property
+    def online(self) -> bool:
+        """Following the invalidation channel: cached entries are used."""
+        return self._online.is_set()
+
+    async def wait_online(self) -> None:
+        """Until the cache follows the invalidation channel."""
+        await self._online.wait()
+
+    def next_invalidation(self) -> asyncio.Event:
+        """An event set at the next invalidation heard (or the cache going on- or offline).
+
+        Take it before the change whose invalidation you wait for.
+        """
+        return self._bumped
+
+    def _bump(self) -> None:
+        self._generation += 1
+        self._bumped.set()
+        self._bumped = asyncio.Event()
 
     async def resolve(self, key: str | None) -> tuple[KeyRecord, Bot]:
         """The key's record and bot, or the error the caller must see."""
@@ -130,7 +154,7 @@ class KeyCache:
         return entry
 
     def _invalidate(self, message: str) -> None:
-        self._generation += 1
+        self._bump()
         kind, _, ident = message.partition(":")
         if kind == "key":
             self._entries.pop(ident, None)
@@ -142,8 +166,8 @@ class KeyCache:
             self._entries.clear()
 
     def _go_offline(self) -> None:
-        self.online = False
-        self._generation += 1
+        self._online.clear()
+        self._bump()
         self._entries.clear()
 
     async def listen(self, redis: Redis, channel: str) -> None:
@@ -180,8 +204,8 @@ class KeyCache:
                 if kind == "subscribe":
                     # Whatever changed while unsubscribed is unknown: start empty.
                     self._entries.clear()
-                    self._generation += 1
-                    self.online = True
+                    self._bump()
+                    self._online.set()
                     log.info("keys.cache_online")
                 elif kind == "message":
                     data = message["data"]

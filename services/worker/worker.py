@@ -58,6 +58,17 @@ log = structlog.get_logger("botline.worker")
 _REMEMBER_CANCELLED = 10_000
 
 
+def stream_window(settings: WorkerSettings, streams: int) -> float:
+    """The coalescing window of a stream: wider when many streams share this worker.
+
+    Every event costs the worker, RabbitMQ and the gateway a fixed amount
+    of CPU whatever it carries, so the total rate is held near
+    ``events_per_s``: with few streams each gets the base window, with
+    many each gets a share of the budget (and larger, rarer deltas).
+    """
+    return max(settings.coalesce_ms / 1000, streams / settings.events_per_s)
+
+
 class Action(enum.Enum):
     """What becomes of a job message."""
 
@@ -268,15 +279,7 @@ class Worker:
         )
 
     def _stream_window(self) -> float:
-        """The coalescing window of a stream: wider when many streams share this worker.
-
-        Every event costs the worker, RabbitMQ and the gateway a fixed amount
-        of CPU whatever it carries, so the total rate is held near
-        ``events_per_s``: with few streams each gets the base window, with
-        many each gets a share of the budget (and larger, rarer deltas).
-        """
-        settings = self.settings
-        return max(settings.coalesce_ms / 1000, len(self._running) / settings.events_per_s)
+        return stream_window(self.settings, len(self._running))
 
     async def _run(self, job: ChatJob, attempt: int) -> None:
         assert self._events is not None
