@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -17,10 +15,15 @@ from shared.amqp import delete_namespace
 from shared.registry import Registry
 from shared.settings import CommonSettings
 from tests.support.fake_openai import FakeOpenAI
-from tests.support.stack import Process, Stack, kill_all, process_env
-
-REDIS_URL = os.environ.get("BOTLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-AMQP_URL = os.environ.get("BOTLINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+from tests.support.stack import (
+    AMQP_URL,
+    REDIS_URL,
+    Process,
+    ProcessFactory,
+    Stack,
+    kill_all,
+    process_env,
+)
 
 
 @pytest.fixture
@@ -95,19 +98,6 @@ async def stack(bare_stack: Stack) -> Stack:
     await bare_stack.add_worker()
     await bare_stack.add_gateway()
     return bare_stack
-
-
-ProcessFactory = Callable[..., Awaitable[Process]]
-
-
-async def replace_worker_when_called(
-    upstream: FakeOpenAI, processes: ProcessFactory, doomed: Process, n: int = 1
-) -> Process:
-    """SIGKILL ``doomed`` once the model got its ``n``-th call; start a fresh worker."""
-    await upstream.wait_request(n)
-    doomed.signal(signal.SIGKILL)
-    await doomed.wait()
-    return await processes("worker")
 
 
 @pytest.fixture

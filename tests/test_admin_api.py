@@ -9,7 +9,8 @@ from openapi_spec_validator import validate
 
 from services.gateway.admin import ROUTES
 from shared.clock import now_ms
-from tests.support.stack import Stack, auth, chat
+from tests.support.client import auth, chat
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 

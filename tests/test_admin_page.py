@@ -11,7 +11,8 @@ import pytest
 from playwright.async_api import Browser, Dialog, async_playwright, expect
 
 from shared import keys
-from tests.support.stack import Stack, chat
+from tests.support.client import chat
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 

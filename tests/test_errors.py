@@ -9,26 +9,13 @@ import aiohttp
 import pytest
 
 from shared.clock import now_ms
-from tests.conftest import ProcessFactory
-from tests.support.stack import Stack, auth, free_port
+from tests.support.stack import ProcessFactory, Stack, free_port
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
 HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
 SECRET_CONTENT = "my-private-words-1234"
-
-
-async def post(
-    stack: Stack, key: str | None, body: Any, extra_headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any], Any]:
-    headers = (auth(key) if key else {}) | (extra_headers or {})
-    data = body if isinstance(body, bytes) else None
-    json_body = None if isinstance(body, bytes) else body
-    async with stack.http.post(
-        f"{stack.url}/v1/chat/completions", json=json_body, data=data, headers=headers
-    ) as resp:
-        return resp.status, await resp.json(), resp.headers
 
 
 def assert_error(result: tuple[int, dict[str, Any], Any], status: int, code: str) -> None:
@@ -59,7 +46,7 @@ async def test_invalid_body_is_400_naming_the_field(
     stack: Stack, body: Any, param: str | None
 ) -> None:
     _, key = await stack.bot_and_key()
-    result = await post(stack, key, body)
+    result = await stack.chat(key, body)
     assert_error(result, 400, "invalid_request")
     error = result[1]["error"]
     assert error["param"] == param
@@ -71,42 +58,42 @@ async def test_invalid_body_is_400_naming_the_field(
 
 async def test_unknown_fields_are_ignored(stack: Stack) -> None:
     _, key = await stack.bot_and_key()
-    status, body, _ = await post(stack, key, HELLO | {"model": "gpt-4", "frobnicate": [1]})
+    status, body, _ = await stack.chat(key, HELLO | {"model": "gpt-4", "frobnicate": [1]})
     assert status == 200
     assert body["choices"]["message"]["content"] == "Hello"
 
 
 async def test_missing_malformed_and_unknown_keys_are_401(stack: Stack) -> None:
     _, key = await stack.bot_and_key()
-    assert_error(await post(stack, None, HELLO), 401, "invalid_api_key")
-    assert_error(await post(stack, "bl-short", HELLO), 401, "invalid_api_key")
+    assert_error(await stack.chat(None, HELLO), 401, "invalid_api_key")
+    assert_error(await stack.chat("bl-short", HELLO), 401, "invalid_api_key")
     tampered = key[:-1] + ("A" if key[-1] != "A" else "B")
-    assert_error(await post(stack, tampered, HELLO), 401, "invalid_api_key")
+    assert_error(await stack.chat(tampered, HELLO), 401, "invalid_api_key")
     async with stack.http.post(
         f"{stack.url}/v1/chat/completions", json=HELLO, headers={"Authorization": f"Basic {key}"}
     ) as resp:
         assert resp.status == 401
     from shared.keys import generate
 
-    assert_error(await post(stack, generate(), HELLO), 401, "invalid_api_key")
+    assert_error(await stack.chat(generate(), HELLO), 401, "invalid_api_key")
 
 
 async def test_disabled_and_expired_keys_are_401(stack: Stack) -> None:
     bot, key = await stack.bot_and_key()
     record = (await stack.registry.list_keys(bot.id))[0]
     await stack.registry.set_disabled(record.key_id, True)
-    assert_error(await post(stack, key, HELLO), 401, "api_key_disabled")
+    assert_error(await stack.chat(key, HELLO), 401, "api_key_disabled")
     await stack.registry.set_disabled(record.key_id, False)
-    assert (await post(stack, key, HELLO))[0] == 200
+    assert (await stack.chat(key, HELLO))[0] == 200
     expired, _ = await stack.registry.create_key(bot.id, "old", expires_at=now_ms() - 1)
-    assert_error(await post(stack, expired, HELLO), 401, "api_key_expired")
+    assert_error(await stack.chat(expired, HELLO), 401, "api_key_expired")
 
 
 async def test_deleted_bot_is_404(stack: Stack) -> None:
     bot, key = await stack.bot_and_key()
-    assert (await post(stack, key, HELLO))[0] == 200
+    assert (await stack.chat(key, HELLO))[0] == 200
     await stack.registry.delete_bot(bot.id)
-    assert_error(await post(stack, key, HELLO), 404, "bot_not_found")
+    assert_error(await stack.chat(key, HELLO), 404, "bot_not_found")
 
 
 async def test_body_over_the_limit_is_413(bare_stack: Stack) -> None:
@@ -114,7 +101,7 @@ async def test_body_over_the_limit_is_413(bare_stack: Stack) -> None:
     await bare_stack.add_gateway(max_body_bytes=4096)
     _, key = await bare_stack.bot_and_key()
     big = {"messages": [{"role": "user", "content": "x" * 5000}]}
-    assert_error(await post(bare_stack, key, big), 413, "request_too_large")
+    assert_error(await bare_stack.chat(key, big), 413, "request_too_large")
 
 
 async def test_unknown_route_and_method(stack: Stack) -> None:
@@ -129,16 +116,16 @@ async def test_unknown_route_and_method(stack: Stack) -> None:
 
 async def test_request_id_is_echoed_or_made(stack: Stack) -> None:
     _, key = await stack.bot_and_key()
-    _, _, headers = await post(stack, key, HELLO, {"X-Request-Id": "abc-123"})
+    _, _, headers = await stack.chat(key, HELLO, headers={"X-Request-Id": "abc-123"})
     assert headers["X-Request-Id"] == "abc-123"
-    _, _, headers = await post(stack, key, HELLO, {"X-Request-Id": "bad id!"})
+    _, _, headers = await stack.chat(key, HELLO, headers={"X-Request-Id": "bad id!"})
     assert headers["X-Request-Id"].startswith("req_")
 
 
 async def test_no_worker_within_the_deadline_is_504(bare_stack: Stack) -> None:
     await bare_stack.add_gateway(request_deadline_s=0.5)
     _, key = await bare_stack.bot_and_key()
-    assert_error(await post(bare_stack, key, HELLO), 504, "deadline_exceeded")
+    assert_error(await bare_stack.chat(key, HELLO), 504, "deadline_exceeded")
 
 
 async def test_full_queue_is_503_overloaded(bare_stack: Stack) -> None:
@@ -148,7 +135,7 @@ async def test_full_queue_is_503_overloaded(bare_stack: Stack) -> None:
     _, key = await bare_stack.bot_and_key()
     statuses = []
     for _ in range(4):
-        result = await post(bare_stack, key, HELLO)
+        result = await bare_stack.chat(key, HELLO)
         statuses.append(result[0])
         if result[0] == 503:
             assert_error(result, 503, "overloaded")
@@ -165,17 +152,17 @@ async def test_redis_unreachable_is_503_and_never_serves(bare_stack: Stack) -> N
             redis_url=f"redis://127.0.0.1:{proxy.port}/0", redis_timeout_s=0.5
         )
         _, key = await bare_stack.bot_and_key()
-        assert (await post(bare_stack, key, HELLO))[0] == 200  # the key is now cached
+        assert (await bare_stack.chat(key, HELLO))[0] == 200  # the key is now cached
         await proxy.down()
         await wait_ready(bare_stack.http, bare_stack.url, False)
-        result = await post(bare_stack, key, HELLO)
+        result = await bare_stack.chat(key, HELLO)
         assert_error(result, 503, "backend_unavailable")
         assert result[2]["Retry-After"]
         # A malformed key needs no Redis call: still a plain 401.
-        assert_error(await post(bare_stack, "bl-nope", HELLO), 401, "invalid_api_key")
+        assert_error(await bare_stack.chat("bl-nope", HELLO), 401, "invalid_api_key")
         await proxy.up()
         await wait_ready(bare_stack.http, bare_stack.url, True)
-        assert (await post(bare_stack, key, HELLO))[0] == 200
+        assert (await bare_stack.chat(key, HELLO))[0] == 200
 
 
 async def test_redis_frozen_is_503_within_the_timeout(bare_stack: Stack) -> None:
@@ -187,11 +174,11 @@ async def test_redis_frozen_is_503_within_the_timeout(bare_stack: Stack) -> None
         bot, _ = await bare_stack.bot_and_key()
         key, _ = await bare_stack.registry.create_key(bot.id)
         proxy.freeze()
-        assert_error(await post(bare_stack, key, HELLO), 503, "backend_unavailable")
+        assert_error(await bare_stack.chat(key, HELLO), 503, "backend_unavailable")
         await wait_ready(bare_stack.http, bare_stack.url, False)
         proxy.thaw()
         await wait_ready(bare_stack.http, bare_stack.url, True)
-        assert (await post(bare_stack, key, HELLO))[0] == 200
+        assert (await bare_stack.chat(key, HELLO))[0] == 200
 
 
 async def test_rabbitmq_unreachable_is_503(bare_stack: Stack) -> None:
@@ -201,15 +188,15 @@ async def test_rabbitmq_unreachable_is_503(bare_stack: Stack) -> None:
             amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", publish_timeout_s=1
         )
         _, key = await bare_stack.bot_and_key()
-        assert (await post(bare_stack, key, HELLO))[0] == 200
+        assert (await bare_stack.chat(key, HELLO))[0] == 200
         await proxy.down()
         await wait_ready(bare_stack.http, bare_stack.url, False)
-        result = await post(bare_stack, key, HELLO)
+        result = await bare_stack.chat(key, HELLO)
         assert_error(result, 503, "backend_unavailable")
         assert result[2]["Retry-After"]
         await proxy.up()
         await wait_ready(bare_stack.http, bare_stack.url, True)
-        assert (await post(bare_stack, key, HELLO))[0] == 200
+        assert (await bare_stack.chat(key, HELLO))[0] == 200
 
 
 async def wait_ready(http: aiohttp.ClientSession, url: str, ready: bool) -> None:

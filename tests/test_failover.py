@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from tests.conftest import ProcessFactory, replace_worker_when_called
+from tests.support.client import auth, chat, sse_events
 from tests.support.fake_openai import Script
-from tests.support.stack import Stack, auth, chat, sse_events
+from tests.support.stack import ProcessFactory, Stack, replace_worker_when_called
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from services.gateway.settings import GatewaySettings
 from shared.errors import ApiKeyDisabled
 from shared.records import Bot, KeyRecord
 from shared.registry import Registry
-from tests.conftest import REDIS_URL
+from tests.support.stack import REDIS_URL
 
 pytestmark = pytest.mark.integration
 

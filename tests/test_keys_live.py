@@ -8,8 +8,8 @@ import time
 import pytest
 
 from shared.keys import generate
-from tests.conftest import ProcessFactory
-from tests.support.stack import Stack, chat, free_port
+from tests.support.client import chat
+from tests.support.stack import ProcessFactory, Stack, free_port
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration

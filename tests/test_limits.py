@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 
 from shared.records import Limits
-from tests.conftest import ProcessFactory
+from tests.support.client import auth, chat, sse_events
 from tests.support.fake_openai import Script
-from tests.support.stack import Stack, auth, free_port, sse_events
+from tests.support.stack import ProcessFactory, Stack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +24,7 @@ async def ask(
     http: aiohttp.ClientSession, url: str, key: str, surface: str = SURFACES[0]
 ) -> tuple[int, dict[str, Any], Any]:
     body = ASK | ({"model": "m"} if "openai" in surface else {})
-    async with http.post(f"{url}{surface}", json=body, headers=auth(key)) as resp:
-        return resp.status, await resp.json(), resp.headers
+    return await chat(http, url, key, body, path=surface)
 
 
 async def key_with(stack: Stack, **limits: int) -> str:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from shared.keys import hash_key
-from tests.conftest import ProcessFactory
+from tests.support.client import auth, chat, stream_chat
 from tests.support.fake_openai import Script
-from tests.support.stack import Stack, auth, chat, free_port, run_cli, stream_chat
+from tests.support.stack import ProcessFactory, Stack, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 

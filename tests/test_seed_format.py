@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.client import auth, chat, sse_events, stream_chat
 from tests.support.fake_openai import Script
-from tests.support.stack import Stack, auth, chat, sse_events, stream_chat
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 

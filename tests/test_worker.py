@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from tests.conftest import ProcessFactory
+from tests.support.client import auth, chat, sse_events, stream_chat
 from tests.support.fake_openai import Script
-from tests.support.stack import Stack, auth, chat, sse_events, stream_chat
+from tests.support.stack import ProcessFactory, Stack
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
@@ -27,9 +26,12 @@ from services.worker.settings import EndpointConfig, WorkerSettings
 from services.worker.worker import Worker
 from shared.records import Bot
 from shared.registry import Registry
+from tests.support.client import ChatResult, chat
 from tests.support.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = os.environ.get("BOTLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("BOTLINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 async def start_gateway(settings: GatewaySettings) -> tuple[web.AppRunner, str]:
@@ -106,50 +108,23 @@ class Stack:
         key, _ = await self.registry.create_key(bot.id, "test")
         return bot, key
 
+    async def chat(
+        self,
+        key: str | None,
+        body: dict[str, Any] | bytes,
+        *,
+        path: str = "/v1/chat/completions",
+        headers: dict[str, str] | None = None,
+    ) -> ChatResult:
+        """POST a chat request to the first gateway (see :func:`tests.support.client.chat`)."""
+        return await chat(self.http, self.url, key, body, path=path, headers=headers)
+
     async def close(self) -> None:
         """Stop everything this stack started."""
         for worker in self.workers:
             await worker.stop()
         for runner in self._runners:
             await runner.cleanup()
-
-
-def auth(key: str) -> dict[str, str]:
-    """The Authorization header for a key."""
-    return {"Authorization": f"Bearer {key}"}
-
-
-async def chat(
-    http: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]
-) -> tuple[int, dict[str, Any], CIMultiDictProxy[str]]:
-    """POST a whole chat request; returns status, JSON body and headers."""
-    async with http.post(f"{url}/v1/chat/completions", json=body, headers=auth(key)) as resp:
-        return resp.status, await resp.json(), resp.headers
-
-
-async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any] | str]:
-    """The ``data:`` payloads of an event stream, parsed (``[DONE]`` stays a string)."""
-    buffer = b""
-    async for chunk in resp.content.iter_any():
-        buffer += chunk
-        while b"\n\n" in buffer:
-            block, buffer = buffer.split(b"\n\n", 1)
-            for line in block.split(b"\n"):
-                if line.startswith(b"data: "):
-                    data = line[6:]
-                    yield data.decode() if data == b"[DONE]" else orjson.loads(data)
-
-
-async def stream_chat(
-    http: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]
-) -> list[dict[str, Any] | str]:
-    """POST a streamed chat request and collect all its events."""
-    async with http.post(
-        f"{url}/v1/chat/completions", json=body | {"stream": True}, headers=auth(key)
-    ) as resp:
-        assert resp.status == 200, await resp.text()
-        assert resp.headers["Content-Type"].startswith("text/event-stream")
-        return [event async for event in sse_events(resp)]
 
 
 class Process:
@@ -269,3 +244,16 @@ def kill_all(processes: Iterable[Process]) -> None:
     for process in processes:
         if process.proc is not None and process.proc.returncode is None:
             process.proc.kill()
+
+
+ProcessFactory = Callable[..., Awaitable[Process]]
+
+
+async def replace_worker_when_called(
+    upstream: FakeOpenAI, processes: ProcessFactory, doomed: Process, n: int = 1
+) -> Process:
+    """SIGKILL ``doomed`` once the model got its ``n``-th call; start a fresh worker."""
+    await upstream.wait_request(n)
+    doomed.signal(signal.SIGKILL)
+    await doomed.wait()
+    return await processes("worker")

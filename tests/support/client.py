@@ -1,0 +1,67 @@
+"""Talking to a gateway as a caller does: one chat request, whole or streamed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from multidict import CIMultiDictProxy
+
+SEED_CHAT = "/v1/chat/completions"
+OPENAI_CHAT = "/openai/v1/chat/completions"
+
+ChatResult = tuple[int, dict[str, Any], CIMultiDictProxy[str]]
+
+
+def auth(key: str) -> dict[str, str]:
+    """The Authorization header for a key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def chat(
+    http: aiohttp.ClientSession,
+    url: str,
+    key: str | None,
+    body: dict[str, Any] | bytes,
+    *,
+    path: str = SEED_CHAT,
+    headers: dict[str, str] | None = None,
+) -> ChatResult:
+    """POST a whole chat request; returns status, JSON body and headers.
+
+    ``key`` None sends no Authorization header; a ``bytes`` body is sent as is.
+    """
+    sent = (auth(key) if key else {}) | (headers or {})
+    if isinstance(body, bytes):
+        request = http.post(f"{url}{path}", data=body, headers=sent)
+    else:
+        request = http.post(f"{url}{path}", json=body, headers=sent)
+    async with request as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any] | str]:
+    """The ``data:`` payloads of an event stream, parsed (``[DONE]`` stays a string)."""
+    buffer = b""
+    async for chunk in resp.content.iter_any():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            for line in block.split(b"\n"):
+                if line.startswith(b"data: "):
+                    data = line[6:]
+                    yield data.decode() if data == b"[DONE]" else orjson.loads(data)
+
+
+async def stream_chat(
+    http: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]
+) -> list[dict[str, Any] | str]:
+    """POST a streamed chat request and collect all its events."""
+    async with http.post(
+        f"{url}{SEED_CHAT}", json=body | {"stream": True}, headers=auth(key)
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        return [event async for event in sse_events(resp)]
