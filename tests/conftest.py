@@ -23,6 +23,7 @@ from tests.support.stack import (
     Stack,
     kill_all,
     process_env,
+    process_id,
 )
 
 
@@ -83,9 +84,16 @@ async def bare_stack(
     http: aiohttp.ClientSession,
     upstream: FakeOpenAI,
     amqp_cleanup: None,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Stack]:
     """A namespace with nothing started yet: tests add gateways and workers."""
-    stack = Stack(namespace=namespace, registry=registry, http=http, upstream=upstream)
+    stack = Stack(
+        namespace=namespace,
+        registry=registry,
+        http=http,
+        upstream=upstream,
+        test_name=request.node.name,
+    )
     try:
         yield stack
     finally:
@@ -102,13 +110,21 @@ async def stack(bare_stack: Stack) -> Stack:
 
 @pytest.fixture
 async def processes(
-    namespace: str, upstream: FakeOpenAI, tmp_path: Path, amqp_cleanup: None
+    namespace: str,
+    upstream: FakeOpenAI,
+    tmp_path: Path,
+    amqp_cleanup: None,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[ProcessFactory]:
     """Starts real ``botline`` processes (``await processes("worker")``); all killed after."""
     started: list[Process] = []
 
     async def start(command: str, *args: str, **env: str) -> Process:
         log_path = tmp_path / f"{command}-{len(started)}.log"
+        if command in ("gateway", "worker"):
+            # Named after the test, so that a leftover queue says which test left it.
+            name = process_id(request.node.name, f"p{len(started)}")
+            env = {f"BOTLINE_{command.upper()}_ID": name} | env
         process = Process(
             [command, *args], process_env(namespace, upstream.base_url, **env), log_path
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -55,6 +56,12 @@ def test_endpoints(upstream_url: str | None) -> dict[str, EndpointConfig]:
     return endpoints
 
 
+def process_id(test_name: str, suffix: str) -> str:
+    """A gateway or worker id that says which test started it (within the ids' 64 chars)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]", "-", test_name.removeprefix("test_"))
+    return f"{slug[: 63 - len(suffix)]}-{suffix}"
+
+
 @dataclass
 class Stack:
     """A namespace's gateways and workers, started on demand and stopped at the end."""
@@ -63,6 +70,8 @@ class Stack:
     registry: Registry
     http: aiohttp.ClientSession
     upstream: FakeOpenAI
+    # Names its gateways and workers, so that a leftover queue says which test left it.
+    test_name: str = "stack"
     url: str = ""
     _runners: list[web.AppRunner] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
@@ -88,14 +97,16 @@ class Stack:
 
     async def add_gateway(self, **overrides: Any) -> str:
         """Start a gateway; the first one's URL is also ``self.url``."""
-        runner, url = await start_gateway(self.gateway_settings(**overrides))
+        named = {"gateway_id": process_id(self.test_name, f"g{len(self._runners)}")}
+        runner, url = await start_gateway(self.gateway_settings(**(named | overrides)))
         self._runners.append(runner)
         self.url = self.url or url
         return url
 
     async def add_worker(self, **overrides: Any) -> Worker:
         """Start a worker."""
-        worker = Worker(self.worker_settings(**overrides))
+        named = {"worker_id": process_id(self.test_name, f"w{len(self.workers)}")}
+        worker = Worker(self.worker_settings(**(named | overrides)))
         await worker.start()
         self.workers.append(worker)
         return worker
