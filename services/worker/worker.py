@@ -22,7 +22,6 @@ import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from aio_pika.abc import (
@@ -222,31 +221,40 @@ class Worker:
 
     async def _dispose(self, message: AbstractIncomingMessage, disposition: Disposition) -> None:
         """The one place a job message is settled with RabbitMQ."""
-        action = disposition.action
-        if action is Action.RETRY:
+        if disposition.action is not Action.ACK:
+            # A retry is queued again with its attempt counted; a buried job is
+            # dead-lettered: its gateway is told at once, operators keep a copy.
+            # Both on the confirming channel, so a lost copy is known.
+            retry = disposition.action is Action.RETRY
+            names = self.settings.names
+            mark = (
+                {ATTEMPT_HEADER: disposition.attempt}
+                if retry
+                else {DEAD_HEADER: disposition.reason}
+            )
+            assert self._confirmed is not None
             try:
-                await self._republish(
-                    message,
-                    {ATTEMPT_HEADER: disposition.attempt},
-                    routing_key=self.settings.names.jobs_queue,
-                    mandatory=True,
+                await publish(
+                    self._confirmed,
+                    message.body,
+                    exchange="" if retry else names.dead_exchange,
+                    routing_key=names.jobs_queue if retry else "",
+                    message_id=message.message_id,
+                    correlation_id=message.correlation_id,
+                    content_type=message.content_type,
+                    headers={**message.headers, **mark},
+                    mandatory=retry,
                 )
             except (AMQPError, ChannelInvalidStateError) as exc:
-                # Not re-queued with its count: leave it to RabbitMQ to hand out again.
-                log.warning("job.retry_failed", error=type(exc).__name__)
-                await message.nack(requeue=True)
-                return
-            log.info("job.retried", next_attempt=disposition.attempt)
-        elif action is Action.BURY:
-            # Dead-lettered: its gateway is told at once, operators keep a copy.
-            try:
-                await self._republish(
-                    message,
-                    {DEAD_HEADER: disposition.reason},
-                    exchange=self.settings.names.dead_exchange,
-                )
-            except (AMQPError, ChannelInvalidStateError) as exc:
+                if retry:
+                    # Not re-queued with its count: leave it to RabbitMQ to hand out again.
+                    log.warning("job.retry_failed", error=type(exc).__name__)
+                    await message.nack(requeue=True)
+                    return
                 log.warning("job.bury_failed", error=type(exc).__name__)
+            else:
+                if retry:
+                    log.info("job.retried", next_attempt=disposition.attempt)
         try:
             await message.ack()
         except (AMQPError, ChannelInvalidStateError):
@@ -254,29 +262,6 @@ class Worker:
             log.warning("job.ack_failed")
         if disposition.count is not None:
             await self.stats.add(disposition.count)
-
-    async def _republish(
-        self,
-        message: AbstractIncomingMessage,
-        headers: dict[str, Any],
-        *,
-        routing_key: str = "",
-        exchange: str = "",
-        mandatory: bool = False,
-    ) -> None:
-        """A job message again, with some headers set, on the confirming channel."""
-        assert self._confirmed is not None
-        await publish(
-            self._confirmed,
-            message.body,
-            exchange=exchange,
-            routing_key=routing_key,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            content_type=message.content_type,
-            headers={**message.headers, **headers},
-            mandatory=mandatory,
-        )
 
     def _stream_window(self) -> float:
         return stream_window(self.settings, len(self._running))
