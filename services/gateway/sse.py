@@ -1,4 +1,4 @@
-"""Server-sent events: relay a run's events to the caller through a surface's renderer.
+"""Server-sent events: write a run's events to the caller through a surface's renderer.
 
 Both surfaces stream the same way -- errors before the first event are HTTP
 errors, after it one terminal error event -- and differ only in how an event

@@ -15,8 +15,8 @@ from shared.wire import ChatJob, ChatMessage, DeltaEvent, EndEvent, ErrorEvent, 
 USAGE = Usage(prompt_tokens=2, completion_tokens=3)
 
 
-class ScriptedRelay:
-    """Stands in for the AMQP relay: hands the run a scripted sequence of events."""
+class ScriptedJobClient:
+    """Stands in for the AMQP job client: hands the run a scripted sequence of events."""
 
     def __init__(self, events: list[Incoming]) -> None:
         self.events = events
@@ -61,18 +61,18 @@ def end(attempt: int, seq: int, text: str = "") -> EndEvent:
     return EndEvent(job_id="j1", attempt=attempt, seq=seq, text=text, usage=USAGE)
 
 
-def run_with(events: list[Incoming], **kw: Any) -> tuple[ChatRun, ScriptedRelay]:
-    relay = ScriptedRelay(events)
+def run_with(events: list[Incoming], **kw: Any) -> tuple[ChatRun, ScriptedJobClient]:
+    client = ScriptedJobClient(events)
     options = {"deadline_s": 5.0, "event_timeout_s": 5.0} | kw
-    return ChatRun(relay, JOB, **options), relay  # type: ignore[arg-type]
+    return ChatRun(client, JOB, **options), client  # type: ignore[arg-type]
 
 
 async def test_whole_answer_joins_the_pieces() -> None:
-    run, relay = run_with([delta(1, 0, "a"), delta(1, 1, "b"), end(1, 2, "c")])
+    run, client = run_with([delta(1, 0, "a"), delta(1, 1, "b"), end(1, 2, "c")])
     async with run:
         answer = await run.complete()
     assert (answer.text, answer.usage) == ("abc", USAGE)
-    assert relay.cancelled == []
+    assert client.cancelled == []
 
 
 async def test_a_retry_restarts_a_whole_answer_unseen() -> None:
@@ -82,7 +82,7 @@ async def test_a_retry_restarts_a_whole_answer_unseen() -> None:
 
 
 async def test_a_retry_after_streamed_text_is_worker_lost() -> None:
-    run, relay = run_with([delta(1, 0, "a"), delta(2, 0, "a")])
+    run, client = run_with([delta(1, 0, "a"), delta(2, 0, "a")])
     seen: list[DeltaEvent | EndEvent] = []
 
     async def relay_all() -> None:
@@ -93,7 +93,7 @@ async def test_a_retry_after_streamed_text_is_worker_lost() -> None:
     with pytest.raises(WorkerLost):
         await relay_all()
     assert [e.text for e in seen] == ["a"]
-    assert relay.cancelled == ["j1"]
+    assert client.cancelled == ["j1"]
 
 
 async def test_a_retry_before_anything_was_streamed_is_unseen() -> None:
@@ -111,11 +111,11 @@ async def test_a_gap_in_seq_is_an_error() -> None:
 
 async def test_error_events_become_their_errors() -> None:
     error = ErrorEvent(job_id="j1", attempt=1, seq=0, code="upstream_error", message="bad")
-    run, relay = run_with([error])
+    run, client = run_with([error])
     with pytest.raises(UpstreamError):
         async with run:
             await run.complete()
-    assert relay.cancelled == []  # the job ended: nothing to cancel
+    assert client.cancelled == []  # the job ended: nothing to cancel
 
 
 async def test_dead_jobs_fail() -> None:
@@ -126,11 +126,11 @@ async def test_dead_jobs_fail() -> None:
 
 
 async def test_silence_after_the_first_event_times_out() -> None:
-    run, relay = run_with([delta(1, 0, "a")], event_timeout_s=0.05)
+    run, client = run_with([delta(1, 0, "a")], event_timeout_s=0.05)
     with pytest.raises(DeadlineExceeded, match="sent nothing"):
         async with run:
             await run.complete()
-    assert relay.cancelled == ["j1"]
+    assert client.cancelled == ["j1"]
 
 
 async def test_no_event_before_the_deadline_times_out() -> None:
