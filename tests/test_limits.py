@@ -173,3 +173,15 @@ async def test_a_killed_gateways_slots_come_back_after_the_lease(
         # Time itself is the event here: poll, gently, until the leases lapse.
         while (await ask(bare_stack.http, bare_stack.url, key))[0] != 200:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
+
+
+async def test_a_request_refused_by_a_full_queue_gives_its_slot_back(bare_stack: Stack) -> None:
+    # No worker: the first job stays queued after its caller got a 504, and
+    # fills the queue; every later one is admitted, then refused by the queue.
+    await bare_stack.add_gateway(request_deadline_s=0.2, jobs_max_length=1)
+    key = await key_with(bare_stack, concurrency=1)
+    assert (await ask(bare_stack.http, bare_stack.url, key))[0] == 504
+    for _ in range(2):
+        status, body, _ = await ask(bare_stack.http, bare_stack.url, key)
+        # Not 429: the one slot came back when the last job could not be queued.
+        assert (status, body["error"]["code"]) == (503, "overloaded")

@@ -86,11 +86,14 @@ async def chat_session(
         deadline_s=settings.request_deadline_s,
         event_timeout_s=settings.event_timeout_s,
     )
+    # No await in the finally blocks: they run even when the caller went away.
     try:
         async with run:
-            yield ChatSession(chat, bot, run)
+            try:
+                yield ChatSession(chat, bot, run)
+            finally:
+                # A request is counted once its job was queued.
+                gateway.usage.record(record.key_id, bot.id, run.usage)
     finally:
-        # No await from here on: this runs even when the caller went away.
-        usage = run.usage
-        gateway.usage.record(record.key_id, bot.id, usage)
-        gateway.limiter.settle(grant, usage.total_tokens if usage else 0)
+        # The lease is released even when the job could not be queued.
+        gateway.limiter.settle(grant, run.usage.total_tokens if run.usage else 0)
