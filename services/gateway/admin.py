@@ -9,7 +9,6 @@ OpenAPI document served at ``/admin/api/openapi.json``.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from services.gateway.admin_tokens import admin_token_matches
 from services.gateway.chat import invalid, load_object
 from services.gateway.context import GATEWAY, Gateway, bearer_token, read_body
 from shared.errors import BotlineError, NotFound
@@ -136,12 +136,7 @@ def _require_admin(request: web.Request) -> Gateway:
     tokens = gateway.settings.admin_tokens
     if not tokens:
         raise AdminUnauthorized("the admin API is off: set BOTLINE_ADMIN_TOKENS to turn it on")
-    given = (bearer_token(request) or "").encode()
-    # Compare with every token, so the time taken says nothing about which matched.
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(given, token.get_secret_value().encode())
-    if not matched:
+    if not admin_token_matches(bearer_token(request), tokens):
         raise AdminUnauthorized("a valid admin token is required")
     return gateway
 
