@@ -21,6 +21,7 @@ from services.gateway.limits import Limiter
 from services.gateway.middleware import edge, stamp_headers
 from services.gateway.relay import Relay
 from services.gateway.routes import setup_routes
+from services.gateway.security_headers import security_headers
 from services.gateway.settings import GatewaySettings
 from services.gateway.usage import UsageBook
 from shared.loop import new_event_loop
@@ -96,6 +97,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     )
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)
+    app.on_response_prepare.append(security_headers)
     setup_routes(app)
     return app
 
