@@ -16,6 +16,7 @@ from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from services.gateway.context import GATEWAY, Gateway
+from services.gateway.http_server import GatewayRunner
 from services.gateway.keycache import KeyCache
 from services.gateway.limits import Limiter
 from services.gateway.middleware import edge, stamp_headers
@@ -104,7 +105,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
 
 async def serve(settings: GatewaySettings) -> None:
     """Serve until SIGINT or SIGTERM, then let in-flight requests finish."""
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         create_app(settings),
         handler_cancellation=True,  # notice a vanished caller at once
         keepalive_timeout=settings.keepalive_timeout_s,
