@@ -108,6 +108,7 @@ async def test_malformed_and_oversized_requests_echo_and_log_no_key(
         assert status_line.split()[1] == b"400", status_line
         assert orjson.loads(payload)["error"]["code"] == "invalid_request"
         assert b"application/json" in headers
+        assert b"aiohttp" not in headers.lower()  # nor a version in Server (item 12)
         for secret in (key.encode(), key[3:20].encode(), SECRET_WORDS.encode(), b"Authorization"):
             assert secret not in answer, f"{secret[:8]!r}… echoed in a 400"
 
