@@ -3,10 +3,14 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
+# The pinned, hash-checked runtime set first (a layer that changes only with the lock),
+# then botline itself without letting pip resolve anything else.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY shared ./shared
-RUN pip install . && useradd --system --uid 10001 botline
+RUN pip install --no-deps . && useradd --system --uid 10001 botline
 USER botline
 EXPOSE 8080
 CMD ["botline", "gateway"]

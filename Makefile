@@ -2,22 +2,36 @@
 #   make run    a gateway and a worker, a demo bot on the echo model, a demo key printed
 #   make test   the test suite (installs what it needs, starts Redis and RabbitMQ if down)
 #   make lint   ruff and mypy
+#   make lock   refresh requirements.lock and requirements-dev.lock
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.package-lock.json
 
-.PHONY: run test lint format check services browser bench bench-quick clean
+.PHONY: run test lint format check services browser bench bench-quick clean lock
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "botline needs Python 3.11 or newer"'
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# Every package pinned, with hashes, from the lock; then botline itself, without
+# letting pip pick anything else.
+$(STAMP): pyproject.toml requirements-dev.lock | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
+
+# Refresh the locks from pyproject.toml's floors: requirements-dev.lock (runtime and
+# the dev extras: make, CI) and requirements.lock (runtime only, the same versions:
+# the Dockerfile). Linux, CPython 3.11, like the image.
+PIP_COMPILE := $(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+	--no-emit-index-url --no-emit-find-links --upgrade
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet pip-tools
+	$(PIP_COMPILE) --extra dev --output-file requirements-dev.lock pyproject.toml
+	$(PIP_COMPILE) --constraint requirements-dev.lock --output-file requirements.lock pyproject.toml
 
 # The Node client tests drive /openai/v1 with the official npm package.
 $(NODE_STAMP): tests/node/package-lock.json

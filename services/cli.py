@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -33,6 +34,7 @@ from shared.loop import new_event_loop
 from shared.records import Bot, KeyRecord, Limits
 from shared.registry import Registry
 from shared.settings import CommonSettings
+from shared.settings_errors import settings_error
 
 DEMO_BOT = "demo"
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -162,7 +164,10 @@ def gateway_command(args: argparse.Namespace) -> int:
     from services.gateway.app import run
     from services.gateway.settings import GatewaySettings
 
-    settings = GatewaySettings()
+    try:
+        settings = GatewaySettings()
+    except ValidationError as exc:
+        raise settings_error(exc) from None
     if args.port is not None:
         settings = settings.model_copy(update={"port": args.port})
     configure_logging(settings.log_level, settings.log_format)
@@ -175,7 +180,10 @@ def worker_command(args: argparse.Namespace) -> int:
     from services.worker.settings import WorkerSettings
     from services.worker.worker import serve
 
-    settings = WorkerSettings()
+    try:
+        settings = WorkerSettings()
+    except ValidationError as exc:
+        raise settings_error(exc) from None
     configure_logging(settings.log_level, settings.log_format)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(serve(settings))

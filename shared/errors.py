@@ -164,6 +164,17 @@ class InternalError(BotlineError):
     """Anything unexpected."""
 
 
+class MalformedRequest(InvalidRequest):
+    """A request aiohttp could not parse (a bad header byte, headers too large).
+
+    Its status is aiohttp's (400, 431, ...); its message quotes nothing of the request.
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class HttpError(InternalError):
     """An HTTP error aiohttp raised itself, none of the above: its status is kept."""
 

@@ -15,6 +15,8 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
+from shared.redact import redact_event
+
 
 def _dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
@@ -37,11 +39,31 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            redact_event,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
-    # Libraries (aio-pika, aiohttp) log through the stdlib: warnings and up only.
-    logging.basicConfig(stream=out, level=logging.WARNING, force=True)
+    # Libraries (aiohttp.server, aiohttp.access, aiohttp.web, asyncio, aio-pika) log
+    # through the stdlib: warnings and up, rendered as our events (one JSON line,
+    # tracebacks inside it) and redacted, since aiohttp quotes request lines.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact_event,
+                renderer,
+            ],
+        )
+    )
+    logging.basicConfig(handlers=[handler], level=logging.WARNING, force=True)

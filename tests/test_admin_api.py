@@ -21,7 +21,7 @@ HELLO = {"messages": [{"role": "user", "content": "hello admin"}]}
 @pytest.fixture
 async def admin(bare_stack: Stack) -> Stack:
     await bare_stack.add_worker()
-    await bare_stack.add_gateway(admin_tokens=[TOKEN, "second-token"])
+    await bare_stack.add_gateway(admin_tokens=[TOKEN, "second-token-0123456789"])
     return bare_stack
 
 
@@ -47,7 +47,7 @@ async def test_every_operation_needs_a_valid_token(admin: Stack) -> None:
             assert status == 401, (route.method, route.path, token)
             assert body["error"]["code"] == "invalid_admin_token"
     # Any configured token works.
-    assert (await call(admin, "GET", "/bots", token="second-token"))[0] == 200
+    assert (await call(admin, "GET", "/bots", token="second-token-0123456789"))[0] == 200
 
 
 async def test_without_tokens_the_admin_api_is_off(bare_stack: Stack) -> None:

@@ -82,6 +82,8 @@ async def test_the_seed_flow_in_a_browser(
     await page.screenshot(path=str(tmp_path / "key-created.png"))
     await page.get_by_role("button", name="Done").click()
     await expect(page.locator("#key-dialog")).to_be_hidden()
+    # The dialog's close event (which wipes the key) runs after it is hidden.
+    await expect(page.locator("#new-key")).to_have_text("")
     assert key not in await page.content()
 
     status, body, _ = await chat(bare_stack.http, url, key, HELLO)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from shared.keys import hash_key
@@ -66,3 +69,71 @@ async def test_logs_hold_no_key_and_no_message_content(
     for secret in (key, tampered, key[3:], hash_key(key), SECRET_WORDS, "zebra", SECRET_REPLY,
                    "secret prompt"):  # fmt: skip
         assert secret not in logs, f"{secret[:8]}… leaked into a log"
+
+
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send bytes no client library would send; the whole answer (the server closes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_malformed_and_oversized_requests_echo_and_log_no_key(
+    bare_stack: Stack, processes: ProcessFactory, tmp_path: Path
+) -> None:
+    """aiohttp's parser errors quote the offending line: neither the answer nor the log may."""
+    port = free_port()
+    await processes("gateway", "--port", str(port))
+    _, key = await bare_stack.bot_and_key()
+    body = orjson.dumps({"messages": [{"role": "user", "content": SECRET_WORDS}]})
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    tail = b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    bearer = b"Authorization: Bearer " + key.encode()
+    malformed = [
+        head + bearer + b"\x01\r\n" + tail,  # a control byte in a header value
+        head + bearer + b"\r\nX-Note: " + key.encode() + b"\x00\r\n" + tail,
+        head + bearer + b"\r\nX-Pad: " + key.encode() + b"a" * 9000 + b"\r\n" + tail,  # too long
+        b"GET /v1/" + key.encode() + b"\x7f HTTP/1.1\r\nHost: x\r\n\r\n",  # a bad request line
+        head + bearer + b"\r\nContent-Length: 5\r\n" + tail,  # two lengths
+    ]
+    for request in malformed:
+        answer = await raw_exchange(port, request)
+        status_line, _, rest = answer.partition(b"\r\n")
+        headers, _, payload = rest.partition(b"\r\n\r\n")
+        assert status_line.split()[1] == b"400", status_line
+        assert orjson.loads(payload)["error"]["code"] == "invalid_request"
+        assert b"application/json" in headers
+        assert b"aiohttp" not in headers.lower()  # nor a version in Server (item 12)
+        for secret in (key.encode(), key[3:20].encode(), SECRET_WORDS.encode(), b"Authorization"):
+            assert secret not in answer, f"{secret[:8]!r}… echoed in a 400"
+
+    # Bodies over the limit, announced and not announced (chunked).
+    too_big = b'{"messages":[{"role":"user","content":"' + SECRET_WORDS.encode() * 40_000 + b'"}]}'
+    async with bare_stack.http.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions", data=io.BytesIO(too_big),
+        headers={**auth(key), "Content-Type": "application/json"},
+    ) as resp:  # fmt: skip
+        assert resp.status == 413
+        assert SECRET_WORDS not in await resp.text()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(too_big), 65536):
+            yield too_big[start : start + 65536]
+
+    async with bare_stack.http.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions", data=chunks(), headers=auth(key)
+    ) as resp:
+        assert resp.status == 413
+
+    logs = await asyncio.to_thread(read_logs, tmp_path)
+    assert "http.malformed" in logs
+    for line in logs.splitlines():
+        if line.strip():
+            orjson.loads(line)  # every line is one JSON event: no plain-text traceback
+    for words in (key, key[3:], key[3:15], hash_key(key), SECRET_WORDS, "zebra"):
+        assert words not in logs, f"{words[:8]}… leaked into a log"

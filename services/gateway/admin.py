@@ -9,74 +9,22 @@ OpenAPI document served at ``/admin/api/openapi.json``.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
+from services.gateway.admin_input import BotInput, BotPatch, KeyInput, KeyPatch, bot_id, key_id
+from services.gateway.admin_tokens import admin_token_matches
 from services.gateway.admission import bearer_token
 from services.gateway.bodies import invalid, load_object, read_body
 from services.gateway.resources import GATEWAY, Gateway
 from shared.clock import now_ms
 from shared.errors import AdminUnauthorized, NotFound
-from shared.records import Bot, KeyRecord, Limits
-
-
-class BotInput(BaseModel):
-    """A new bot."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=200)
-    endpoint: str = Field("echo", min_length=1)
-    model: str = Field("echo", min_length=1)
-    system_prompt: str = ""
-    temperature: float = Field(0.7, ge=0, le=2)
-    top_p: float = Field(0.7, ge=0, le=1)
-    max_reply_tokens: int = Field(2048, ge=1)
-    max_history_messages: int = Field(10, ge=1)
-    limits: Limits = Limits()
-
-
-class BotPatch(BaseModel):
-    """Changes to a bot; fields left out stay as they are."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = Field(None, min_length=1, max_length=200)
-    endpoint: str | None = Field(None, min_length=1)
-    model: str | None = Field(None, min_length=1)
-    system_prompt: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    max_reply_tokens: int | None = Field(None, ge=1)
-    max_history_messages: int | None = Field(None, ge=1)
-    limits: Limits | None = None
-
-
-class KeyInput(BaseModel):
-    """A new key."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field("", max_length=200)
-    expires_at: int | None = Field(None, description="epoch milliseconds")
-    limits: Limits = Limits()
-
-
-class KeyPatch(BaseModel):
-    """Changes to a key; ``expires_at: null`` clears the expiry."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = Field(None, max_length=200)
-    disabled: bool | None = None
-    expires_at: int | None = Field(None, description="epoch milliseconds; null: never")
-    limits: Limits | None = None
+from shared.records import Bot, KeyRecord
 
 
 class UsageView(BaseModel):
@@ -91,7 +39,7 @@ class UsageView(BaseModel):
 class KeyView(KeyRecord):
     """A key as the admin API shows it (never the secret)."""
 
-    status: str
+    status: Literal["active", "disabled", "expired"]
     usage: UsageView
 
 
@@ -112,7 +60,7 @@ def _usage_view(counts: dict[str, int]) -> UsageView:
     )
 
 
-def _status(record: KeyRecord) -> str:
+def _status(record: KeyRecord) -> Literal["active", "disabled", "expired"]:
     if record.disabled:
         return "disabled"
     return "expired" if record.expired(now_ms()) else "active"
@@ -129,12 +77,7 @@ def _require_admin(request: web.Request) -> Gateway:
     tokens = gateway.settings.admin_tokens
     if not tokens:
         raise AdminUnauthorized("the admin API is off: set BOTLINE_ADMIN_TOKENS to turn it on")
-    given = (bearer_token(request) or "").encode()
-    # Compare with every token, so the time taken says nothing about which matched.
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(given, token.get_secret_value().encode())
-    if not matched:
+    if not admin_token_matches(bearer_token(request), tokens):
         raise AdminUnauthorized("a valid admin token is required")
     return gateway
 
@@ -159,14 +102,14 @@ async def _views(gateway: Gateway, records: list[KeyRecord]) -> list[KeyView]:
 
 
 async def _bot(gateway: Gateway, request: web.Request) -> Bot:
-    bot = await gateway.registry.get_bot(request.match_info["bot_id"])
+    bot = await gateway.registry.get_bot(bot_id(request.match_info["bot_id"]))
     if bot is None:
         raise NotFound("no such bot", param="bot_id")
     return bot
 
 
 async def _key(gateway: Gateway, request: web.Request) -> KeyRecord:
-    record = await gateway.registry.get_key(request.match_info["key_id"])
+    record = await gateway.registry.get_key(key_id(request.match_info["key_id"]))
     if record is None:
         raise NotFound("no such key", param="key_id")
     return record
@@ -208,7 +151,7 @@ async def update_bot(request: web.Request) -> web.Response:
 async def delete_bot(request: web.Request) -> web.Response:
     """Delete a bot; its keys then answer 404 ``bot_not_found``."""
     gateway = _require_admin(request)
-    if not await gateway.registry.delete_bot(request.match_info["bot_id"]):
+    if not await gateway.registry.delete_bot(bot_id(request.match_info["bot_id"])):
         raise NotFound("no such bot", param="bot_id")
     return web.Response(status=204)
 
@@ -228,7 +171,7 @@ async def create_key(request: web.Request) -> web.Response:
     fields = await _body(request, KeyInput)
     bot = await _bot(gateway, request)
     key, record = await gateway.registry.create_key(
-        bot.id, fields.name, fields.expires_at, fields.limits
+        bot.id, fields.name, fields.expires_at, fields.limits.limits()
     )
     (view,) = await _views(gateway, [record])
     return _json(CreatedKey(key=key, record=view), status=201)
@@ -259,7 +202,9 @@ async def update_key(request: web.Request) -> web.Response:
 def _set_disabled(disabled: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         gateway = _require_admin(request)
-        updated = await gateway.registry.set_disabled(request.match_info["key_id"], disabled)
+        updated = await gateway.registry.set_disabled(
+            key_id(request.match_info["key_id"]), disabled
+        )
         if updated is None:
             raise NotFound("no such key", param="key_id")
         (view,) = await _views(gateway, [updated])
@@ -273,7 +218,7 @@ def _set_disabled(disabled: bool) -> Callable[[web.Request], Awaitable[web.Respo
 async def revoke_key(request: web.Request) -> web.Response:
     """Delete a key for good."""
     gateway = _require_admin(request)
-    if not await gateway.registry.revoke(request.match_info["key_id"]):
+    if not await gateway.registry.revoke(key_id(request.match_info["key_id"])):
         raise NotFound("no such key", param="key_id")
     return web.Response(status=204)
 

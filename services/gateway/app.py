@@ -15,12 +15,14 @@ import structlog
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from services.gateway.http_server import GatewayRunner
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
 from services.gateway.limits import Limiter
 from services.gateway.middleware import edge, stamp_headers
 from services.gateway.resources import GATEWAY, Gateway
 from services.gateway.routes import setup_routes
+from services.gateway.security_headers import security_headers
 from services.gateway.settings import GatewaySettings
 from services.gateway.usage import UsageBook
 from shared.loop import new_event_loop
@@ -96,13 +98,14 @@ def create_app(settings: GatewaySettings) -> web.Application:
     )
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)
+    app.on_response_prepare.append(security_headers)
     setup_routes(app)
     return app
 
 
 async def serve(settings: GatewaySettings) -> None:
     """Serve until SIGINT or SIGTERM, then let in-flight requests finish."""
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         create_app(settings),
         handler_cancellation=True,  # notice a vanished caller at once
         keepalive_timeout=settings.keepalive_timeout_s,

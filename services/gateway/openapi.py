@@ -8,8 +8,13 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from services.gateway.admin import ROUTES, Route
+from services.gateway.admin_input import BOT_ID, KEY_ID
 
 ADMIN_PREFIX = "/admin/api"
+_ID_SCHEMAS = {
+    "bot_id": {"type": "string", "pattern": BOT_ID},
+    "key_id": {"type": "string", "pattern": KEY_ID},
+}
 
 
 def _ref(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
@@ -26,19 +31,21 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
         "summary": route.summary,
         "description": (route.handler.__doc__ or "").strip(),
         "operationId": route.handler.__name__,
-        "responses": {"401": error, "404": error, "400": error},
+        # Every error a caller can get: 400 bad input, 401 no admin token, 404 no such
+        # record (or an id of the wrong shape), 503 Redis unreachable.
+        "responses": {"400": error, "401": error, "404": error, "503": error},
     }
     params = [p.strip("{}") for p in route.path.split("/") if p.startswith("{")]
     if params:
         operation["parameters"] = [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-            for p in params
+            {"name": p, "in": "path", "required": True, "schema": _ID_SCHEMAS[p]} for p in params
         ]
     if route.body is not None:
         operation["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": _ref(route.body, schemas)}},
         }
+        operation["responses"]["413"] = error  # over BOTLINE_MAX_BODY_BYTES
     ok: dict[str, Any] = {"description": "OK"}
     if route.answer is not None:
         schema = _ref(route.answer, schemas)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
+from services.gateway.admin_tokens import check_admin_tokens, split_admin_tokens
 from shared.settings import CommonSettings
 
 
@@ -40,17 +40,20 @@ class GatewaySettings(CommonSettings):
     # Usage counts and keys' last use are written to Redis this often.
     usage_flush_s: float = Field(1.0, gt=0)
     # Tokens for the admin API and page (JSON list or comma-separated); none: admin off.
+    # Blank entries are dropped (a template's unset variable must not become a
+    # token that an absent header matches); each must be MIN_ADMIN_TOKEN_CHARS or longer.
     admin_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 
     @field_validator("admin_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [t.strip() for t in text.split(",") if t.strip()]
-        return value
+        return split_admin_tokens(value)
+
+    @field_validator("admin_tokens")
+    @classmethod
+    def _check_tokens(cls, tokens: list[SecretStr]) -> list[SecretStr]:
+        check_admin_tokens([t.get_secret_value() for t in tokens])
+        return tokens
 
     publish_timeout_s: float = Field(5.0, gt=0)
 

@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from services.gateway.app import create_app
+from services.gateway.http_server import GatewayRunner
 from services.gateway.settings import GatewaySettings
 from services.worker.settings import EndpointConfig, WorkerSettings
 from services.worker.worker import Worker
@@ -37,7 +38,7 @@ AMQP_URL = os.environ.get("BOTLINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1
 
 async def start_gateway(settings: GatewaySettings) -> tuple[web.AppRunner, str]:
     """Serve a gateway on a random loopback port; returns its runner and base URL."""
-    runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
+    runner = GatewayRunner(create_app(settings), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

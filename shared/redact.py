@@ -1,0 +1,46 @@
+"""Masking what looks like a secret in text headed for a log.
+
+A log line must never hold an API key, even when a library quotes a request
+line or an exception message carries a header. The patterns are broad on
+purpose: a masked word too many costs nothing, a key too few is a leak.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import MutableMapping
+from typing import Any
+
+MASK = "[redacted]"
+
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    # botline keys (shared.keys), whole or cut short, and OpenAI-style upstream keys.
+    (re.compile(r"\b(?:bl|sk)-[0-9A-Za-z_*-]{4,}"), MASK),
+    # A whole Authorization header value, whatever its scheme.
+    (re.compile(r"(?i)\b((?:proxy-)?authorization)[\"']?\s*[:=]\s*[^\r\n\"']*"), r"\1: " + MASK),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[^\s\"',;\\]{4,}"), r"\1 " + MASK),
+    # name=value and name: value for names that hold credentials.
+    (
+        re.compile(
+            r"(?i)\b(api[-_]?key|x-api-key|token|secret|password)[\"']?\s*[:=]\s*[\"']?[^\s\"',;\\]{4,}"
+        ),
+        r"\1=" + MASK,
+    ),
+]
+
+
+def redact(text: str) -> str:
+    """``text`` with every key-like word replaced by ``[redacted]``."""
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact_event(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: :func:`redact` every string value (tracebacks included)."""
+    for field, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[field] = redact(value)
+    return event_dict

@@ -1,0 +1,46 @@
+"""Log redaction (issue 10, item 5): library log lines become our JSON events, masked."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import orjson
+import structlog
+
+from shared import keys
+from shared.logging import configure_logging
+from shared.redact import redact
+
+
+def test_key_like_words_are_masked() -> None:
+    key = keys.generate()
+    assert key not in redact(f"Invalid HTTP header: b'Authorization: Bearer {key}\\x01'")
+    assert key[:12] not in redact(f"cut short: {key[:12]}")
+    assert "sk-proj-abcd" not in redact("Incorrect API key provided: sk-proj-abcd****wxyz")
+    assert "hunter22" not in redact("password=hunter22")
+    assert "Zm9vOmJhcg" not in redact("Authorization: Basic Zm9vOmJhcg==")
+    # Ordinary words stay.
+    for text in ("job.finished tokens=12", "the token was fine", "key_id=key_0123abcd"):
+        assert redact(text) == text
+
+
+def test_aiohttp_and_asyncio_records_are_json_events_without_the_key() -> None:
+    out = io.StringIO()
+    key = keys.generate()
+    try:
+        configure_logging("info", "json", stream=out)
+        try:
+            raise ValueError(f"Invalid HTTP header: b'Authorization: Bearer {key}\\x01'")
+        except ValueError:
+            logging.getLogger("aiohttp.server").exception("Error handling request from %s", key)
+        logging.getLogger("asyncio").error("Task exception: %s", f"Bearer {key}")
+        structlog.get_logger().warning("mine", note=f"got {key}")
+    finally:
+        configure_logging()
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["event"].split()[0] for line in lines] == ["Error", "Task", "mine"]
+    assert lines[0]["logger"] == "aiohttp.server"
+    assert "ValueError" in lines[0]["exception"]  # the traceback is kept, inside the event
+    assert key not in out.getvalue()
+    assert key[3:15] not in out.getvalue()
