@@ -22,6 +22,9 @@ from tests.support.stack import Process, Stack, kill_all, process_env
 REDIS_URL = os.environ.get("BOTLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("BOTLINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
+# Private Redis / Sentinel / RabbitMQ servers that tests kill and freeze.
+pytest_plugins = ["tests.support.server_fixtures"]
+
 
 @pytest.fixture
 def namespace(request: pytest.FixtureRequest) -> str:

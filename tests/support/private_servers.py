@@ -27,6 +27,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import json
 import os
 import random
 import secrets
@@ -139,6 +140,14 @@ def descendants(pid: int) -> list[tuple[int, str]]:
             found.append(child)
             todo.append(child[0])
     return found
+
+
+def process_name(pid: int) -> str:
+    """The command name of ``pid`` (``/proc/<pid>/comm``), or "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def listening_inodes(port: int) -> set[str]:
@@ -385,7 +394,7 @@ class PrivateRedis(_ServerProcess):
 
     async def _probe(self) -> bool:
         with contextlib.suppress(OSError, TimeoutError):
-            return await command(self.port, "PING", timeout=1) == "PONG"
+            return bool(await command(self.port, "PING", timeout=1) == "PONG")
         return False
 
     async def command(self, *args: str, timeout: float = 2.0) -> Any:  # noqa: ASYNC109
@@ -473,6 +482,8 @@ class RedisSentinelGroup:
         ]
         self.last_start_s: float | None = None
         self.last_failover_s: float | None = None
+        self.last_switch_seen_s: float | None = None
+        self._spawned_at = 0.0
 
     @property
     def servers(self) -> list[PrivateRedis]:
@@ -484,22 +495,39 @@ class RedisSentinelGroup:
         """(host, port) of each Sentinel."""
         return [(HOST, s.port) for s in self.sentinels]
 
-    async def start(self, timeout: float = 30.0) -> float:  # noqa: ASYNC109 -- test-facing API
-        """Start all five and wait until the group can fail over; returns seconds taken.
+    def spawn(self) -> None:
+        """Spawn all five without waiting (in a long-lived thread, see the module docstring)."""
+        self._spawned_at = time.monotonic()
+        for server in self.servers:
+            server.spawn()
+
+    async def wait_ready(self, timeout: float = 30.0) -> float:  # noqa: ASYNC109
+        """Wait until the group can fail over; returns seconds since ``spawn()``.
 
         Ready means: the replica's link to the master is up, and every Sentinel knows the
         replica and the two other Sentinels (without that, a failover cannot reach quorum).
         """
-        started = time.monotonic()
-        for server in self.servers:
-            server.spawn()
-        async with asyncio.timeout(timeout):
-            await asyncio.gather(*(s.wait_ready(timeout) for s in self.servers))
-            while not await self._can_fail_over():
-                # Sentinels discover each other by hello messages every 2 s; nothing to await.
-                await asyncio.sleep(0.1)
-        self.last_start_s = time.monotonic() - started
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(s.wait_ready(timeout) for s in self.servers))
+                while not await self._can_fail_over():  # noqa: ASYNC110 -- nothing to await
+                    # Sentinels find each other by hello messages every 2 s; poll with a deadline.
+                    await asyncio.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
+        self.last_start_s = time.monotonic() - self._spawned_at
         return self.last_start_s
+
+    async def start(self, timeout: float = 30.0) -> float:  # noqa: ASYNC109 -- test-facing API
+        """Start all five and wait until the group can fail over; returns seconds taken."""
+        self.spawn()
+        return await self.wait_ready(timeout)
+
+    def start_blocking(self, timeout: float = 30.0) -> float:
+        """``start()`` for synchronous fixtures (spawns here, waits in a helper thread)."""
+        self.spawn()
+        return run_blocking(self.wait_ready(timeout))
 
     async def _can_fail_over(self) -> bool:
         info = await self.replica.command("INFO", "replication")
@@ -534,27 +562,50 @@ class RedisSentinelGroup:
         return next(s for s in (self.master, self.replica) if s.port == port)
 
     async def kill_master_and_await_promotion(self, timeout: float = 30.0) -> float:  # noqa: ASYNC109
-        """SIGKILL the current master; wait until a Sentinel names the other server master.
+        """SIGKILL the current master; wait until the other data server is master everywhere.
 
-        Also waits until the promoted server itself answers ``ROLE`` as master. Returns the
-        seconds from the kill to that point; raises ``TimeoutError`` past ``timeout``.
+        Done means every live Sentinel names the promoted server, none flags it down, and the
+        server itself answers ``ROLE`` as master: from then on any Sentinel a client asks
+        gives the new address (with only the first Sentinel switched, redis-py can still get
+        ``MasterNotFoundError`` from the others). Returns seconds from the kill to that point
+        (``last_failover_s``; ``last_switch_seen_s`` is when the first Sentinel named it);
+        raises ``TimeoutError`` past ``timeout``.
         """
         old = await self.current_master()
+        new = self.replica if old is self.master else self.master
         await old.kill()
         killed = time.monotonic()
+        self.last_switch_seen_s = None
         async with asyncio.timeout(timeout):
-            while True:
-                with contextlib.suppress(RuntimeError):
-                    if (await self.master_address())[1] != old.port:
-                        new = await self.current_master()
-                        role = await new.command("ROLE")
-                        if role[0] == "master":
-                            break
-                # Sentinel publishes +switch-master on pub/sub, but polling the address is
-                # what a client does too, and it needs no subscription per Sentinel.
+            # Sentinel announces +switch-master on pub/sub, but one subscription per Sentinel
+            # would still not say when all agree; poll with a deadline instead.
+            while not await self._promoted(new, killed):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         self.last_failover_s = time.monotonic() - killed
         return self.last_failover_s
+
+    async def _promoted(self, new: PrivateRedis, killed: float) -> bool:
+        agreed = 0
+        live = [s for s in self.sentinels if s.running and not s.frozen]
+        for sentinel in live:
+            try:
+                fields = await sentinel.command("SENTINEL", "master", self.master_name, timeout=1)
+            except (OSError, TimeoutError, RuntimeError):
+                continue
+            state = dict(zip(fields[::2], fields[1::2], strict=True))
+            if int(state["port"]) != new.port:
+                continue
+            if self.last_switch_seen_s is None:
+                self.last_switch_seen_s = time.monotonic() - killed
+            if "s_down" not in state["flags"] and "o_down" not in state["flags"]:
+                agreed += 1
+        if agreed < len(live) or not live:
+            return False
+        try:
+            role = await new.command("ROLE", timeout=1)
+        except (OSError, TimeoutError, RuntimeError):
+            return False
+        return bool(role[0] == "master")
 
     def close(self) -> None:
         """Kill all five; idempotent."""
@@ -601,7 +652,11 @@ class PrivateRabbit(_ServerProcess):
         self.config_path = directory / "rabbitmq.conf"
         self.config_path.write_text(
             "\n".join(
-                [f"listeners.tcp.local = {HOST}:{self.port}", "loopback_users = none", *extra_config]
+                [
+                    f"listeners.tcp.local = {HOST}:{self.port}",
+                    "loopback_users = none",
+                    *extra_config,
+                ]
             )
             + "\n"
         )
@@ -667,7 +722,10 @@ class PrivateRabbit(_ServerProcess):
     async def wait_ready(self, timeout: float) -> float:  # noqa: ASYNC109 -- test-facing API
         """As for every server, and prints the start time (a node takes ~6-15 s here)."""
         seconds = await super().wait_ready(timeout)
-        print(f"private RabbitMQ {self.nodename} on :{self.port} up in {seconds:.1f}s", file=sys.stderr)
+        print(
+            f"private RabbitMQ {self.nodename} on :{self.port} up in {seconds:.1f}s",
+            file=sys.stderr,
+        )
         return seconds
 
     async def start(self, timeout: float = 90.0) -> float:  # noqa: ASYNC109 -- test-facing API
@@ -687,7 +745,12 @@ async def start_all(*servers: _ServerProcess, timeout: float = 90.0) -> list[flo
     """Start servers concurrently (two RabbitMQ nodes take about as long as one)."""
     for server in servers:
         server.spawn()
-    return list(await asyncio.gather(*(s.wait_ready(timeout) for s in servers)))
+    try:
+        return list(await asyncio.gather(*(s.wait_ready(timeout) for s in servers)))
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
 
 
 def start_all_blocking(*servers: _ServerProcess, timeout: float = 90.0) -> list[float]:
@@ -704,3 +767,80 @@ def start_all_blocking(*servers: _ServerProcess, timeout: float = 90.0) -> list[
         for server in servers:
             server.close()
         raise
+
+
+class PrivateRabbitCluster:
+    """``size`` private RabbitMQ nodes joined in one cluster (classic-config peer discovery).
+
+    The nodes share an Erlang cookie (written to each node's HOME) and register with the
+    machine's epmd under unique names; they start concurrently. Each node keeps its own
+    port, so ``urls`` is what a client that tries several brokers in turn is given. Kill,
+    freeze and restart single nodes through ``nodes``. RabbitMQ's rule applies: the last node
+    to go down must be the first back up, so restart a killed node while another one runs.
+    A quorum queue needs a majority of nodes: with ``size=2`` it is lost with either node.
+    """
+
+    def __init__(self, directory: Path, *, size: int = 2) -> None:
+        tag = secrets.token_hex(3)
+        names = [f"botline-{tag}-{i}@localhost" for i in range(size)]
+        cookie = secrets.token_hex(16)
+        discovery = [
+            "cluster_formation.peer_discovery_backend = classic_config",
+            *(f"cluster_formation.classic_config.nodes.{i + 1} = {n}" for i, n in enumerate(names)),
+        ]
+        self.nodes = [
+            PrivateRabbit(
+                directory / name.split("@")[0], nodename=name, cookie=cookie, extra_config=discovery
+            )
+            for name in names
+        ]
+        self.last_start_s: float | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        """Each node's AMQP URL, in node order."""
+        return [node.url for node in self.nodes]
+
+    async def start(self, timeout: float = 120.0) -> float:  # noqa: ASYNC109 -- test-facing API
+        """Start every node concurrently; wait until each answers AMQP and all have joined."""
+        started = time.monotonic()
+        await start_all(*self.nodes, timeout=timeout)
+        await self.wait_joined(timeout=max(1.0, timeout - (time.monotonic() - started)))
+        self.last_start_s = time.monotonic() - started
+        return self.last_start_s
+
+    def start_blocking(self, timeout: float = 120.0) -> float:
+        """``start()`` for synchronous fixtures (spawns here, waits in a helper thread)."""
+        started = time.monotonic()
+        start_all_blocking(*self.nodes, timeout=timeout)
+        run_blocking(self.wait_joined(timeout=max(1.0, timeout - (time.monotonic() - started))))
+        self.last_start_s = time.monotonic() - started
+        return self.last_start_s
+
+    async def running_nodes(self, via: PrivateRabbit | None = None) -> list[str]:
+        """Node names the cluster reports running, asked of ``via`` (first live node)."""
+        node = via or next(n for n in self.nodes if n.running and not n.frozen)
+        env = node._env()
+        del env["RABBITMQ_ALLOW_INPUT"]
+        ctl = str(Path(RABBITMQ_SERVER).with_name("rabbitmqctl"))
+        argv = [ctl, "-n", node.nodename, "cluster_status", "--formatter", "json"]
+        done = await asyncio.to_thread(
+            subprocess.run, argv, env=env, capture_output=True, text=True, timeout=30
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl cluster_status failed: {done.stderr[-500:]}")
+        status: dict[str, Any] = json.loads(done.stdout)
+        return sorted(status["running_nodes"])
+
+    async def wait_joined(self, timeout: float = 60.0) -> None:  # noqa: ASYNC109 -- test-facing API
+        """Wait until every node is in the cluster's running nodes."""
+        wanted = sorted(n.nodename for n in self.nodes)
+        async with asyncio.timeout(timeout):
+            # rabbitmqctl is the only way to ask; each call takes ~0.5 s, so poll slowly.
+            while await self.running_nodes() != wanted:  # noqa: ASYNC110 -- nothing to await
+                await asyncio.sleep(0.5)
+
+    def close(self) -> None:
+        """Kill every node; idempotent."""
+        for node in self.nodes:
+            node.close()
