@@ -9,7 +9,9 @@ RabbitMQ are untouched throughout.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -25,11 +27,13 @@ from tests.support.private_servers import (
     RedisSentinelGroup,
     command,
     port_refuses,
+    process_alive,
     process_name,
 )
 
 pytestmark = pytest.mark.integration
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARED_REDIS_PORT = 6379
 SHARED_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # A frozen server must make a client give up within its own timeout plus scheduling slack.
@@ -202,3 +206,57 @@ async def test_rabbit_cluster_serves_from_the_survivor(
         exchange = await channel.declare_exchange("support-cluster", durable=True, passive=True)
         await exchange.delete()
     await assert_shared_servers_alive()
+
+
+async def test_rabbit_pair_starts_together_and_nodes_fail_alone(
+    private_rabbit_pair: tuple[PrivateRabbit, PrivateRabbit],
+) -> None:
+    first, second = private_rabbit_pair
+    assert first.port != second.port
+    assert first.nodename != second.nodename
+    await first.kill()
+    assert await port_refuses(first.port)
+    # Independent nodes: the other one neither dies nor notices.
+    connection = await amqp_connect(second.url)
+    await connection.close()
+
+
+# A pytest that is itself SIGKILLed (a harness timeout) runs no finalizer and no atexit hook.
+_ORPHAN_SCRIPT = """
+import asyncio, sys, tempfile
+from pathlib import Path
+from tests.support.private_servers import PrivateRedis
+
+server = PrivateRedis(Path(tempfile.mkdtemp()))
+asyncio.run(server.start())
+print(server.pid, server.port, flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_server_dies_with_a_killed_pytest() -> None:
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _ORPHAN_SCRIPT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert parent.stdout is not None
+        assert parent.stderr is not None
+        line = await asyncio.wait_for(parent.stdout.readline(), 20)
+        assert line, (await parent.stderr.read()).decode()
+        pid, port = (int(field) for field in line.split())
+        assert process_name(pid) == "redis-server"
+        assert await command(port, "PING") == "PONG"
+    finally:
+        parent.kill()
+        await parent.wait()
+    async with asyncio.timeout(5):
+        # PR_SET_PDEATHSIG delivers SIGKILL as the parent dies; nothing announces it.
+        while not await port_refuses(port):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    assert not process_alive(pid)

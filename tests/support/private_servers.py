@@ -150,6 +150,15 @@ def process_name(pid: int) -> str:
         return ""
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (a dead child nobody has reaped yet)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return raw[raw.rindex(")") + 2] != "Z"
+
+
 def listening_inodes(port: int) -> set[str]:
     """Socket inodes of the IPv4 listeners on ``port`` (from /proc/net/tcp)."""
     inodes = set()
