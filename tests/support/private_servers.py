@@ -793,15 +793,23 @@ class PrivateRabbitCluster:
         tag = secrets.token_hex(3)
         names = [f"botline-{tag}-{i}@localhost" for i in range(size)]
         cookie = secrets.token_hex(16)
-        discovery = [
+        # Node 0 is the seed and boots alone; the others list it and keep retrying until it
+        # answers. If every node listed every other, each would give up after 10 x 500 ms
+        # and boot alone when the seed is slow: two clusters, never joined.
+        joiner = [
             "cluster_formation.peer_discovery_backend = classic_config",
-            *(f"cluster_formation.classic_config.nodes.{i + 1} = {n}" for i, n in enumerate(names)),
+            f"cluster_formation.classic_config.nodes.1 = {names[0]}",
+            "cluster_formation.discovery_retry_limit = 240",
+            "cluster_formation.discovery_retry_interval = 500",
         ]
         self.nodes = [
             PrivateRabbit(
-                directory / name.split("@")[0], nodename=name, cookie=cookie, extra_config=discovery
+                directory / name.split("@")[0],
+                nodename=name,
+                cookie=cookie,
+                extra_config=joiner if i else (),
             )
-            for name in names
+            for i, name in enumerate(names)
         ]
         self.last_start_s: float | None = None
 
