@@ -526,6 +526,10 @@ class RedisSentinelGroup:
             self.close()
             raise
         self.last_start_s = time.monotonic() - self._spawned_at
+        print(
+            f"private Sentinel group ready to fail over in {self.last_start_s:.1f}s",
+            file=sys.stderr,
+        )
         return self.last_start_s
 
     async def start(self, timeout: float = 30.0) -> float:  # noqa: ASYNC109 -- test-facing API
@@ -591,6 +595,12 @@ class RedisSentinelGroup:
             while not await self._promoted(new, killed):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         self.last_failover_s = time.monotonic() - killed
+        print(
+            f"private Sentinel group: master :{old.port} killed, :{new.port} named by a Sentinel"
+            f" after {self.last_switch_seen_s:.1f}s, by all and serving after"
+            f" {self.last_failover_s:.1f}s",
+            file=sys.stderr,
+        )
         return self.last_failover_s
 
     async def _promoted(self, new: PrivateRedis, killed: float) -> bool:
