@@ -26,6 +26,7 @@ from tests.support.private_servers import (
     PrivateRedis,
     RedisSentinelGroup,
     command,
+    descendants,
     port_refuses,
     process_alive,
     process_name,
@@ -225,20 +226,24 @@ async def test_rabbit_pair_starts_together_and_nodes_fail_alone(
 _ORPHAN_SCRIPT = """
 import asyncio, sys, tempfile
 from pathlib import Path
-from tests.support.private_servers import PrivateRedis
+from tests.support import private_servers
 
-server = PrivateRedis(Path(tempfile.mkdtemp()))
+server = getattr(private_servers, sys.argv[1])(Path(tempfile.mkdtemp()))
 asyncio.run(server.start())
 print(server.pid, server.port, flush=True)
 sys.stdin.read()
 """
 
 
-async def test_server_dies_with_a_killed_pytest() -> None:
+@pytest.mark.parametrize(
+    ("kind", "command_name"), [("PrivateRedis", "redis-server"), ("PrivateRabbit", "beam.smp")]
+)
+async def test_server_dies_with_a_killed_pytest(kind: str, command_name: str) -> None:
     parent = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         _ORPHAN_SCRIPT,
+        kind,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -247,16 +252,16 @@ async def test_server_dies_with_a_killed_pytest() -> None:
     try:
         assert parent.stdout is not None
         assert parent.stderr is not None
-        line = await asyncio.wait_for(parent.stdout.readline(), 20)
+        line = await asyncio.wait_for(parent.stdout.readline(), 60)
         assert line, (await parent.stderr.read()).decode()
         pid, port = (int(field) for field in line.split())
-        assert process_name(pid) == "redis-server"
-        assert await command(port, "PING") == "PONG"
+        assert process_name(pid) == command_name
+        assert not await port_refuses(port)
+        children = [child for child, _ in descendants(pid)]
     finally:
         parent.kill()
         await parent.wait()
     async with asyncio.timeout(5):
         # PR_SET_PDEATHSIG delivers SIGKILL as the parent dies; nothing announces it.
-        while not await port_refuses(port):  # noqa: ASYNC110
+        while not await port_refuses(port) or any(map(process_alive, [pid, *children])):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-    assert not process_alive(pid)
