@@ -185,11 +185,14 @@ def owns_listener(pid: int, port: int) -> bool:
 
 
 async def port_refuses(port: int) -> bool:
-    """Whether a TCP connect to the loopback ``port`` is refused."""
+    """Whether a TCP connect to the loopback ``port`` is refused (nobody listens)."""
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 2)
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # A connect racing a dying listener is reset, not refused: it was still there.
+        return False
     writer.close()
     return False
 
