@@ -471,11 +471,13 @@ class RedisSentinelGroup:
         failover_timeout_ms: int = 5000,
     ) -> None:
         self.master_name = master_name
-        self.master = PrivateRedis(directory / "master", name="master")
+        # No 5 s wait for more replicas before a sync: there is one, and tests are waiting.
+        no_delay = "repl-diskless-sync-delay 0"
+        self.master = PrivateRedis(directory / "master", name="master", config=[no_delay])
         self.replica = PrivateRedis(
             directory / "replica",
             name="replica",
-            config=[f"replicaof {HOST} {self.master.port}"],
+            config=[no_delay, f"replicaof {HOST} {self.master.port}"],
         )
         self.sentinels = [
             PrivateRedis(
@@ -495,7 +497,6 @@ class RedisSentinelGroup:
         self.last_start_s: float | None = None
         self.last_failover_s: float | None = None
         self.last_switch_seen_s: float | None = None
-        self._spawned_at = 0.0
 
     @property
     def servers(self) -> list[PrivateRedis]:
@@ -507,28 +508,21 @@ class RedisSentinelGroup:
         """(host, port) of each Sentinel."""
         return [(HOST, s.port) for s in self.sentinels]
 
-    def spawn(self) -> None:
-        """Spawn all five without waiting (in a long-lived thread, see the module docstring)."""
-        self._spawned_at = time.monotonic()
-        for server in self.servers:
-            server.spawn()
-
-    async def wait_ready(self, timeout: float = 30.0) -> float:  # noqa: ASYNC109
-        """Wait until the group can fail over; returns seconds since ``spawn()``.
-
-        Ready means: the replica's link to the master is up, and every Sentinel knows the
-        replica and the two other Sentinels (without that, a failover cannot reach quorum).
-        """
+    async def _wait_stage(self, servers: list[PrivateRedis], deadline: float) -> None:
+        """Wait until ``servers`` answer and the group is ready up to them (see ``_ready``)."""
         try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(s.wait_ready(timeout) for s in self.servers))
-                while not await self._can_fail_over():  # noqa: ASYNC110 -- nothing to await
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                left = max(0.1, deadline - time.monotonic())
+                await asyncio.gather(*(s.wait_ready(left) for s in servers))
+                while not await self._ready(sentinels=self.sentinels[0] in servers):  # noqa: ASYNC110
                     # Sentinels find each other by hello messages every 2 s; poll with a deadline.
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.05)
         except BaseException:
             self.close()
             raise
-        self.last_start_s = time.monotonic() - self._spawned_at
+
+    def _started(self, started: float) -> float:
+        self.last_start_s = time.monotonic() - started
         print(
             f"private Sentinel group ready to fail over in {self.last_start_s:.1f}s",
             file=sys.stderr,
@@ -536,20 +530,43 @@ class RedisSentinelGroup:
         return self.last_start_s
 
     async def start(self, timeout: float = 30.0) -> float:  # noqa: ASYNC109 -- test-facing API
-        """Start all five and wait until the group can fail over; returns seconds taken."""
-        self.spawn()
-        return await self.wait_ready(timeout)
+        """Start all five and wait until the group can fail over; returns seconds taken.
+
+        The Sentinels start only once the replica is in sync: a Sentinel learns of replicas
+        from the master's INFO, which it reads every 10 s, so one that looked too early
+        would make the group wait that long.
+        """
+        started = time.monotonic()
+        deadline = started + timeout
+        for server in (self.master, self.replica):
+            server.spawn()
+        await self._wait_stage([self.master, self.replica], deadline)
+        for server in self.sentinels:
+            server.spawn()
+        await self._wait_stage(self.sentinels, deadline)
+        return self._started(started)
 
     def start_blocking(self, timeout: float = 30.0) -> float:
         """``start()`` for synchronous fixtures (spawns here, waits in a helper thread)."""
-        self.spawn()
-        return run_blocking(self.wait_ready(timeout))
+        started = time.monotonic()
+        deadline = started + timeout
+        for server in (self.master, self.replica):
+            server.spawn()
+        run_blocking(self._wait_stage([self.master, self.replica], deadline))
+        for server in self.sentinels:
+            server.spawn()
+        run_blocking(self._wait_stage(self.sentinels, deadline))
+        return self._started(started)
 
-    async def _can_fail_over(self) -> bool:
+    async def _ready(self, *, sentinels: bool) -> bool:
+        """The replica is in sync and, with ``sentinels``, each knows it and two peers.
+
+        Without the peers a Sentinel cannot reach quorum and no failover happens.
+        """
         info = await self.replica.command("INFO", "replication")
         if "master_link_status:up" not in info:
             return False
-        for sentinel in self.sentinels:
+        for sentinel in self.sentinels if sentinels else []:
             fields = await sentinel.command("SENTINEL", "master", self.master_name)
             state = dict(zip(fields[::2], fields[1::2], strict=True))
             if state["num-slaves"] != "1" or state["num-other-sentinels"] != "2":

@@ -1,7 +1,7 @@
 """pytest fixtures for private servers that tests may kill, freeze and restart.
 
 Registered from tests/conftest.py (``pytest_plugins``). Redis starts in ~50 ms and a Sentinel
-group in ~5 s, so those are per test. A RabbitMQ node takes 6-15 s here, so it is started once
+group in ~2 s, so those are per test. A RabbitMQ node takes 6-15 s here, so it is started once
 per test module; the per-test fixture hands out that node running and thawed, restarting it if
 an earlier test of the module killed it. Tests isolate on it by namespace, as on the shared
 broker. All fixtures are synchronous, so they serve sync and async tests alike.
