@@ -53,7 +53,7 @@ _PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_live: set[_ServerProcess] = set()
+_live: set[PrivateServer] = set()
 _live_lock = threading.Lock()
 
 
@@ -201,8 +201,11 @@ class ServerStartError(RuntimeError):
     """A private server exited or did not answer in time; carries its log's tail."""
 
 
-class _ServerProcess:
-    """One server process: spawn, signals, SIGKILL of it and its children, reaping."""
+class PrivateServer:
+    """One private server process: spawn, probe, signals, SIGKILL of it and its children.
+
+    The base of :class:`PrivateRedis` and :class:`PrivateRabbit`; not used on its own.
+    """
 
     name: str
     port: int
@@ -371,7 +374,7 @@ class _ServerProcess:
         self.close()
 
 
-class PrivateRedis(_ServerProcess):
+class PrivateRedis(PrivateServer):
     """A ``redis-server`` (or a Sentinel, ``sentinel=True``) of the test's own.
 
     No persistence (``save ""``, ``appendonly no``) unless ``config`` says otherwise; extra
@@ -664,7 +667,7 @@ class RedisSentinelGroup:
         self.close()
 
 
-class PrivateRabbit(_ServerProcess):
+class PrivateRabbit(PrivateServer):
     """A RabbitMQ node of the test's own on a free loopback port (FIELD-NOTES §12).
 
     Its config, plugins file, Mnesia, logs and HOME (Erlang cookie) live in ``directory``;
@@ -780,7 +783,7 @@ class PrivateRabbit(_ServerProcess):
         return await super().restart(timeout)
 
 
-async def start_all(*servers: _ServerProcess, timeout: float = 90.0) -> list[float]:  # noqa: ASYNC109
+async def start_all(*servers: PrivateServer, timeout: float = 90.0) -> list[float]:  # noqa: ASYNC109
     """Start servers concurrently (two RabbitMQ nodes take about as long as one)."""
     for server in servers:
         server.spawn()
@@ -792,7 +795,7 @@ async def start_all(*servers: _ServerProcess, timeout: float = 90.0) -> list[flo
         raise
 
 
-def start_all_blocking(*servers: _ServerProcess, timeout: float = 90.0) -> list[float]:
+def start_all_blocking(*servers: PrivateServer, timeout: float = 90.0) -> list[float]:
     """``start_all()`` for synchronous fixtures: spawns here, waits in a helper thread."""
     for server in servers:
         server.spawn()
