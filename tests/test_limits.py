@@ -185,3 +185,33 @@ async def test_a_request_refused_by_a_full_queue_gives_its_slot_back(bare_stack:
         status, body, _ = await ask(bare_stack.http, bare_stack.url, key)
         # Not 429: the one slot came back when the last job could not be queued.
         assert (status, body["error"]["code"]) == (503, "overloaded")
+
+
+async def test_a_lease_lasts_as_long_as_its_request(bare_stack: Stack) -> None:
+    # A 1 s lease: the leases' sorted set got a 2 s TTL at admission, and
+    # renewing the leases in it did not extend that, so past 2 s the key
+    # forgot its request in flight and admitted a second one.
+    up = bare_stack.upstream
+    await bare_stack.add_worker()
+    await bare_stack.add_gateway(lease_ttl_s=1)
+    bot = await bare_stack.registry.create_bot(name="c", endpoint="fake", model="m")
+    key, _ = await bare_stack.registry.create_key(bot.id, limits=Limits(concurrency=1))
+    held = Script(tokens=["a ", "b"], hold_after=1)
+    up.script(held)
+    stream = await open_stream(bare_stack.http, bare_stack.url, key)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        # Over four lease TTLs, more than twice the key's TTL set at admission.
+        while (elapsed := loop.time() - start) < 4.5:
+            status, body, _ = await ask(bare_stack.http, bare_stack.url, key)
+            assert status == 429, f"a second request was admitted {elapsed:.1f} s in"
+            assert body["error"]["code"] == "rate_limit_exceeded"
+            # Time itself is the event: ask again, gently, for the whole request.
+            await asyncio.sleep(0.2)
+    finally:
+        held.release.set()
+    assert [e async for e in sse_events(stream)][-1]["status"] == "END"  # type: ignore[index]
+    stream.close()
+    # The slot comes back when the stream ends.
+    (await until_admitted(bare_stack, key)).close()

@@ -203,11 +203,11 @@ class Limiter:
                         t = await self._redis.time()
                         expiry = t[0] * 1000 + t[1] // 1000 + self._lease_ms
                         for key_id, leases in self._leases.items():
-                            pipe.zadd(
-                                self._names.leases(key_id),
-                                dict.fromkeys(leases, expiry),
-                                xx=True,
-                            )
+                            name = self._names.leases(key_id)
+                            pipe.zadd(name, dict.fromkeys(leases, expiry), xx=True)
+                            # The set's own TTL too: set only at admission, it
+                            # dropped every lease of a request past 2 x the TTL.
+                            pipe.pexpire(name, self._lease_ms * 2)
                         await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("limits.renew_failed", error=type(exc).__name__)
