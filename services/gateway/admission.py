@@ -92,8 +92,9 @@ async def chat_session(
             try:
                 yield ChatSession(chat, bot, run)
             finally:
-                # A request is counted once its job was queued.
-                gateway.usage.record(record.key_id, bot.id, run.usage)
+                # A request is counted once its job was queued; one that ended
+                # early is charged what it was sent (ChatRun.charge).
+                gateway.usage.record(record.key_id, bot.id, run.charge())
     finally:
         # The lease is released even when the job could not be queued.
-        gateway.limiter.settle(grant, run.usage.total_tokens if run.usage else 0)
+        gateway.limiter.settle(grant, run.charge().total_tokens)
