@@ -19,6 +19,7 @@ from services.gateway.bodies import read_body
 from services.gateway.chat_run import ChatRun, new_job_id
 from services.gateway.job_builder import ChatInput, build_job
 from services.gateway.resources import GATEWAY, RATE_HEADERS, REQUEST_ID
+from shared import tokens
 from shared.clock import now_ms
 from shared.errors import RateLimited
 from shared.records import Bot, KeyRecord
@@ -72,9 +73,12 @@ async def chat_session(
         deadline_s=settings.request_deadline_s,
     )
     structlog.contextvars.bind_contextvars(job_id=job.job_id, stream=chat.stream)
+    limits = record.limits.over(bot.limits)
+    # Costs a pass over the prompt: only for keys whose tokens are limited.
+    prompt_estimate = tokens.estimate_prompt(job.messages) if limits.tpm else None
     try:
         grant = await gateway.limiter.admit(
-            record.key_id, record.limits.over(bot.limits), job.job_id
+            record.key_id, limits, job.job_id, (prompt_estimate or 0) + job.max_tokens
         )
     except RateLimited as exc:
         request[RATE_HEADERS] = exc.headers
@@ -85,6 +89,7 @@ async def chat_session(
         job,
         deadline_s=settings.request_deadline_s,
         event_timeout_s=settings.event_timeout_s,
+        prompt_estimate=prompt_estimate,
     )
     # No await in the finally blocks: they run even when the caller went away.
     try:

@@ -69,7 +69,13 @@ class ChatRun:
     """
 
     def __init__(
-        self, job_client: JobClient, job: ChatJob, *, deadline_s: float, event_timeout_s: float
+        self,
+        job_client: JobClient,
+        job: ChatJob,
+        *,
+        deadline_s: float,
+        event_timeout_s: float,
+        prompt_estimate: int | None = None,
     ):
         self.job = job
         self._client = job_client
@@ -84,7 +90,7 @@ class ChatRun:
         self.usage: Usage | None = None
         # What the relayed attempt sent before its end: charged if none comes.
         self._sent: list[str] = []
-        self._prompt_estimate: int | None = None
+        self._prompt_estimate = prompt_estimate
 
     @property
     def prompt_estimate(self) -> int:
