@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from services.gateway.job_client import DeadJob, Incoming, JobClient
+from services.gateway.job_client import DeadJob, Incoming, Interrupted, JobClient
 from shared import tokens
-from shared.errors import DeadlineExceeded, JobFailed, WorkerLost, error_from_code
+from shared.errors import BotlineError, DeadlineExceeded, JobFailed, WorkerLost, error_from_code
 from shared.wire import ChatJob, DeltaEvent, EndEvent, Usage
 
 
@@ -86,6 +86,8 @@ class ChatRun:
         self._attempt: int | None = None
         self._seq = 0
         self._done = False
+        # An error the gateway ends the run with before its queue exists.
+        self._interrupt: BotlineError | None = None
         # The answer's usage, once its end event arrived.
         self.usage: Usage | None = None
         # What the relayed attempt sent before its end: charged if none comes.
@@ -116,8 +118,21 @@ class ChatRun:
             completion_tokens=tokens.estimate("".join(self._sent)),
         )
 
+    def interrupt(self, error: BotlineError) -> None:
+        """End the run with ``error`` after the events already received (its key was revoked).
+
+        A stream that started ends with one error event; a whole answer, or a
+        stream not started, raises it. Leaving the run then cancels the job.
+        """
+        if self._queue is None:
+            self._interrupt = self._interrupt or error
+        elif not self._done:
+            self._queue.put_nowait(Interrupted(error))
+
     async def __aenter__(self) -> ChatRun:
         self._queue = self._client.register(self.job.job_id)
+        if self._interrupt is not None:
+            self._queue.put_nowait(Interrupted(self._interrupt))
         try:
             await self._client.submit(self.job)
         except BaseException:
@@ -157,6 +172,8 @@ class ChatRun:
         relayed = False
         while True:
             event = await self._next()
+            if isinstance(event, Interrupted):
+                raise event.error
             if isinstance(event, DeadJob):
                 self._done = True
                 raise JobFailed("the job failed on several workers and was given up")

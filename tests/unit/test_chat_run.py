@@ -9,7 +9,7 @@ import pytest
 
 from services.gateway.chat_run import ChatRun
 from services.gateway.job_client import DEAD, Incoming
-from shared.errors import DeadlineExceeded, JobFailed, UpstreamError, WorkerLost
+from shared.errors import ApiKeyRevoked, DeadlineExceeded, JobFailed, UpstreamError, WorkerLost
 from shared.wire import ChatJob, ChatMessage, DeltaEvent, EndEvent, ErrorEvent, Usage
 
 USAGE = Usage(prompt_tokens=2, completion_tokens=3)
@@ -160,3 +160,25 @@ async def test_a_whole_answer_is_charged_its_own_usage_and_nothing_sent_costs_no
         async with quiet:
             await quiet.complete()
     assert quiet.charge() == Usage()
+
+
+async def test_an_interrupted_run_raises_its_error_and_cancels_the_job() -> None:
+    run, client = run_with([delta(1, 0, "a")])
+    seen: list[str] = []
+
+    async def relay_all() -> None:
+        async with run:
+            async for event in run.stream():
+                seen.append(event.text)
+                run.interrupt(ApiKeyRevoked("revoked"))
+
+    with pytest.raises(ApiKeyRevoked):
+        await relay_all()
+    assert seen == ["a"]
+    assert client.cancelled == ["j1"]
+    # Interrupted before it started: it ends at once.
+    early, _ = run_with([])
+    early.interrupt(ApiKeyRevoked("revoked"))
+    with pytest.raises(ApiKeyRevoked):
+        async with early:
+            await early.complete()
