@@ -24,6 +24,7 @@ from shared import keys, tokens
 from shared.clock import now_ms
 from shared.errors import RateLimited
 from shared.records import Bot, KeyRecord
+from shared.wire import Usage
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -116,6 +117,7 @@ async def _admitted(
         prompt_estimate=prompt_estimate,
     )
     # No await in the finally blocks: they run even when the caller went away.
+    charged = Usage()
     try:
         async with run:
             ticket.attach(run)
@@ -124,7 +126,9 @@ async def _admitted(
             finally:
                 # A request is counted once its job was queued; one that ended
                 # early is charged what it was sent (ChatRun.charge).
-                gateway.usage.record(record.key_id, bot.id, run.charge())
+                charged = run.charge()
+                gateway.usage.record(record.key_id, bot.id, charged)
     finally:
-        # The lease is released even when the job could not be queued.
-        gateway.limiter.settle(grant, run.charge().total_tokens)
+        # The lease is released, and the reservation given back, even when
+        # the job could not be queued.
+        gateway.limiter.settle(grant, charged.total_tokens)
