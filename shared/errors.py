@@ -94,6 +94,14 @@ class ApiKeyExpired(BotlineError):
     type = "authentication_error"
 
 
+class ApiKeyRevoked(BotlineError):
+    """The key was revoked while a request of it was in flight (later: unknown key)."""
+
+    status = 401
+    code = "api_key_revoked"
+    type = "authentication_error"
+
+
 class BotNotFound(BotlineError):
     """The key's bot no longer exists."""
 
@@ -226,6 +234,7 @@ _BY_CODE: dict[str, type[BotlineError]] = {
         InvalidApiKey,
         ApiKeyDisabled,
         ApiKeyExpired,
+        ApiKeyRevoked,
         BotNotFound,
         BackendUnavailable,
         Overloaded,

@@ -185,3 +185,61 @@ async def test_a_request_refused_by_a_full_queue_gives_its_slot_back(bare_stack:
         status, body, _ = await ask(bare_stack.http, bare_stack.url, key)
         # Not 429: the one slot came back when the last job could not be queued.
         assert (status, body["error"]["code"]) == (503, "overloaded")
+
+
+async def test_a_lease_lasts_as_long_as_its_request(bare_stack: Stack) -> None:
+    # A 1 s lease: the leases' sorted set got a 2 s TTL at admission, and
+    # renewing the leases in it did not extend that, so past 2 s the key
+    # forgot its request in flight and admitted a second one.
+    up = bare_stack.upstream
+    await bare_stack.add_worker()
+    await bare_stack.add_gateway(lease_ttl_s=1)
+    bot = await bare_stack.registry.create_bot(name="c", endpoint="fake", model="m")
+    key, _ = await bare_stack.registry.create_key(bot.id, limits=Limits(concurrency=1))
+    held = Script(tokens=["a ", "b"], hold_after=1)
+    up.script(held)
+    stream = await open_stream(bare_stack.http, bare_stack.url, key)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        # Over four lease TTLs, more than twice the key's TTL set at admission.
+        while (elapsed := loop.time() - start) < 4.5:
+            status, body, _ = await ask(bare_stack.http, bare_stack.url, key)
+            assert status == 429, f"a second request was admitted {elapsed:.1f} s in"
+            assert body["error"]["code"] == "rate_limit_exceeded"
+            # Time itself is the event: ask again, gently, for the whole request.
+            await asyncio.sleep(0.2)
+    finally:
+        held.release.set()
+    assert [e async for e in sse_events(stream)][-1]["status"] == "END"  # type: ignore[index]
+    stream.close()
+    # The slot comes back when the stream ends.
+    (await until_admitted(bare_stack, key)).close()
+
+
+async def test_concurrent_requests_cannot_spend_more_tokens_than_a_minute_holds(
+    bare_stack: Stack,
+) -> None:
+    # Twenty requests at once against 100 tokens a minute, on two gateways:
+    # each reserves its estimate (prompt 10 words + 6, plus max_tokens 20 =
+    # 36) when admitted, so only as many as fit are. Checked only, not
+    # reserved, all twenty were admitted and served 520 tokens.
+    await bare_stack.add_worker()
+    first = await bare_stack.add_gateway()
+    second = await bare_stack.add_gateway()
+    bot = await bare_stack.registry.create_bot(name="t", endpoint="echo-slow", model="m")
+    key, _ = await bare_stack.registry.create_key(bot.id, limits=Limits(tpm=100))
+    ask: dict[str, Any] = {"max_tokens": 20, "messages": [{"role": "user", "content": "w " * 10}]}
+    results = await asyncio.gather(
+        *(chat(bare_stack.http, (first, second)[i % 2], key, ask) for i in range(20))
+    )
+    served = [body["usage"]["totalTokens"] for status, body, _ in results if status == 200]
+    assert served, "nothing was admitted"
+    # The echo model's usage is the estimate itself: no estimate error to allow for.
+    assert sum(served) <= 100, served
+    for status, body, headers in results:
+        assert status in (200, 429)
+        assert headers["x-ratelimit-limit-tokens"] == "100"
+        if status == 429:
+            assert body["error"]["code"] == "rate_limit_exceeded"
+            assert "tokens per minute" in body["error"]["message"]

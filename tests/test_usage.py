@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from shared.records import Limits
 from tests.support.client import auth, chat, sse_events
 from tests.support.fake_openai import Script
 from tests.support.stack import ProcessFactory, Stack, replace_worker_when_called
@@ -80,3 +81,46 @@ async def test_a_retried_job_is_counted_once(bare_stack: Stack, processes: Proce
     usage = await admin_get(bare_stack, f"/bots/{bot.id}/usage")
     assert usage["requests"] == 1  # ...the request counts once
     assert usage["total_tokens"] == body["usage"]["totalTokens"]
+
+
+async def test_a_caller_who_hangs_up_pays_for_what_it_was_sent(bare_stack: Stack) -> None:
+    up = bare_stack.upstream
+    words = [f"w{i} " for i in range(60)]
+    up.script(Script(tokens=words, hold_after=58))  # the model stalls before the 59th word
+    await bare_stack.add_worker()
+    await bare_stack.add_gateway(admin_tokens=[TOKEN])
+    bot = await bare_stack.registry.create_bot(name="b", endpoint="fake", model="m")
+    key, record = await bare_stack.registry.create_key(bot.id, "k", limits=Limits(tpm=600))
+    ask = {"stream": True, "messages": [{"role": "user", "content": "tell me sixty words"}]}
+    resp = await bare_stack.http.post(
+        f"{bare_stack.url}/v1/chat/completions", json=ask, headers=auth(key)
+    )
+    assert resp.status == 200
+    received = ""
+    async for event in sse_events(resp):
+        assert isinstance(event, dict)
+        assert event["status"] in ("START", "MIDDLE")
+        received += event["choices"]["delta"]["content"]
+        if received == "".join(words[:58]):
+            break
+    resp.close()  # hang up just before the end
+    await asyncio.wait_for(up.requests[0].disconnected.wait(), 5)
+
+    # The prompt's estimate (4 words + 6) and the 58 words relayed, counted once.
+    expected = {"requests": 1, "prompt_tokens": 10, "completion_tokens": 58, "total_tokens": 68}
+    async with asyncio.timeout(5):
+        # Counted once the gateway noticed the hang-up: poll until it did.
+        while (await admin_get(bare_stack, f"/keys/{record.key_id}/usage"))["requests"] == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    assert await admin_get(bare_stack, f"/keys/{record.key_id}/usage") == expected
+    # The key's tokens-per-minute budget paid the same 68 (give or take what
+    # a second or two of the budget's refill, 10 tokens a second, paid back,
+    # and up to the next request's own reservation of 7 + 1).
+    status, _, headers = await chat(
+        bare_stack.http,
+        bare_stack.url,
+        key,
+        {"max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert status == 200
+    assert 600 - 68 - 8 <= int(headers["x-ratelimit-remaining-tokens"]) <= 600 - 68 + 20

@@ -17,11 +17,14 @@ from aiohttp import web
 
 from services.gateway.bodies import read_body
 from services.gateway.chat_run import ChatRun, new_job_id
+from services.gateway.inflight import Ticket
 from services.gateway.job_builder import ChatInput, build_job
 from services.gateway.resources import GATEWAY, RATE_HEADERS, REQUEST_ID
+from shared import keys, tokens
 from shared.clock import now_ms
 from shared.errors import RateLimited
 from shared.records import Bot, KeyRecord
+from shared.wire import Usage
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -58,9 +61,30 @@ async def chat_session(
     """Authenticate, validate, admit and run a chat request; leaving settles it.
 
     ``parse`` is the surface's validation of its body into a :class:`ChatInput`.
+    While it runs the request holds a ticket for its key, so that a revoke, a
+    disable or the key's expiry ends it (:mod:`services.gateway.inflight`).
     """
     gateway = request.config_dict[GATEWAY]
+    generation = gateway.keys.generation
     record, bot = await authenticate(request)
+    key_hash = keys.hash_key(bearer_token(request) or "")
+    with gateway.inflight.track(key_hash, record) as ticket:
+        if gateway.keys.generation != generation:
+            # A change heard during the lookup may not be in what it read.
+            gateway.inflight.recheck(key_hash)
+        async with _admitted(request, parse, record, bot, ticket) as session:
+            yield session
+
+
+@asynccontextmanager
+async def _admitted(
+    request: web.Request,
+    parse: Callable[[bytes], ChatInput],
+    record: KeyRecord,
+    bot: Bot,
+    ticket: Ticket,
+) -> AsyncIterator[ChatSession]:
+    gateway = request.config_dict[GATEWAY]
     chat = parse(await read_body(request))
     settings = gateway.settings
     job = build_job(
@@ -72,9 +96,14 @@ async def chat_session(
         deadline_s=settings.request_deadline_s,
     )
     structlog.contextvars.bind_contextvars(job_id=job.job_id, stream=chat.stream)
+    limits = record.limits.over(bot.limits)
+    # Costs a pass over the prompt: only for keys whose tokens are limited.
+    prompt_estimate = tokens.estimate_prompt(job.messages) if limits.tpm else None
+    if ticket.error is not None:
+        raise ticket.error  # the key changed while the body was read
     try:
         grant = await gateway.limiter.admit(
-            record.key_id, record.limits.over(bot.limits), job.job_id
+            record.key_id, limits, job.job_id, (prompt_estimate or 0) + job.max_tokens
         )
     except RateLimited as exc:
         request[RATE_HEADERS] = exc.headers
@@ -85,15 +114,21 @@ async def chat_session(
         job,
         deadline_s=settings.request_deadline_s,
         event_timeout_s=settings.event_timeout_s,
+        prompt_estimate=prompt_estimate,
     )
     # No await in the finally blocks: they run even when the caller went away.
+    charged = Usage()
     try:
         async with run:
+            ticket.attach(run)
             try:
                 yield ChatSession(chat, bot, run)
             finally:
-                # A request is counted once its job was queued.
-                gateway.usage.record(record.key_id, bot.id, run.usage)
+                # A request is counted once its job was queued; one that ended
+                # early is charged what it was sent (ChatRun.charge).
+                charged = run.charge()
+                gateway.usage.record(record.key_id, bot.id, charged)
     finally:
-        # The lease is released even when the job could not be queued.
-        gateway.limiter.settle(grant, run.usage.total_tokens if run.usage else 0)
+        # The lease is released, and the reservation given back, even when
+        # the job could not be queued.
+        gateway.limiter.settle(grant, charged.total_tokens)

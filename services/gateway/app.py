@@ -16,6 +16,7 @@ from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from services.gateway.http_server import GatewayRunner
+from services.gateway.inflight import InFlight
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
 from services.gateway.limits import Limiter
@@ -66,6 +67,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await gateway.inflight.close()
         await gateway.limiter.close()
         await gateway.usage.flush()
         await gateway.job_client.close()
@@ -77,16 +79,20 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
     redis = redis_client(settings)
     registry = Registry(redis, settings.names)
+    keys = KeyCache(
+        registry,
+        timeout_s=settings.redis_timeout_s,
+        ttl_s=settings.key_cache_ttl_s,
+        max_entries=settings.key_cache_size,
+    )
+    inflight = InFlight(registry, timeout_s=settings.redis_timeout_s)
+    # What revokes a cached key also ends the key's requests in flight.
+    keys.on_change(inflight.changed)
     app[GATEWAY] = Gateway(
         settings=settings,
         redis=redis,
         registry=registry,
-        keys=KeyCache(
-            registry,
-            timeout_s=settings.redis_timeout_s,
-            ttl_s=settings.key_cache_ttl_s,
-            max_entries=settings.key_cache_size,
-        ),
+        keys=keys,
         job_client=JobClient(settings),
         limiter=Limiter(
             redis,
@@ -95,6 +101,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             lease_ttl_s=settings.lease_ttl_s,
         ),
         usage=UsageBook(registry, timeout_s=settings.redis_timeout_s),
+        inflight=inflight,
     )
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from services.gateway.job_client import DeadJob, Incoming, JobClient
-from shared.errors import DeadlineExceeded, JobFailed, WorkerLost, error_from_code
+from services.gateway.job_client import DeadJob, Incoming, Interrupted, JobClient
+from shared import tokens
+from shared.errors import BotlineError, DeadlineExceeded, JobFailed, WorkerLost, error_from_code
 from shared.wire import ChatJob, DeltaEvent, EndEvent, Usage
 
 
@@ -68,7 +69,13 @@ class ChatRun:
     """
 
     def __init__(
-        self, job_client: JobClient, job: ChatJob, *, deadline_s: float, event_timeout_s: float
+        self,
+        job_client: JobClient,
+        job: ChatJob,
+        *,
+        deadline_s: float,
+        event_timeout_s: float,
+        prompt_estimate: int | None = None,
     ):
         self.job = job
         self._client = job_client
@@ -79,11 +86,53 @@ class ChatRun:
         self._attempt: int | None = None
         self._seq = 0
         self._done = False
+        # An error the gateway ends the run with before its queue exists.
+        self._interrupt: BotlineError | None = None
         # The answer's usage, once its end event arrived.
         self.usage: Usage | None = None
+        # What the relayed attempt sent before its end: charged if none comes.
+        self._sent: list[str] = []
+        self._prompt_estimate = prompt_estimate
+
+    @property
+    def prompt_estimate(self) -> int:
+        """The estimated tokens of the job's prompt (computed once, on first use)."""
+        if self._prompt_estimate is None:
+            self._prompt_estimate = tokens.estimate_prompt(self.job.messages)
+        return self._prompt_estimate
+
+    def charge(self) -> Usage:
+        """What the request costs, however it ended.
+
+        The answer's own usage once its end event came. Otherwise (the caller
+        hung up, a failure mid-answer) what the model had sent for it: the
+        prompt's estimate plus the estimate of the text received (for a
+        stream, the text relayed to the caller), and nothing if no text came.
+        """
+        if self.usage is not None:
+            return self.usage
+        if not self._sent:
+            return Usage()
+        return Usage(
+            prompt_tokens=self.prompt_estimate,
+            completion_tokens=tokens.estimate("".join(self._sent)),
+        )
+
+    def interrupt(self, error: BotlineError) -> None:
+        """End the run with ``error`` after the events already received (its key was revoked).
+
+        A stream that started ends with one error event; a whole answer, or a
+        stream not started, raises it. Leaving the run then cancels the job.
+        """
+        if self._queue is None:
+            self._interrupt = self._interrupt or error
+        elif not self._done:
+            self._queue.put_nowait(Interrupted(error))
 
     async def __aenter__(self) -> ChatRun:
         self._queue = self._client.register(self.job.job_id)
+        if self._interrupt is not None:
+            self._queue.put_nowait(Interrupted(self._interrupt))
         try:
             await self._client.submit(self.job)
         except BaseException:
@@ -123,6 +172,8 @@ class ChatRun:
         relayed = False
         while True:
             event = await self._next()
+            if isinstance(event, Interrupted):
+                raise event.error
             if isinstance(event, DeadJob):
                 self._done = True
                 raise JobFailed("the job failed on several workers and was given up")
@@ -130,6 +181,7 @@ class ChatRun:
                 if relayed and not restartable:
                     raise WorkerLost("the worker answering this request was lost")
                 self._attempt, self._seq = event.attempt, 0
+                self._sent.clear()  # the caller is sent the new attempt's answer instead
             elif event.attempt < self._attempt:
                 continue  # a late event of an attempt we gave up on
             if event.seq != self._seq:
@@ -137,6 +189,7 @@ class ChatRun:
             self._seq += 1
             if isinstance(event, DeltaEvent):
                 relayed = True
+                self._note_sent(event)
                 yield event
                 continue
             self._done = True
@@ -145,6 +198,17 @@ class ChatRun:
                 yield event
                 return
             raise error_from_code(event.code, event.message)
+
+    def _note_sent(self, event: DeltaEvent) -> None:
+        # Only kept, not counted: most answers end with the worker's own usage.
+        if event.text:
+            self._sent.append(event.text)
+        for chunk in event.tool_calls:
+            for part in chunk:
+                function = part.get("function") or {}
+                for name in ("name", "arguments"):
+                    if isinstance(function.get(name), str):
+                        self._sent.append(" " + function[name])
 
     async def complete(self) -> Answer:
         """Wait for the whole answer. A retried job restarts it unseen."""

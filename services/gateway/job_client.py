@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from dataclasses import dataclass
 from typing import Final
 
 import structlog
@@ -34,7 +35,7 @@ from shared.amqp import (
     declare_replies,
     publish,
 )
-from shared.errors import BackendUnavailable, Overloaded
+from shared.errors import BackendUnavailable, BotlineError, Overloaded
 from shared.tasks import TaskSet
 from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent, decode_event
 
@@ -46,7 +47,16 @@ class DeadJob:
 
 
 DEAD: Final = DeadJob()
-Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupted:
+    """Ends a job's events with an error of the gateway's own (its key was revoked, say)."""
+
+    error: BotlineError
+
+
+Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob | Interrupted
 
 
 class JobClient:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -73,6 +74,22 @@ class KeyCache:
         self._bumped = asyncio.Event()
         # Set while the invalidation channel is followed (and entries are trusted).
         self._online = asyncio.Event()
+        # Told every invalidation heard ("*" when anything may have changed).
+        self._listeners: list[Callable[[str], None]] = []
+
+    def on_change(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener`` with every invalidation message heard, and ``"*"`` on
+        resubscribing (what changed meanwhile is unknown)."""
+        self._listeners.append(listener)
+
+    def _tell(self, message: str) -> None:
+        for listener in self._listeners:
+            listener(message)
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every invalidation: a lookup that straddled a change sees it move."""
+        return self._generation
 
     @property
     def online(self) -> bool:
@@ -207,9 +224,12 @@ class KeyCache:
                     self._bump()
                     self._online.set()
                     log.info("keys.cache_online")
+                    self._tell("*")
                 elif kind == "message":
                     data = message["data"]
-                    self._invalidate(data.decode() if isinstance(data, bytes) else str(data))
+                    text = data.decode() if isinstance(data, bytes) else str(data)
+                    self._invalidate(text)
+                    self._tell(text)
         finally:
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -7,9 +7,14 @@ request (a Lua script), and only for keys that have limits.
   to a sliding window: a fresh key may burst to its limit, then gets one more
   request every ``60 s / rpm``. A fixed window would let twice the rate
   through around a window's edge; this never does.
-- Tokens per minute: the same, charged after the answer with its real usage
-  (prompt + completion). A key over its budget is refused until it has paid
-  it back.
+- Tokens per minute: the same, counted in tokens. Admission reserves the
+  request's estimate (its prompt's estimate plus its ``max_tokens`` as capped
+  by the bot; at most the whole budget) and admits it only if the reservation
+  fits in what is left; the end settles the reservation to the real usage
+  (prompt + completion), giving back what was not used. So concurrent
+  requests cannot spend more than the budget: the overshoot is what one
+  request's real usage exceeds its estimate by. A key over its budget is
+  refused until it has paid it back.
 - Concurrency: leases in a sorted set, scored by their expiry. A request's
   lease is released when it ends or its caller goes away; the gateway renews
   its leases while requests run, so those of a gateway that died expire
@@ -41,7 +46,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local window = tonumber(ARGV[6])
-local rpm_left, rpm_reset, tpm_left, tpm_reset, new_rpm_tat = -1, 0, -1, 0, 0
+local rpm_left, rpm_reset, tpm_left, tpm_reset, new_rpm_tat, new_tpm_tat = -1, 0, -1, 0, 0, 0
 if rpm > 0 then
   local interval = window / rpm
   local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
@@ -53,12 +58,16 @@ if rpm > 0 then
   rpm_reset = math.ceil(new_rpm_tat - now)
 end
 if tpm > 0 then
+  -- The request's reservation must fit in what is left of the budget.
   local tat = math.max(tonumber(redis.call('GET', KEYS[2]) or now), now)
-  tpm_left = math.max(0, math.floor(tpm * (window - (tat - now)) / window))
-  tpm_reset = math.ceil(tat - now)
-  if tpm_left < 1 then
-    return {0, 'tokens', math.ceil(tat - window - now) + 1, rpm_left, rpm_reset, 0, tpm_reset}
+  new_tpm_tat = tat + tonumber(ARGV[7]) * window / tpm
+  if new_tpm_tat - now > window then
+    local left = math.max(0, math.floor(tpm * (window - (tat - now)) / window))
+    return {0, 'tokens', math.ceil(new_tpm_tat - window - now) + 1, rpm_left, rpm_reset,
+            left, math.ceil(tat - now)}
   end
+  tpm_left = math.max(0, math.floor(tpm * (window - (new_tpm_tat - now)) / window))
+  tpm_reset = math.ceil(new_tpm_tat - now)
 end
 if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -71,16 +80,23 @@ end
 if rpm > 0 then
   redis.call('SET', KEYS[1], tostring(new_rpm_tat), 'PX', math.ceil(new_rpm_tat - now) + 1000)
 end
+if tpm > 0 then
+  redis.call('SET', KEYS[2], tostring(new_tpm_tat), 'PX', math.ceil(new_tpm_tat - now) + 1000)
+end
 return {1, '', 0, rpm_left, rpm_reset, tpm_left, tpm_reset}
 """
 
 _SETTLE = """
 if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
 local tpm, tokens, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
-if tpm > 0 and tokens > 0 then
+-- Charge the real usage in place of the reservation: more, or some back.
+local owed = tokens - tonumber(ARGV[5])
+if tpm > 0 and owed ~= 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now) + tokens * window / tpm
+  -- A budget already whole has nothing to give back.
+  local tat = math.max(math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
+                       + owed * window / tpm, now)
   redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
 end
 return 1
@@ -104,6 +120,8 @@ class Grant:
     limits: Limits
     lease: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    # Tokens reserved at admission, settled to the real usage at the end.
+    reserved: int = 0
 
 
 def _headers(limits: Limits, answer: list[int]) -> dict[str, str]:
@@ -138,10 +156,16 @@ class Limiter:
         n = self._names
         return [n.rate(key_id, "rpm"), n.rate(key_id, "tpm"), n.leases(key_id)]
 
-    async def admit(self, key_id: str, limits: Limits, lease: str) -> Grant:
-        """Take a request against the key's limits, or raise :class:`RateLimited`."""
+    async def admit(self, key_id: str, limits: Limits, lease: str, estimate: int = 0) -> Grant:
+        """Take a request against the key's limits, or raise :class:`RateLimited`.
+
+        ``estimate`` is the request's tokens at most (prompt estimate plus
+        ``max_tokens``); with a tokens-per-minute limit it is reserved, up to
+        the whole budget, until :meth:`settle` charges the real usage.
+        """
         if not limits.any:
             return Grant(key_id, limits)
+        reserved = min(max(estimate, 1), limits.tpm) if limits.tpm else 0
         args: list[str | int] = [
             limits.rpm or 0,
             limits.tpm or 0,
@@ -149,6 +173,7 @@ class Limiter:
             lease,
             self._lease_ms,
             _WINDOW_MS,
+            reserved,
         ]
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -163,20 +188,23 @@ class Limiter:
                 reason, "concurrent requests"
             )
             raise RateLimited(f"rate limit reached for {what}", answer[2], headers)
-        grant = Grant(key_id, limits, lease if limits.concurrency else "", headers)
+        grant = Grant(key_id, limits, lease if limits.concurrency else "", headers, reserved)
         if grant.lease:
             self._leases.setdefault(key_id, set()).add(grant.lease)
         return grant
 
     def settle(self, grant: Grant, tokens: int) -> None:
-        """Release the lease and charge the tokens; returns at once (safe while cancelled)."""
+        """Release the lease and charge the real tokens in place of the reservation.
+
+        Returns at once (safe while cancelled).
+        """
         if grant.lease:
             held = self._leases.get(grant.key_id)
             if held is not None:
                 held.discard(grant.lease)
                 if not held:
                     del self._leases[grant.key_id]
-        if not (grant.lease or (grant.limits.tpm and tokens)):
+        if not (grant.lease or (grant.limits.tpm and tokens != grant.reserved)):
             return
         self._tasks.spawn(self._send_settle(grant, tokens))
 
@@ -185,10 +213,10 @@ class Limiter:
             async with asyncio.timeout(self._timeout_s * 3):
                 await self._settle(
                     keys=self._keys(grant.key_id)[1:],
-                    args=[grant.limits.tpm or 0, tokens, grant.lease, _WINDOW_MS],
+                    args=[grant.limits.tpm or 0, tokens, grant.lease, _WINDOW_MS, grant.reserved],
                 )
         except (RedisError, OSError, TimeoutError) as exc:
-            # The lease expires by itself; the tokens are not charged.
+            # The lease expires by itself; the reservation stays charged.
             log.warning("limits.settle_failed", error=type(exc).__name__)
 
     async def renew_leases(self) -> None:
@@ -203,11 +231,11 @@ class Limiter:
                         t = await self._redis.time()
                         expiry = t[0] * 1000 + t[1] // 1000 + self._lease_ms
                         for key_id, leases in self._leases.items():
-                            pipe.zadd(
-                                self._names.leases(key_id),
-                                dict.fromkeys(leases, expiry),
-                                xx=True,
-                            )
+                            name = self._names.leases(key_id)
+                            pipe.zadd(name, dict.fromkeys(leases, expiry), xx=True)
+                            # The set's own TTL too: set only at admission, it
+                            # dropped every lease of a request past 2 x the TTL.
+                            pipe.pexpire(name, self._lease_ms * 2)
                         await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("limits.renew_failed", error=type(exc).__name__)

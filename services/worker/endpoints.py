@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from services.worker import tokens
 from services.worker.settings import EndpointConfig
+from shared import tokens
 from shared.errors import UpstreamError
 from shared.wire import ChatJob, Usage
 

@@ -9,7 +9,7 @@ import pytest
 
 from services.gateway.chat_run import ChatRun
 from services.gateway.job_client import DEAD, Incoming
-from shared.errors import DeadlineExceeded, JobFailed, UpstreamError, WorkerLost
+from shared.errors import ApiKeyRevoked, DeadlineExceeded, JobFailed, UpstreamError, WorkerLost
 from shared.wire import ChatJob, ChatMessage, DeltaEvent, EndEvent, ErrorEvent, Usage
 
 USAGE = Usage(prompt_tokens=2, completion_tokens=3)
@@ -138,3 +138,47 @@ async def test_no_event_before_the_deadline_times_out() -> None:
     with pytest.raises(DeadlineExceeded, match="no answer"):
         async with run:
             await run.complete()
+
+
+async def test_an_answer_cut_short_is_charged_what_was_sent() -> None:
+    # JOB's prompt is one word: 1 + 4 per message + 2.
+    error = ErrorEvent(job_id="j1", attempt=2, seq=2, code="upstream_error", message="bad")
+    run, _ = run_with([delta(1, 0, "lost"), delta(2, 0, "two words"), delta(2, 1, ", x"), error])
+    with pytest.raises(UpstreamError):
+        async with run:
+            await run.complete()
+    assert run.charge() == Usage(prompt_tokens=7, completion_tokens=4)
+
+
+async def test_a_whole_answer_is_charged_its_own_usage_and_nothing_sent_costs_nothing() -> None:
+    run, _ = run_with([delta(1, 0, "a"), end(1, 1, "b")])
+    async with run:
+        await run.complete()
+    assert run.charge() == USAGE
+    quiet, _ = run_with([], deadline_s=0.05)
+    with pytest.raises(DeadlineExceeded):
+        async with quiet:
+            await quiet.complete()
+    assert quiet.charge() == Usage()
+
+
+async def test_an_interrupted_run_raises_its_error_and_cancels_the_job() -> None:
+    run, client = run_with([delta(1, 0, "a")])
+    seen: list[str] = []
+
+    async def relay_all() -> None:
+        async with run:
+            async for event in run.stream():
+                seen.append(event.text)
+                run.interrupt(ApiKeyRevoked("revoked"))
+
+    with pytest.raises(ApiKeyRevoked):
+        await relay_all()
+    assert seen == ["a"]
+    assert client.cancelled == ["j1"]
+    # Interrupted before it started: it ends at once.
+    early, _ = run_with([])
+    early.interrupt(ApiKeyRevoked("revoked"))
+    with pytest.raises(ApiKeyRevoked):
+        async with early:
+            await early.complete()

@@ -58,3 +58,12 @@ def test_every_row_of_the_readme_error_table_matches_an_error_class() -> None:
 def test_every_error_lives_in_shared_errors() -> None:
     for cls in _all_errors().values():
         assert cls.__module__ == errors.__name__, cls
+
+
+def test_every_error_a_callers_key_can_cause_is_in_the_table() -> None:
+    # The key's own states (invalid, disabled, expired, revoked mid-request):
+    # the admin surface's token errors are documented with the admin API.
+    named = {code for _, _, codes in _rows() for code in codes}
+    for code, cls in _all_errors().items():
+        if cls.type == "authentication_error" and not issubclass(cls, errors.AdminUnauthorized):
+            assert code in named, f"the README's error table does not name {code!r}"

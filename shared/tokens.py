@@ -1,8 +1,11 @@
-"""A token count for models that report none.
+"""A token count where no model reported one.
 
-No tokenizer ships with the worker (they download vocabularies at run time,
+No tokenizer ships with botline (they download vocabularies at run time,
 and vary by model), so this estimates: one token per word or punctuation
-mark, one per CJK character. Upstreams that report usage are believed.
+mark, one per CJK character. Workers use it for models that report no
+usage (upstreams that report usage are believed); gateways use it to
+reserve a request's tokens at admission and to charge what a caller who
+hung up was sent. One estimator for both, so the two agree.
 """
 
 from __future__ import annotations
