@@ -70,8 +70,10 @@ async def test_export_then_import_restores_bots_and_working_keys(
     lines = [orjson.loads(line) for line in text.splitlines()]
     assert lines[0]["format"] == "botline-export"
     assert [line["type"] for line in lines[1:]] == ["bot", "bot", "key", "key"]
-    assert lines[3]["key_hash"] == hash_key(key)
-    assert lines[3]["record"]["last_used_at"] == 1_700_000_000_000
+    exported = {line["record"]["key_id"]: line for line in lines[3:]}
+    assert exported[record.key_id]["key_hash"] == hash_key(key)
+    assert exported[record.key_id]["record"]["last_used_at"] == 1_700_000_000_000
+    assert exported[disabled.key_id]["record"]["disabled"] is True
 
     target = bare_stack.registry
     namespace = bare_stack.namespace
