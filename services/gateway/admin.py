@@ -23,7 +23,7 @@ from services.gateway.bodies import invalid, load_object, read_body
 from services.gateway.resources import GATEWAY, Gateway
 from shared.clock import now_ms
 from shared.errors import AdminUnauthorized, NotFound
-from shared.records import Bot, KeyRecord, Limits
+from shared.records import Bot, ContentKind, KeyRecord, Limits
 
 
 class BotInput(BaseModel):
@@ -39,6 +39,9 @@ class BotInput(BaseModel):
     top_p: float = Field(0.7, ge=0, le=1)
     max_reply_tokens: int = Field(2048, ge=1)
     max_history_messages: int = Field(10, ge=1)
+    allowed_content: list[ContentKind] = Field(
+        default_factory=list, description="non-text content parts callers may send"
+    )
     limits: Limits = Limits()
 
 
@@ -55,6 +58,7 @@ class BotPatch(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     max_reply_tokens: int | None = Field(None, ge=1)
     max_history_messages: int | None = Field(None, ge=1)
+    allowed_content: list[ContentKind] | None = None
     limits: Limits | None = None
 
 

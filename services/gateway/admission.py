@@ -53,15 +53,16 @@ class ChatSession:
 
 @asynccontextmanager
 async def chat_session(
-    request: web.Request, parse: Callable[[bytes], ChatInput]
+    request: web.Request, parse: Callable[[bytes, Bot], ChatInput]
 ) -> AsyncIterator[ChatSession]:
     """Authenticate, validate, admit and run a chat request; leaving settles it.
 
-    ``parse`` is the surface's validation of its body into a :class:`ChatInput`.
+    ``parse`` is the surface's validation of its body, for the key's bot, into a
+    :class:`ChatInput`.
     """
     gateway = request.config_dict[GATEWAY]
     record, bot = await authenticate(request)
-    chat = parse(await read_body(request))
+    chat = parse(await read_body(request), bot)
     settings = gateway.settings
     job = build_job(
         chat,
