@@ -20,7 +20,7 @@ from services.gateway.chat_run import ChatRun, new_job_id
 from services.gateway.job_builder import ChatInput, build_job
 from services.gateway.resources import GATEWAY, RATE_HEADERS, REQUEST_ID
 from shared.clock import now_ms
-from shared.errors import RateLimited
+from shared.errors import ApiKeyDisabled, ApiKeyExpired, InvalidApiKey, RateLimited
 from shared.records import Bot, KeyRecord
 
 
@@ -34,9 +34,20 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 async def authenticate(request: web.Request) -> tuple[KeyRecord, Bot]:
-    """The caller's key and its bot, or the error to answer."""
+    """The caller's key and its bot, or the error to answer.
+
+    An address with too many failures this minute gets a 429 before its key is
+    looked at (:mod:`services.gateway.auth_failures`).
+    """
     gateway = request.config_dict[GATEWAY]
-    record, bot = await gateway.keys.resolve(bearer_token(request))
+    # The TCP peer: X-Forwarded-For is not trusted (see auth_failures).
+    address = request.remote or ""
+    gateway.auth_failures.check(address)
+    try:
+        record, bot = await gateway.keys.resolve(bearer_token(request))
+    except (InvalidApiKey, ApiKeyDisabled, ApiKeyExpired):
+        gateway.auth_failures.failed(address)
+        raise
     structlog.contextvars.bind_contextvars(key_id=record.key_id, bot_id=bot.id)
     gateway.usage.used(record.key_id, now_ms())
     return record, bot

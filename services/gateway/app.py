@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from services.gateway.auth_failures import AuthFailures
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
 from services.gateway.limits import Limiter
@@ -84,6 +85,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
             timeout_s=settings.redis_timeout_s,
             ttl_s=settings.key_cache_ttl_s,
             max_entries=settings.key_cache_size,
+            unknown_ttl_s=settings.unknown_key_cache_ttl_s,
+            max_unknown=settings.unknown_key_cache_size,
         ),
         job_client=JobClient(settings),
         limiter=Limiter(
@@ -93,6 +96,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             lease_ttl_s=settings.lease_ttl_s,
         ),
         usage=UsageBook(registry, timeout_s=settings.redis_timeout_s),
+        auth_failures=AuthFailures(settings.auth_failures_per_minute),
     )
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
+from services.gateway.auth_failures import AuthFailures
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
 from services.gateway.limits import Limiter
@@ -34,6 +35,7 @@ class Gateway:
     job_client: JobClient
     limiter: Limiter
     usage: UsageBook
+    auth_failures: AuthFailures
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
