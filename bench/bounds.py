@@ -74,11 +74,11 @@ def bodies() -> dict[str, tuple[str, bytes]]:
     return found
 
 
-async def sender(url: str, key: str, seconds: float) -> None:
+async def sender(url: str, key: str, seconds: float, only: list[str]) -> None:
     """Post the worst-case bodies in turn until ``seconds`` pass; print the tally."""
     tally: collections.Counter[str] = collections.Counter()
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    work = list(bodies().items())
+    work = [(name, body) for name, body in bodies().items() if not only or name in only]
     deadline = time.monotonic() + seconds
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -144,7 +144,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 alone = await probe(session, url, key, args.seconds)
                 cpu_before = cpu_seconds([gateway.pid])
                 argv = [sys.executable, "-m", "bench.bounds", "--sender", url, key,
-                        "--seconds", str(args.seconds + 1)]  # fmt: skip
+                        "--seconds", str(args.seconds + 1), "--bodies", args.bodies]  # fmt: skip
                 senders = [
                     await procs.start(f"sender{i}", argv, cwd=ROOT, stdout_pipe=True)
                     for i in range(args.senders)
@@ -166,6 +166,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "source": str(source),
         "senders": args.senders,
+        "bodies": args.bodies or "all",
         "seconds": args.seconds,
         "probe_alone_ms": figures(alone),
         "probe_under_load_ms": figures(loaded),
@@ -180,11 +181,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="per phase")
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--python-path", help="run the services from this checkout")
+    parser.add_argument("--bodies", default="", help="comma-separated body names (default all)")
     parser.add_argument("--sender", nargs=2, metavar=("URL", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.python_path = Path(args.python_path).resolve() if args.python_path else ROOT
     if args.sender:
-        asyncio.run(sender(args.sender[0], args.sender[1], args.seconds))
+        only = [name for name in args.bodies.split(",") if name]
+        asyncio.run(sender(args.sender[0], args.sender[1], args.seconds, only))
         return
     print(json.dumps(asyncio.run(measure(args)), indent=2))
 

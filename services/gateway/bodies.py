@@ -27,7 +27,7 @@ MAX_CONTENT_PARTS = 256
 MAX_JSON_CONTAINERS = 20_000
 
 _SQUARE = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_NOT_MARK = bytes(sorted(set(range(256)) - set(b'[]{}"')))
 # Opening brackets to +1, closing ones to -1 (as signed bytes).
 _SIGN = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
@@ -36,18 +36,21 @@ def json_shape_error(raw: bytes) -> str | None:
     """Why the JSON text ``raw`` is too deep or has too many arrays and objects, or None.
 
     Checked on the bytes before any parser recurses or allocates, in a few
-    passes done in C: drop escaped backslashes and quotes, cut out the strings
-    (every other piece between quotes), keep only the brackets, remove the
-    innermost pairs once (a body of many small objects shrinks to almost
-    nothing), then take the highest running sum of +1 per opening and -1 per
-    closing bracket. Text that is not valid JSON may be misjudged; the parser
-    refuses it anyway.
+    passes done in C: drop escaped backslashes and quotes; keep only quotes and
+    brackets; drop adjacent quote pairs (a string without brackets in it, or
+    the gap between two strings: which brackets sit inside a string is kept);
+    cut out what is left of strings (every other piece between quotes);
+    remove the innermost bracket pairs once (a body of many small objects
+    shrinks to almost nothing); then take the highest running sum of +1 per
+    opening and -1 per closing bracket. Text that is not valid JSON may be
+    misjudged; the parser refuses it anyway.
     """
     if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
         return None  # the common case: nothing to count
-    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    outside = b"".join(unescaped.split(b'"')[::2])
-    brackets = outside.translate(None, _NOT_BRACKET)
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    marks = raw.translate(None, _NOT_MARK).replace(b'""', b"")
+    brackets = b"".join(marks.split(b'"')[::2]) if b'"' in marks else marks
     if len(brackets) > 2 * MAX_JSON_CONTAINERS:
         return f"the body holds more than {MAX_JSON_CONTAINERS} arrays and objects"
     shape = brackets.translate(_SQUARE).replace(b"[]", b"")
