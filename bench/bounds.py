@@ -2,7 +2,7 @@
 
 Starts one gateway and one worker (``make run``'s defaults, the built-in echo
 model) in a fresh namespace, then measures a small whole request on the seed
-surface, one at a time: first alone, then while ``--senders`` processes each
+surface, one every 50 ms: first alone, then while ``--senders`` processes each
 post 1 MiB bodies in a loop, as fast as they are answered. The bodies rotate
 through what costs a gateway most before it can say no (or yes):
 
@@ -93,19 +93,29 @@ async def sender(url: str, key: str, seconds: float, only: list[str]) -> None:
 
 
 async def probe(session: aiohttp.ClientSession, url: str, key: str, seconds: float) -> list[float]:
-    """A small request's latencies (ms), one at a time, for ``seconds``."""
+    """A small request's latencies (ms), one sent every 50 ms for ``seconds``.
+
+    Sent on a schedule, not one after the other: a stalled gateway then delays
+    every request due during the stall, as it would real callers', instead of
+    one probe that happens to wait (no coordinated omission).
+    """
     headers = {"Authorization": f"Bearer {key}"}
-    found: list[float] = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+
+    async def one() -> float:
         started = time.perf_counter()
         async with session.post(f"{url}/v1/chat/completions", json=SMALL, headers=headers) as resp:
             await resp.read()
             if resp.status != 200:
                 raise RuntimeError(f"the probe got HTTP {resp.status}")
-        found.append((time.perf_counter() - started) * 1000)
-        await asyncio.sleep(0.02)  # a caller, not a load generator
-    return found
+        return (time.perf_counter() - started) * 1000
+
+    async with asyncio.TaskGroup() as group:
+        sent = [group.create_task(one())]
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            sent.append(group.create_task(one()))
+    return [task.result() for task in sent]
 
 
 def figures(latencies: list[float]) -> dict[str, Any]:
