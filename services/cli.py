@@ -362,6 +362,13 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--top-p", dest="top_p", type=float)
     create.add_argument("--max-reply-tokens", dest="max_reply_tokens", type=int)
     create.add_argument("--max-history-messages", dest="max_history_messages", type=int)
+    create.add_argument(
+        "--allow-content",
+        dest="allowed_content",
+        action="append",
+        choices=["image", "audio", "file"],
+        help="non-text content parts callers may send (repeat for several)",
+    )
     bots.add_parser("list", help="list bots")
     for action in ("show", "delete"):
         bots.add_parser(action, help=f"{action} a bot").add_argument("bot_id")

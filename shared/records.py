@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,6 +36,10 @@ class Limits(BaseModel):
         return bool(self.rpm or self.tpm or self.concurrency)
 
 
+# Kinds of non-text content a bot may be sent (OpenAI's image_url, input_audio, file parts).
+ContentKind = Literal["image", "audio", "file"]
+
+
 class Bot(BaseModel):
     """A configured bot: which model answers, and how."""
 
@@ -49,6 +54,11 @@ class Bot(BaseModel):
     top_p: float = Field(0.7, ge=0, le=1)
     max_reply_tokens: int = Field(2048, ge=1)
     max_history_messages: int = Field(10, ge=1)
+    # Non-text content parts the model may be sent; a model server that fetches an
+    # image_url would otherwise fetch any address a caller names.
+    allowed_content: list[ContentKind] = Field(
+        default_factory=list, description="non-text content parts callers may send"
+    )
     # Defaults for the bot's keys; each key may set its own.
     limits: Limits = Limits()
     created_at: int = Field(0, description="epoch milliseconds")

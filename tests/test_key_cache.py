@@ -11,7 +11,8 @@ from redis.asyncio import Redis
 from services.gateway.app import redis_client
 from services.gateway.key_cache import KeyCache
 from services.gateway.settings import GatewaySettings
-from shared.errors import ApiKeyDisabled
+from shared.errors import ApiKeyDisabled, InvalidApiKey
+from shared.keys import generate
 from shared.records import Bot, KeyRecord
 from shared.registry import Registry
 from tests.support.stack import REDIS_URL
@@ -142,3 +143,50 @@ async def test_more_concurrent_redis_calls_than_connections_wait_instead_of_fail
         assert len(set(used)) <= 4
     finally:
         await client.aclose()
+
+
+async def test_invented_keys_cannot_push_real_keys_out(
+    cache: KeyCache, counting: CountingRegistry
+) -> None:
+    key, record = await new_key(counting)
+    await cache.resolve(key)
+    invented = [generate() for _ in range(1000)]  # well-formed, unknown to Redis
+    for fake in invented:
+        with pytest.raises(InvalidApiKey):
+            await cache.resolve(fake)
+    assert counting.lookups == 1001
+    # The real key (in a cache of 100 entries) is still there: no lookup.
+    found, _ = await cache.resolve(key)
+    assert found.key_id == record.key_id
+    assert counting.lookups == 1001
+    # Unknown keys are remembered too, for a short while, in their own cache.
+    with pytest.raises(InvalidApiKey):
+        await cache.resolve(invented[-1])
+    assert counting.lookups == 1001
+    assert cache.sizes == (1, 1000)
+
+
+async def test_the_unknown_key_cache_is_bounded_and_short_lived(
+    counting: CountingRegistry, redis: Redis
+) -> None:
+    cache = KeyCache(
+        counting, timeout_s=5.0, ttl_s=60.0, max_entries=100, unknown_ttl_s=5.0, max_unknown=10
+    )
+    listener = asyncio.create_task(cache.listen(redis, counting.names.invalidate_channel))
+    try:
+        async with asyncio.timeout(5):
+            await cache.wait_online()
+        invented = [generate() for _ in range(25)]
+        for fake in invented:
+            with pytest.raises(InvalidApiKey):
+                await cache.resolve(fake)
+        assert cache.sizes == (0, 10)
+        with pytest.raises(InvalidApiKey):
+            await cache.resolve(invented[-1])  # among the 10 newest: cached
+        assert counting.lookups == 25
+        with pytest.raises(InvalidApiKey):
+            await cache.resolve(invented[0])  # evicted: looked up again
+        assert counting.lookups == 26
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)

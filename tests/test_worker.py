@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 import pytest
+import structlog.testing
 
 from tests.support.client import auth, chat, sse_events, stream_chat
 from tests.support.fake_openai import Script
@@ -82,6 +83,27 @@ async def test_upstream_error_is_502_with_its_message(stack: Stack) -> None:
     status, body, _ = await chat(stack.http, stack.url, key, {"messages": conversation(1)})
     assert (status, body["error"]["code"]) == (502, "upstream_error")
     assert "500" in body["error"]["message"]
+
+
+async def test_upstream_words_stay_with_the_worker(stack: Stack) -> None:
+    """The caller reads the status class in our words; the worker logs the rest, masked."""
+    leak = "Incorrect API key provided: sk-proj-abcd****wxyz. Call ops at db-7.internal"
+    _, key = await stack.bot_and_key(endpoint="fake", model="m")
+    ask = {"messages": conversation(1)}
+    with structlog.testing.capture_logs() as logs:
+        stack.upstream.script(Script(status=401, error_message=leak))
+        status, body, _ = await chat(stack.http, stack.url, key, ask)
+        assert (status, body["error"]["code"]) == (502, "upstream_error")
+        assert body["error"]["message"] == "the model endpoint refused the request (401)"
+        stack.upstream.script(Script(status=429, error_message=leak))
+        status, body, _ = await chat(stack.http, stack.url, key, ask | {"stream": True})
+        assert (status, body["error"]["code"]) == (502, "upstream_error")
+        assert body["error"]["message"] == "the model endpoint is rate limiting botline (429)"
+    logged = [e for e in logs if e["event"] == "upstream.refused"]
+    assert [e["status"] for e in logged] == [401, 429]
+    assert logged[0]["upstream_message"] == (
+        "Incorrect API key provided: ***. Call ops at db-7.internal"
+    )
 
 
 async def test_unknown_endpoint_is_a_clear_error(stack: Stack) -> None:

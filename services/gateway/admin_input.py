@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.errors import NotFound
-from shared.records import Limits
+from shared.records import ContentKind, Limits
 
 # Ids as shared.records.new_id makes them; anything else names no record (and must
 # not reach Redis: "bot_x:keys" is another record's key).
@@ -92,6 +92,9 @@ class BotInput(BaseModel):
     top_p: float = Field(0.7, ge=0, le=1)
     max_reply_tokens: int = Field(2048, ge=1, le=MAX_COUNT)
     max_history_messages: int = Field(10, ge=1, le=MAX_COUNT)
+    allowed_content: list[ContentKind] = Field(
+        default_factory=list, max_length=3, description="non-text content parts callers may send"
+    )
     limits: LimitsInput = LimitsInput()
 
 
@@ -120,6 +123,7 @@ class BotPatch(_Patch):
     top_p: float | None = _unchanged(ge=0, le=1)
     max_reply_tokens: int | None = _unchanged(ge=1, le=MAX_COUNT)
     max_history_messages: int | None = _unchanged(ge=1, le=MAX_COUNT)
+    allowed_content: list[ContentKind] | None = _unchanged(max_length=3)
     limits: LimitsInput | None = _unchanged(
         description="replaces all three limits; a limit left out is none"
     )

@@ -22,7 +22,7 @@ from services.gateway.job_builder import ChatInput, build_job
 from services.gateway.resources import GATEWAY, RATE_HEADERS, REQUEST_ID
 from shared import keys, tokens
 from shared.clock import now_ms
-from shared.errors import RateLimited
+from shared.errors import ApiKeyDisabled, ApiKeyExpired, InvalidApiKey, RateLimited
 from shared.records import Bot, KeyRecord
 from shared.wire import Usage
 
@@ -37,9 +37,20 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 async def authenticate(request: web.Request) -> tuple[KeyRecord, Bot]:
-    """The caller's key and its bot, or the error to answer."""
+    """The caller's key and its bot, or the error to answer.
+
+    An address with too many failures this minute gets a 429 before its key is
+    looked at (:mod:`services.gateway.auth_failures`).
+    """
     gateway = request.config_dict[GATEWAY]
-    record, bot = await gateway.keys.resolve(bearer_token(request))
+    # The TCP peer: X-Forwarded-For is not trusted (see auth_failures).
+    address = request.remote or ""
+    gateway.auth_failures.check(address)
+    try:
+        record, bot = await gateway.keys.resolve(bearer_token(request))
+    except (InvalidApiKey, ApiKeyDisabled, ApiKeyExpired):
+        gateway.auth_failures.failed(address)
+        raise
     structlog.contextvars.bind_contextvars(key_id=record.key_id, bot_id=bot.id)
     gateway.usage.used(record.key_id, now_ms())
     return record, bot
@@ -56,13 +67,14 @@ class ChatSession:
 
 @asynccontextmanager
 async def chat_session(
-    request: web.Request, parse: Callable[[bytes], ChatInput]
+    request: web.Request, parse: Callable[[bytes, Bot], ChatInput]
 ) -> AsyncIterator[ChatSession]:
     """Authenticate, validate, admit and run a chat request; leaving settles it.
 
-    ``parse`` is the surface's validation of its body into a :class:`ChatInput`.
-    While it runs the request holds a ticket for its key, so that a revoke, a
-    disable or the key's expiry ends it (:mod:`services.gateway.inflight`).
+    ``parse`` is the surface's validation of its body, for the key's bot, into a
+    :class:`ChatInput`. While it runs the request holds a ticket for its key, so
+    that a revoke, a disable or the key's expiry ends it
+    (:mod:`services.gateway.inflight`).
     """
     gateway = request.config_dict[GATEWAY]
     generation = gateway.keys.generation
@@ -79,13 +91,13 @@ async def chat_session(
 @asynccontextmanager
 async def _admitted(
     request: web.Request,
-    parse: Callable[[bytes], ChatInput],
+    parse: Callable[[bytes, Bot], ChatInput],
     record: KeyRecord,
     bot: Bot,
     ticket: Ticket,
 ) -> AsyncIterator[ChatSession]:
     gateway = request.config_dict[GATEWAY]
-    chat = parse(await read_body(request))
+    chat = parse(await read_body(request), bot)
     settings = gateway.settings
     job = build_job(
         chat,

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from services.gateway.auth_failures import AuthFailures
 from services.gateway.http_server import GatewayRunner
 from services.gateway.inflight import InFlight
 from services.gateway.job_client import JobClient
@@ -84,6 +85,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
         timeout_s=settings.redis_timeout_s,
         ttl_s=settings.key_cache_ttl_s,
         max_entries=settings.key_cache_size,
+        unknown_ttl_s=settings.unknown_key_cache_ttl_s,
+        max_unknown=settings.unknown_key_cache_size,
     )
     inflight = InFlight(registry, timeout_s=settings.redis_timeout_s)
     # What revokes a cached key also ends the key's requests in flight.
@@ -102,6 +105,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         ),
         usage=UsageBook(registry, timeout_s=settings.redis_timeout_s),
         inflight=inflight,
+        auth_failures=AuthFailures(settings.auth_failures_per_minute),
     )
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)

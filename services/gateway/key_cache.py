@@ -10,6 +10,10 @@ disable or revoke reaches every gateway within milliseconds. When the
 subscription is down -- Redis unreachable or frozen -- the cache is dropped and
 every request goes to Redis, which then fails: fail closed, never serve a key
 that cannot be checked.
+
+Well-formed keys that Redis does not know are remembered apart, in a smaller
+cache with a shorter life: a flood of invented keys costs one Redis call each
+at most once per ``unknown_ttl_s``, and cannot push real keys out of theirs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 from redis.asyncio import Redis
@@ -50,6 +55,17 @@ class _Entry:
     until: float
 
 
+_V = TypeVar("_V")
+
+
+def _put(cache: dict[str, _V], key: str, value: _V, limit: int) -> None:
+    """Insert, evicting the oldest entry (dicts keep insertion order) when full."""
+    cache.pop(key, None)
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
 class KeyCache:
     """Resolves API keys to their record and bot."""
 
@@ -60,12 +76,18 @@ class KeyCache:
         timeout_s: float,
         ttl_s: float,
         max_entries: int,
+        unknown_ttl_s: float = 5.0,
+        max_unknown: int = 10_000,
     ) -> None:
         self._registry = registry
         self._timeout_s = timeout_s
         self._ttl_s = ttl_s
         self._max_entries = max_entries
+        self._unknown_ttl_s = unknown_ttl_s
+        self._max_unknown = max_unknown
         self._entries: dict[str, _Entry] = {}
+        # Key hashes Redis does not know, until when; kept apart from real keys.
+        self._unknown: dict[str, float] = {}
         # Lookups under way, by key hash, shared by the requests that missed.
         self._fetching: dict[str, tuple[int, asyncio.Task[_Entry]]] = {}
         # Bumped by every invalidation; a lookup that raced one is not cached.
@@ -120,8 +142,8 @@ class KeyCache:
             raise InvalidApiKey("malformed API key")
         key_hash = keys.hash_key(key)
         now = time.monotonic()
-        entry = self._entries.get(key_hash) if self.online else None
-        if entry is None or entry.until <= now:
+        entry = self._cached(key_hash, now)
+        if entry is None:
             entry = await self._shared_fetch(key_hash, now)
         record, bot = entry.record, entry.bot
         if record is None:
@@ -134,6 +156,22 @@ class KeyCache:
         if bot is None:
             raise BotNotFound("the bot of this API key no longer exists")
         return record, bot
+
+    def _cached(self, key_hash: str, now: float) -> _Entry | None:
+        if not self.online:
+            return None
+        entry = self._entries.get(key_hash)
+        if entry is not None and entry.until > now:
+            return entry
+        unknown_until = self._unknown.get(key_hash)
+        if unknown_until is not None and unknown_until > now:
+            return _Entry(None, None, unknown_until)
+        return None
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """Entries cached: (real keys, unknown keys)."""
+        return len(self._entries), len(self._unknown)
 
     async def _shared_fetch(self, key_hash: str, now: float) -> _Entry:
         # A lookup started before the last invalidation may have read what it
@@ -162,12 +200,15 @@ class KeyCache:
                 record, bot = await self._registry.lookup(key_hash)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BackendUnavailable("cannot check API keys right now") from exc
+        if record is None:
+            until = now + self._unknown_ttl_s
+            if self.online and generation == self._generation:
+                _put(self._unknown, key_hash, until, self._max_unknown)
+            return _Entry(None, None, until)
         entry = _Entry(record, bot, now + self._ttl_s)
         if self.online and generation == self._generation:
-            if len(self._entries) >= self._max_entries:
-                # Oldest first: dicts keep insertion order.
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[key_hash] = entry
+            self._unknown.pop(key_hash, None)
+            _put(self._entries, key_hash, entry, self._max_entries)
         return entry
 
     def _invalidate(self, message: str) -> None:
@@ -175,17 +216,20 @@ class KeyCache:
         kind, _, ident = message.partition(":")
         if kind == "key":
             self._entries.pop(ident, None)
+            self._unknown.pop(ident, None)  # a key just created
         elif kind == "bot":
             stale = [h for h, e in self._entries.items() if e.record and e.record.bot_id == ident]
             for key_hash in stale:
                 del self._entries[key_hash]
         else:
             self._entries.clear()
+            self._unknown.clear()
 
     def _go_offline(self) -> None:
         self._online.clear()
         self._bump()
         self._entries.clear()
+        self._unknown.clear()
 
     async def listen(self, redis: Redis, channel: str) -> None:
         """Follow the invalidation channel forever, reconnecting; run as a task."""
@@ -221,6 +265,7 @@ class KeyCache:
                 if kind == "subscribe":
                     # Whatever changed while unsubscribed is unknown: start empty.
                     self._entries.clear()
+                    self._unknown.clear()
                     self._bump()
                     self._online.set()
                     log.info("keys.cache_online")

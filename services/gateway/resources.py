@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
+from services.gateway.auth_failures import AuthFailures
 from services.gateway.inflight import InFlight
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
@@ -36,6 +37,7 @@ class Gateway:
     limiter: Limiter
     usage: UsageBook
     inflight: InFlight
+    auth_failures: AuthFailures
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

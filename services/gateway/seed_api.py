@@ -15,12 +15,13 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from services.gateway.admission import chat_session
-from services.gateway.bodies import invalid, load_object
+from services.gateway.bodies import invalid, load_object, trim_messages
 from services.gateway.chat_run import Answer
 from services.gateway.job_builder import ChatInput
 from services.gateway.sse import event, write_stream
 from shared.clock import now_ms
 from shared.errors import BotlineError
+from shared.records import Bot
 from shared.wire import ChatMessage, DeltaEvent, EndEvent, Usage
 
 
@@ -47,12 +48,14 @@ class SeedRequest(BaseModel):
     model: Any = None
 
 
-def parse_seed_request(raw: bytes) -> ChatInput:
-    """Validate a seed-format request body."""
+def parse_seed_request(raw: bytes, bot: Bot) -> ChatInput:
+    """Validate a seed-format request body; only the bot's last messages are kept."""
+    data = load_object(raw)
+    cut = trim_messages(data, bot.max_history_messages)
     try:
-        request = SeedRequest.model_validate(load_object(raw))
+        request = SeedRequest.model_validate(data)
     except ValidationError as exc:
-        raise invalid(exc) from None
+        raise invalid(exc, cut) from None
     return ChatInput(
         messages=[ChatMessage(role=m.role, content=m.content) for m in request.messages],
         stream=request.stream,

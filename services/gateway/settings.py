@@ -34,6 +34,13 @@ class GatewaySettings(CommonSettings):
     # A cached key is trusted this long at most, even without invalidations.
     key_cache_ttl_s: float = Field(60.0, gt=0)
     key_cache_size: int = Field(100_000, ge=1)
+    # Well-formed keys Redis does not know are cached apart, smaller and shorter,
+    # so that invented keys cannot push real ones out.
+    unknown_key_cache_ttl_s: float = Field(5.0, gt=0)
+    unknown_key_cache_size: int = Field(10_000, ge=1)
+    # Failed key checks per client address (request.remote) and minute, in this
+    # process, before that address gets 429s for the rest of the minute; 0: off.
+    auth_failures_per_minute: int = Field(30, ge=0)
 
     # Requests in flight hold a lease per limited key; a dead gateway's expire after this.
     lease_ttl_s: float = Field(30.0, gt=0)

@@ -17,11 +17,14 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
+import structlog
 
 from services.worker.settings import EndpointConfig
 from shared import tokens
 from shared.errors import UpstreamError
 from shared.wire import ChatJob, Usage
+
+log = structlog.get_logger("botline.worker.endpoints")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,17 +151,44 @@ class OpenAIModel:
             await self._session.close()
 
 
+# What a caller reads per upstream status: our words, never the upstream's,
+# whose text can quote the operator's own credentials or internals.
+_REFUSED = "the model endpoint refused the request"
+
+# Anything that looks like a credential in an upstream's error text.
+_KEY_LIKE = re.compile(
+    r"(?i:bearer|basic)\s+\S+"  # an Authorization header's value
+    r"|\b(?:sk|bl|pk|rk)-[\w*\-]+"  # provider and botline keys (sk-proj-..., bl-...)
+    r"|\b(?=\w*\d)(?=\w*[A-Za-z])\w{20,}"  # long hex / base62 tokens
+)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with anything key-like replaced by ``***``."""
+    return _KEY_LIKE.sub("***", text)
+
+
+def caller_message(status: int) -> str:
+    """What a caller is told of an upstream's non-200 answer: its status class, in our words."""
+    if status == 429:
+        return f"the model endpoint is rate limiting botline ({status})"
+    if 400 <= status < 500:
+        return f"{_REFUSED} ({status})"
+    return f"the model endpoint failed ({status})"
+
+
 async def _error_message(response: aiohttp.ClientResponse) -> str:
-    """The upstream's own error message if it gave one (short), else its status."""
-    detail = ""
+    """Our message for the caller; the upstream's own text is logged here, masked."""
+    detail: str | None = None
     try:
         data = orjson.loads(await response.content.read(4096))
         message = data.get("error", {}).get("message") if isinstance(data, dict) else None
         if isinstance(message, str):
-            detail = ": " + message[:300]
+            detail = mask_secrets(message[:300])
     except (orjson.JSONDecodeError, AttributeError, aiohttp.ClientError):
         pass
-    return f"the model endpoint answered {response.status}{detail}"
+    log.warning("upstream.refused", status=response.status, upstream_message=detail)
+    return caller_message(response.status)
 
 
 def _parse_whole(data: bytes, job: ChatJob) -> list[Piece]:
@@ -226,6 +256,12 @@ async def _parse_stream(response: aiohttp.ClientResponse, job: ChatJob) -> Async
         except orjson.JSONDecodeError as exc:
             raise UpstreamError("the model endpoint sent a malformed event") from exc
         if chunk.get("error"):
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            log.warning(
+                "upstream.failed_mid_answer",
+                upstream_message=mask_secrets(message[:300]) if isinstance(message, str) else None,
+            )
             raise UpstreamError("the model endpoint failed mid-answer")
         if chunk.get("usage"):
             reported = chunk["usage"]

@@ -45,6 +45,8 @@ class Script:
     delay_s: float = 0.0
     hold_after: int | None = None
     status: int | None = None
+    # The upstream's own error text with ``status`` (else a generic one).
+    error_message: str | None = None
     include_usage: bool = True
     tool_calls: list[dict[str, Any]] | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -214,7 +216,9 @@ class FakeOpenAI:
         )
         resp: web.StreamResponse
         if script.status is not None:
-            resp = web.json_response(error_body(script.status), status=script.status)
+            resp = web.json_response(
+                error_body(script.status, script.error_message), status=script.status
+            )
         elif body.get("stream") is True:
             resp = web.StreamResponse(headers=_SSE_HEADERS)
         else:

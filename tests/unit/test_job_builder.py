@@ -18,11 +18,11 @@ def bot(**fields: object) -> Bot:
 
 
 def parse(body: object) -> object:
-    return parse_seed_request(orjson.dumps(body))
+    return parse_seed_request(orjson.dumps(body), bot())
 
 
 def test_defaults_come_from_the_bot() -> None:
-    request = parse_seed_request(b'{"messages":[{"role":"user","content":"hi"}]}')
+    request = parse_seed_request(b'{"messages":[{"role":"user","content":"hi"}]}', bot())
     job = build_job(request, bot(), job_id="j", request_id="r", reply_to="q", deadline_s=10)
     assert (job.temperature, job.top_p, job.max_tokens) == (0.7, 0.7, 2048)
     assert [m.role for m in job.messages] == ["user"]
@@ -30,10 +30,11 @@ def test_defaults_come_from_the_bot() -> None:
 
 def test_system_prompt_first_then_the_last_messages() -> None:
     messages = [{"role": "user", "content": str(i)} for i in range(12)]
-    request = parse_seed_request(orjson.dumps({"messages": messages}))
+    the_bot = bot(system_prompt="S", max_history_messages=3)
+    request = parse_seed_request(orjson.dumps({"messages": messages}), the_bot)
     job = build_job(
         request,
-        bot(system_prompt="S", max_history_messages=3),
+        the_bot,
         job_id="j",
         request_id="r",
         reply_to="q",
