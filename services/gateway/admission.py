@@ -8,6 +8,7 @@ rate-limit lease is released.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +19,15 @@ from aiohttp import web
 from services.gateway.bodies import read_body
 from services.gateway.chat_run import ChatRun, new_job_id
 from services.gateway.job_builder import ChatInput, build_job
-from services.gateway.resources import GATEWAY, RATE_HEADERS, REQUEST_ID
+from services.gateway.metrics import surface_of
+from services.gateway.resources import (
+    BOT_ID,
+    GATEWAY,
+    RATE_HEADERS,
+    REQUEST_ID,
+    STARTED,
+    STREAM,
+)
 from shared.clock import now_ms
 from shared.errors import RateLimited
 from shared.records import Bot, KeyRecord
@@ -38,6 +47,7 @@ async def authenticate(request: web.Request) -> tuple[KeyRecord, Bot]:
     gateway = request.config_dict[GATEWAY]
     record, bot = await gateway.keys.resolve(bearer_token(request))
     structlog.contextvars.bind_contextvars(key_id=record.key_id, bot_id=bot.id)
+    request[BOT_ID] = bot.id
     gateway.usage.used(record.key_id, now_ms())
     return record, bot
 
@@ -72,6 +82,7 @@ async def chat_session(
         deadline_s=settings.request_deadline_s,
     )
     structlog.contextvars.bind_contextvars(job_id=job.job_id, stream=chat.stream)
+    request[STREAM] = chat.stream
     try:
         grant = await gateway.limiter.admit(
             record.key_id, record.limits.over(bot.limits), job.job_id
@@ -80,11 +91,19 @@ async def chat_session(
         request[RATE_HEADERS] = exc.headers
         raise
     request[RATE_HEADERS] = grant.headers
+    metrics = gateway.metrics
+    started = request.get(STARTED, time.perf_counter())
+
+    def first_token() -> None:
+        metrics.first_token(surface_of(request.path), time.perf_counter() - started, bot.id)
+
     run = ChatRun(
         gateway.job_client,
         job,
         deadline_s=settings.request_deadline_s,
         event_timeout_s=settings.event_timeout_s,
+        metrics=metrics,
+        on_first_token=first_token if chat.stream else None,
     )
     # No await in the finally blocks: they run even when the caller went away.
     try:

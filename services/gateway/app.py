@@ -18,6 +18,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
 from services.gateway.limits import Limiter
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import edge, stamp_headers
 from services.gateway.resources import GATEWAY, Gateway
 from services.gateway.routes import setup_routes
@@ -75,6 +76,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
     redis = redis_client(settings)
     registry = Registry(redis, settings.names)
+    metrics = GatewayMetrics(bot_labels=settings.metrics_bot_labels)
     app[GATEWAY] = Gateway(
         settings=settings,
         redis=redis,
@@ -84,6 +86,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             timeout_s=settings.redis_timeout_s,
             ttl_s=settings.key_cache_ttl_s,
             max_entries=settings.key_cache_size,
+            metrics=metrics,
         ),
         job_client=JobClient(settings),
         limiter=Limiter(
@@ -91,8 +94,10 @@ def create_app(settings: GatewaySettings) -> web.Application:
             settings.names,
             timeout_s=settings.redis_timeout_s,
             lease_ttl_s=settings.lease_ttl_s,
+            metrics=metrics,
         ),
         usage=UsageBook(registry, timeout_s=settings.redis_timeout_s),
+        metrics=metrics,
     )
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)

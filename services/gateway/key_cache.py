@@ -23,6 +23,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.gateway.metrics import FAILED, HIT, JOINED, MALFORMED, MISS, GatewayMetrics
 from shared import keys
 from shared.clock import now_ms
 from shared.errors import (
@@ -42,6 +43,10 @@ _PING_EVERY_S = 1.0
 _SILENCE_LIMIT_S = 3.0
 
 
+def _uncounted(result: str) -> None:
+    pass
+
+
 @dataclass(slots=True)
 class _Entry:
     record: KeyRecord | None
@@ -59,8 +64,10 @@ class KeyCache:
         timeout_s: float,
         ttl_s: float,
         max_entries: int,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._registry = registry
+        self._count = metrics.key_lookup if metrics is not None else _uncounted
         self._timeout_s = timeout_s
         self._ttl_s = ttl_s
         self._max_entries = max_entries
@@ -98,14 +105,18 @@ class KeyCache:
     async def resolve(self, key: str | None) -> tuple[KeyRecord, Bot]:
         """The key's record and bot, or the error the caller must see."""
         if not key:
+            self._count(MALFORMED)
             raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>'")
         if not keys.is_well_formed(key):
+            self._count(MALFORMED)
             raise InvalidApiKey("malformed API key")
         key_hash = keys.hash_key(key)
         now = time.monotonic()
         entry = self._entries.get(key_hash) if self.online else None
         if entry is None or entry.until <= now:
             entry = await self._shared_fetch(key_hash, now)
+        else:
+            self._count(HIT)
         record, bot = entry.record, entry.bot
         if record is None:
             raise InvalidApiKey("unknown API key")
@@ -125,7 +136,9 @@ class KeyCache:
         under_way = self._fetching.get(key_hash)
         if under_way is not None and under_way[0] == generation:
             fetch = under_way[1]
+            self._count(JOINED)
         else:
+            self._count(MISS)
             fetch = asyncio.create_task(self._fetch(key_hash, now, generation))
             self._fetching[key_hash] = (generation, fetch)
 
@@ -144,6 +157,7 @@ class KeyCache:
             async with asyncio.timeout(self._timeout_s):
                 record, bot = await self._registry.lookup(key_hash)
         except (RedisError, OSError, TimeoutError) as exc:
+            self._count(FAILED)
             raise BackendUnavailable("cannot check API keys right now") from exc
         entry = _Entry(record, bot, now + self._ttl_s)
         if self.online and generation == self._generation:
