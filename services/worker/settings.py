@@ -60,8 +60,10 @@ class WorkerSettings(CommonSettings):
 
     # On SIGTERM: stop taking jobs, give running ones this long, then cancel.
     drain_timeout_s: float = Field(30.0, ge=0)
-    # When set, touched every few seconds: a liveness probe for containers.
-    health_file: Path | None = None
+    # The probe server (/livez, /readyz): loopback by default like the
+    # gateway; 0.0.0.0 in containers so the orchestrator can reach it.
+    worker_http_host: str = "127.0.0.1"
+    worker_http_port: int = Field(8081, ge=0, le=65535)
 
     def all_endpoints(self) -> dict[str, EndpointConfig]:
         """The built-in echo endpoint, then the file's, then the environment's."""

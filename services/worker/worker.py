@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from services.worker.coalesce import coalesce
 from services.worker.endpoints import Model, make_model
 from services.worker.job_events import JobEvents, JobStats
+from services.worker.probes import serve_probes
 from services.worker.settings import WorkerSettings
 from shared.amqp import (
     ATTEMPT_HEADER,
@@ -131,11 +132,27 @@ class Worker:
         self._consumer_tag = await self._jobs.consume(self._on_job)
         log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
 
+    def readiness(self) -> dict[str, bool]:
+        """The probe's checks: connected to RabbitMQ, and taking jobs (not draining)."""
+        connection, jobs = self._connection, self._jobs
+        # A robust connection stays "open" while it reconnects: ask its transport.
+        transport = None if connection is None else connection.transport
+        return {
+            "amqp": connection is not None
+            and not connection.is_closed
+            and transport is not None
+            and not transport.connection.is_closed,
+            "consuming": jobs is not None
+            and self._consumer_tag is not None
+            and not jobs.channel.is_closed,
+        }
+
     async def stop(self) -> None:
         """Stop taking jobs, drain running ones, close."""
         if self._jobs is not None and self._consumer_tag is not None:
+            tag, self._consumer_tag = self._consumer_tag, None
             with contextlib.suppress(AMQPError, ChannelInvalidStateError):
-                await self._jobs.cancel(self._consumer_tag)
+                await self._jobs.cancel(tag)
         running = list(self._running.values())
         if running:
             log.info("worker.draining", jobs=len(running))
@@ -319,18 +336,8 @@ async def serve(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await worker.start()
-    beat = asyncio.create_task(_health_beat(settings))
     try:
-        await stop.wait()
+        async with serve_probes(settings, worker):
+            await stop.wait()
     finally:
-        beat.cancel()
-        await asyncio.gather(beat, return_exceptions=True)
         await worker.stop()
-
-
-async def _health_beat(settings: WorkerSettings) -> None:
-    if settings.health_file is None:
-        return
-    while True:
-        settings.health_file.touch()
-        await asyncio.sleep(5)
