@@ -3,17 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
+import aio_pika
+import aiohttp
 import pytest
 
+from services.worker.probes import serve_probes
 from shared.records import Limits
-from tests.support.client import OPENAI_CHAT, auth, sse_events
+from tests.support.client import OPENAI_CHAT, auth, sse_events, stream_chat
+from tests.support.fake_openai import Script
 from tests.support.metrics import Scrape, scrape
-from tests.support.stack import Stack
+from tests.support.stack import AMQP_URL, Stack
 
 pytestmark = pytest.mark.integration
 
 ASK = {"messages": [{"role": "user", "content": "hello there metrics"}]}
+
+
+DEAD_LETTERS = "botline_worker_dead_letters_total"
+
+
+async def scrape_until(
+    http: aiohttp.ClientSession, base: str, done: Callable[[Scrape], bool]
+) -> Scrape:
+    """Scrape until ``done`` holds (bounded: a dead-lettered message signals nothing else)."""
+    async with asyncio.timeout(10):
+        while True:
+            scraped = await scrape(http, base)
+            if done(scraped):
+                return scraped
+            await asyncio.sleep(0.05)
+
+
+async def publish_raw(stack: Stack, body: bytes) -> None:
+    """Put a message on the jobs queue as a broken client might."""
+    connection = await aio_pika.connect(AMQP_URL, client_properties={"connection_name": "raw"})
+    async with connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(body), routing_key=f"{stack.namespace}.jobs"
+        )
 
 
 def moved(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
@@ -135,3 +165,49 @@ async def test_bot_ids_are_labels_only_when_asked(bare_stack: Stack) -> None:
     assert without.value("botline_requests_total", code="none") == 1
     assert bot.id not in without.label_values()
     assert_no_secrets(with_bots, record.key_id)
+
+
+async def test_worker_metrics_move_with_jobs(bare_stack: Stack) -> None:
+    stack = bare_stack
+    worker = await stack.add_worker(worker_http_port=0)
+    await stack.add_gateway()
+    bot, key = await stack.bot_and_key(endpoint="fake", model="m")
+    _, lost_key = await stack.bot_and_key(endpoint="no-such-endpoint")
+    async with serve_probes(worker.settings, worker) as base:
+        before = await scrape(stack.http, base)
+        status, body, _ = await stack.chat(key, ASK)
+        assert status == 200
+        usage = body["usage"]
+        events = await stream_chat(stack.http, stack.url, key, ASK)
+        assert [e["status"] for e in events if isinstance(e, dict)][-1] == "END"
+        stack.upstream.script(Script(status=503))
+        status, body, _ = await stack.chat(key, ASK)
+        assert (status, body["error"]["code"]) == (502, "upstream_error")
+        status, body, _ = await stack.chat(lost_key, ASK)
+        assert (status, body["error"]["code"]) == (502, "unknown_endpoint")
+        # A message no worker can read is dead-lettered, not retried.
+        await publish_raw(stack, b"not a job")
+        after = await scrape_until(
+            stack.http, base, lambda s: s.value(DEAD_LETTERS, reason="invalid") >= 1
+        )
+    jobs = "botline_worker_jobs_total"
+    assert moved(before, after, jobs, endpoint="fake", outcome="done") == 2
+    assert moved(before, after, jobs, endpoint="fake", outcome="upstream_error") == 1
+    assert moved(before, after, jobs, endpoint="unknown", outcome="unknown_endpoint") == 1
+    assert moved(before, after, "botline_upstream_errors_total", endpoint="fake", status="503") == 1
+    assert moved(before, after, "botline_upstream_duration_seconds_count", endpoint="fake") == 3
+    ttft = "botline_upstream_time_to_first_token_seconds_count"
+    assert moved(before, after, ttft, endpoint="fake") == 1
+    tokens = "botline_tokens_total"
+    streamed = events[-1]
+    assert isinstance(streamed, dict)
+    assert moved(before, after, tokens, endpoint="fake", direction="completion") == (
+        usage["completionTokens"] + streamed["usage"]["completionTokens"]
+    )
+    assert moved(before, after, tokens, endpoint="fake", direction="prompt") == (
+        usage["promptTokens"] + streamed["usage"]["promptTokens"]
+    )
+    assert after.value("botline_worker_jobs_in_flight", endpoint="fake") == 0
+    assert moved(before, after, "botline_worker_redeliveries_total") == 0
+    assert "botline_event_loop_lag_seconds" in after.names()
+    assert_no_secrets(after, *[r.key_id for r in await stack.registry.list_keys(bot.id)])

@@ -8,8 +8,7 @@ import aiohttp
 import pytest
 
 from services.worker.probes import serve_probes
-from tests.conftest import ProcessFactory
-from tests.support.stack import Stack, free_port
+from tests.support.stack import ProcessFactory, Stack, free_port
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration

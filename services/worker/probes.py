@@ -6,9 +6,10 @@ by default; 0.0.0.0 in containers) for the orchestrator:
 - ``GET /livez``: 200 while the event loop answers;
 - ``GET /readyz``: 200 while the AMQP connection is open and the job queue is
   being consumed, 503 otherwise (lost broker, draining after SIGTERM), with
-  the checks in the body like the gateway's ``/readyz``.
+  the checks in the body like the gateway's ``/readyz``;
+- ``GET /metrics``: the worker's Prometheus metrics (:mod:`services.worker.metrics`).
 
-The routes are one table (:data:`ROUTES`): ``/metrics`` is one more line there.
+The routes are one table (:data:`ROUTES`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Protocol
 
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from services.worker.metrics import WorkerMetrics
 from services.worker.settings import WorkerSettings
 
 log = structlog.get_logger("botline.worker.probes")
@@ -30,6 +33,11 @@ class Probed(Protocol):
 
     def readiness(self) -> dict[str, bool]:
         """Named checks; ready when all are true."""
+        ...
+
+    @property
+    def metrics(self) -> WorkerMetrics:
+        """The worker's metrics, for ``/metrics``."""
         ...
 
 
@@ -51,9 +59,16 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus' text format of the worker's series."""
+    body = request.config_dict[PROBED].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 ROUTES = [
     web.get("/livez", livez),
     web.get("/readyz", readyz),
+    web.get("/metrics", metrics),
 ]
 
 
