@@ -8,5 +8,6 @@ COPY services ./services
 COPY shared ./shared
 RUN pip install . && useradd --system --uid 10001 botline
 USER botline
-EXPOSE 8080
+# 8080: the gateway; 8081: the worker's probes (and metrics).
+EXPOSE 8080 8081
 CMD ["botline", "gateway"]

@@ -2,13 +2,14 @@
 #   make run    a gateway and a worker, a demo bot on the echo model, a demo key printed
 #   make test   the test suite (installs what it needs, starts Redis and RabbitMQ if down)
 #   make lint   ruff and mypy
+#   make deploy-check   render and validate the Kubernetes manifests offline
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.package-lock.json
 
-.PHONY: run test lint format check services browser bench bench-quick clean
+.PHONY: run test lint format check services browser bench bench-quick deploy-check clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "botline needs Python 3.11 or newer"'
@@ -44,6 +45,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Render deploy/k8s's overlays and validate every object offline (no cluster, no kubectl).
+deploy-check: $(STAMP)
+	$(BIN)/python -m tests.support.deploycheck
 
 # The side-by-side benchmark: direct, botline, LiteLLM (installed into bench/.venv-litellm).
 bench: $(STAMP) services

@@ -3,6 +3,7 @@
     botline gateway | worker | demo
     botline bots create|list|show|delete
     botline keys create|list|disable|enable|revoke
+    botline export [--output FILE] | import FILE
 
 Connections and the namespace come from the environment (``BOTLINE_*``),
 like the services' own settings.
@@ -152,6 +153,71 @@ def keys_command(args: argparse.Namespace) -> int:
             if not await registry.revoke(args.key_id):
                 raise CliError(f"no key {args.key_id!r}")
             print(f"revoked {args.key_id}")
+        return 0
+
+    return asyncio.run(_with_registry(go))
+
+
+EXPORT_FORMAT = "botline-export"
+EXPORT_VERSION = 1
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """botline export: bots and key records as JSON lines (no key, no secret)."""
+
+    found: list[dict[str, Any]] = []
+
+    async def go(registry: Registry) -> int:
+        header = {
+            "type": "header",
+            "format": EXPORT_FORMAT,
+            "v": EXPORT_VERSION,
+            "namespace": registry.names.namespace,
+            "exported_at": now_ms(),
+        }
+        found.extend([header, *await registry.export_records()])
+        return 0
+
+    asyncio.run(_with_registry(go))
+    lines = b"".join(orjson.dumps(r) + b"\n" for r in found)
+    if args.output in (None, "-"):
+        sys.stdout.buffer.write(lines)
+        sys.stdout.flush()
+    else:
+        with open(args.output, "wb") as out:
+            out.write(lines)
+    bots = sum(r["type"] == "bot" for r in found)
+    print(f"exported {bots} bots, {len(found) - 1 - bots} keys", file=sys.stderr)
+    return 0
+
+
+def _read_export(path: str) -> list[dict[str, Any]]:
+    """The records of an export file ("-": standard input), its header checked."""
+    if path == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            with open(path, "rb") as source:
+                data = source.read()
+        except OSError as exc:
+            raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        records = [orjson.loads(line) for line in data.splitlines() if line.strip()]
+    except orjson.JSONDecodeError:
+        raise CliError(f"{path} is not a botline export (JSON lines)") from None
+    header = records[0] if records else {}
+    if header.get("format") != EXPORT_FORMAT or header.get("v") != EXPORT_VERSION:
+        raise CliError(f"{path} is not a botline export (format {EXPORT_FORMAT} v{EXPORT_VERSION})")
+    return records[1:]
+
+
+def import_command(args: argparse.Namespace) -> int:
+    """botline import: store an export's bots and key records; safe to repeat."""
+    records = _read_export(args.file)
+
+    async def go(registry: Registry) -> int:
+        bots, keys = await registry.import_records(records)
+        print(f"imported {bots} bots, {keys} keys into {registry.names.namespace}")
         return 0
 
     return asyncio.run(_with_registry(go))
@@ -307,6 +373,15 @@ def _parser() -> argparse.ArgumentParser:
     for action in ("disable", "enable", "revoke"):
         keys.add_parser(action, help=f"{action} a key").add_argument("key_id")
     sub.choices["keys"].set_defaults(func=keys_command)
+
+    export = sub.add_parser(
+        "export", help="write bots and key records (never keys or secrets) as JSON lines"
+    )
+    export.add_argument("--output", "-o", help="a file (default: standard output)")
+    export.set_defaults(func=export_command)
+    imp = sub.add_parser("import", help="store the bots and key records of an export")
+    imp.add_argument("file", help="an export file, or - for standard input")
+    imp.set_defaults(func=import_command)
     return parser
 
 

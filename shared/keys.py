@@ -54,3 +54,10 @@ def hash_key(key: str) -> str:
 def display_prefix(key: str) -> str:
     """The part of a key that may be shown in lists to tell keys apart."""
     return key[: len(PREFIX) + 6]
+
+
+def check_hash(value: object) -> str:
+    """``value`` if it is a key hash as :func:`hash_key` writes it (64 lowercase hex)."""
+    if not isinstance(value, str) or len(value) != 64 or value.strip("0123456789abcdef"):
+        raise ValueError("not a key hash (64 lowercase hex characters)")
+    return value

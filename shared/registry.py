@@ -224,3 +224,64 @@ class Registry:
         if last_used:
             mapping: dict[str | bytes, int] = {k: v for k, v in last_used.items()}
             await self.redis.hset(self.names.key_last_used, mapping=mapping)  # type: ignore[arg-type]
+
+    # --- backup and restore ------------------------------------------------
+    async def export_records(self) -> list[dict[str, Any]]:
+        """Every bot and key record of the namespace, as JSON-able dicts, oldest first.
+
+        Nothing here authenticates: Redis holds keys only as their SHA-256,
+        which a gateway compares with the hash of the key a caller presents.
+        Usage counters are not included.
+        """
+        records: list[dict[str, Any]] = [
+            {"type": "bot", "bot": bot.model_dump()} for bot in await self.list_bots()
+        ]
+        keys_found = []
+        async for name in self.redis.scan_iter(match=self.names.key_id("*"), count=500):
+            key_id = _text(name).rsplit(":", 1)[1]
+            key_hash = await self._hash_of(key_id)
+            if key_hash is None:
+                continue
+            raw, used = await self._get_with_last_used(key_hash, key_id)
+            if raw is None:
+                continue
+            record = KeyRecord.model_validate_json(raw).model_copy(update={"last_used_at": used})
+            keys_found.append((record, key_hash))
+        keys_found.sort(key=lambda found: (found[0].created_at, found[0].key_id))
+        records += [
+            {"type": "key", "key_hash": key_hash, "record": record.model_dump()}
+            for record, key_hash in keys_found
+        ]
+        return records
+
+    async def import_records(self, records: list[dict[str, Any]]) -> tuple[int, int]:
+        """Store exported bots and key records (replacing any of the same id).
+
+        Idempotent: importing the same records again leaves the same state.
+        A key id already stored under another hash loses that hash, so that
+        no key the export does not hold stays valid under that id. Returns
+        the number of bots and keys stored.
+        """
+        bots = [Bot.model_validate(r["bot"]) for r in records if r.get("type") == "bot"]
+        key_entries = [
+            (KeyRecord.model_validate(r["record"]), keys.check_hash(r["key_hash"]))
+            for r in records
+            if r.get("type") == "key"
+        ]
+        for bot in bots:
+            await self.put_bot(bot)
+        for record, key_hash in key_entries:
+            previous = await self._hash_of(record.key_id)
+            stored = record.model_copy(update={"last_used_at": None})
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if previous is not None and previous != key_hash:
+                    pipe.delete(self.names.key(previous))
+                    pipe.publish(self.names.invalidate_channel, invalidation_for_key(previous))
+                pipe.set(self.names.key(key_hash), stored.model_dump_json())
+                pipe.set(self.names.key_id(record.key_id), key_hash)
+                pipe.sadd(self.names.bot_keys(record.bot_id), record.key_id)
+                if record.last_used_at is not None:
+                    pipe.hset(self.names.key_last_used, record.key_id, record.last_used_at)
+                pipe.publish(self.names.invalidate_channel, invalidation_for_key(key_hash))
+                await pipe.execute()
+        return len(bots), len(key_entries)

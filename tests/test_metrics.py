@@ -12,6 +12,7 @@ import pytest
 from services.worker.probes import serve_probes
 from shared.records import Limits
 from tests.support.client import OPENAI_CHAT, auth, sse_events, stream_chat
+from tests.support.dashboards import queried_metrics
 from tests.support.fake_openai import Script
 from tests.support.metrics import Scrape, scrape
 from tests.support.stack import AMQP_URL, Stack
@@ -173,7 +174,7 @@ async def test_worker_metrics_move_with_jobs(bare_stack: Stack) -> None:
     await stack.add_gateway()
     bot, key = await stack.bot_and_key(endpoint="fake", model="m")
     _, lost_key = await stack.bot_and_key(endpoint="no-such-endpoint")
-    async with serve_probes(worker.settings, worker) as base:
+    async with serve_probes(worker.settings, worker, worker.metrics) as base:
         before = await scrape(stack.http, base)
         status, body, _ = await stack.chat(key, ASK)
         assert status == 200
@@ -211,3 +212,26 @@ async def test_worker_metrics_move_with_jobs(bare_stack: Stack) -> None:
     assert moved(before, after, "botline_worker_redeliveries_total") == 0
     assert "botline_event_loop_lag_seconds" in after.names()
     assert_no_secrets(after, *[r.key_id for r in await stack.registry.list_keys(bot.id)])
+
+
+async def test_every_metric_the_dashboard_and_alerts_query_exists(bare_stack: Stack) -> None:
+    stack = bare_stack
+    worker = await stack.add_worker(worker_http_port=0)
+    await stack.add_gateway()
+    bot, key = await stack.bot_and_key(endpoint="fake", model="m")
+    limited, _ = await stack.registry.create_key(bot.id, "limited", limits=Limits(rpm=1))
+    assert (await stack.chat(key, ASK))[0] == 200
+    events = await stream_chat(stack.http, stack.url, key, ASK)
+    assert isinstance(events[-1], dict)
+    assert events[-1]["status"] == "END"
+    assert (await stack.chat("bl-nope", ASK))[0] == 401
+    assert [(await stack.chat(limited, ASK))[0] for _ in range(2)] == [200, 429]
+    stack.upstream.script(Script(status=500))
+    assert (await stack.chat(key, ASK))[0] == 502
+    async with serve_probes(worker.settings, worker, worker.metrics) as base:
+        served = (await scrape(stack.http, stack.url)).names() | (
+            await scrape(stack.http, base)
+        ).names()
+    queried = queried_metrics()
+    assert len(queried) >= 10, queried  # the extractor found the panels and rules
+    assert queried <= served, sorted(queried - served)

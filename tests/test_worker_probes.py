@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 
 from services.worker.probes import serve_probes
+from services.worker.worker import Worker
 from tests.support.stack import ProcessFactory, Stack, free_port
 from tests.support.tcpproxy import TcpProxy
 
@@ -73,3 +74,16 @@ async def test_readyz_is_503_once_the_worker_stops_taking_jobs(bare_stack: Stack
         status, body = await get(bare_stack.http, f"{base}/readyz")
         assert status == 503
         assert body == {"status": "unavailable", "checks": {"amqp": False, "consuming": False}}
+
+
+async def test_readyz_is_503_before_the_worker_has_reached_the_broker(
+    bare_stack: Stack,
+) -> None:
+    # serve() starts the probes before connecting: alive, not ready.
+    worker = Worker(bare_stack.worker_settings(worker_http_port=0))
+    async with serve_probes(worker.settings, worker) as base:
+        assert await get(bare_stack.http, f"{base}/livez") == (200, {"status": "ok"})
+        assert await get(bare_stack.http, f"{base}/readyz") == (
+            503,
+            {"status": "unavailable", "checks": {"amqp": False, "consuming": False}},
+        )

@@ -28,6 +28,8 @@ UPSTREAM_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 )  # fmt: skip
 UNKNOWN = "unknown"
+# Why a job is dead-lettered (the worker's Disposition reasons).
+DEAD_REASONS = ("delivery_limit", "invalid")
 
 
 class WorkerMetrics:
@@ -99,6 +101,8 @@ class WorkerMetrics:
             # Present from the start, so a dashboard shows 0 rather than nothing.
             self.jobs_in_flight.labels(name)
         self.redeliveries.inc(0)
+        for reason in DEAD_REASONS:
+            self.dead_letters.labels(reason)
 
     def endpoint(self, name: str) -> str:
         """The label for an endpoint name from a job: only known names, else ``unknown``."""

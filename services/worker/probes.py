@@ -35,13 +35,9 @@ class Probed(Protocol):
         """Named checks; ready when all are true."""
         ...
 
-    @property
-    def metrics(self) -> WorkerMetrics:
-        """The worker's metrics, for ``/metrics``."""
-        ...
-
 
 PROBED = web.AppKey("probed", Probed)
+METRICS = web.AppKey("metrics", WorkerMetrics)
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -61,7 +57,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus' text format of the worker's series."""
-    body = request.config_dict[PROBED].metrics.render()
+    body = request.config_dict[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -72,16 +68,23 @@ ROUTES = [
 ]
 
 
-def create_probe_app(probed: Probed) -> web.Application:
-    """The probe server's application, asking ``probed`` whether it is ready."""
+def create_probe_app(probed: Probed, metrics: WorkerMetrics | None = None) -> web.Application:
+    """The probe server's application, asking ``probed`` whether it is ready.
+
+    Without ``metrics`` (a probe server with no worker, in tests), ``/metrics``
+    serves an empty worker's series.
+    """
     app = web.Application()
     app[PROBED] = probed
+    app[METRICS] = metrics if metrics is not None else WorkerMetrics([])
     app.router.add_routes(ROUTES)
     return app
 
 
 @contextlib.asynccontextmanager
-async def serve_probes(settings: WorkerSettings, probed: Probed) -> AsyncIterator[str]:
+async def serve_probes(
+    settings: WorkerSettings, probed: Probed, metrics: WorkerMetrics | None = None
+) -> AsyncIterator[str]:
     """Serve the probes while the block runs; yields the base URL actually bound.
 
     Port 0 binds a free port (tests). The runner is cleaned up on exit,
@@ -89,7 +92,7 @@ async def serve_probes(settings: WorkerSettings, probed: Probed) -> AsyncIterato
     """
     # Probes are short requests: a short keep-alive keeps idle probe
     # connections from piling up (aiohttp's AppRunner default is an hour).
-    runner = web.AppRunner(create_probe_app(probed), access_log=None, keepalive_timeout=15)
+    runner = web.AppRunner(create_probe_app(probed, metrics), access_log=None, keepalive_timeout=15)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.worker_http_host, settings.worker_http_port)

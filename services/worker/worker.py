@@ -435,9 +435,10 @@ async def serve(settings: WorkerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await worker.start()
-    try:
-        async with serve_probes(settings, worker):
+    # Probes first: /livez answers (and /readyz says 503) while the broker is still being reached.
+    async with serve_probes(settings, worker, worker.metrics):
+        await worker.start()
+        try:
             await stop.wait()
-    finally:
-        await worker.stop()
+        finally:
+            await worker.stop()
