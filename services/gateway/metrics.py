@@ -115,7 +115,11 @@ class GatewayMetrics:
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
         GCCollector(registry=reg)
-        # Children resolved once: the hot path does no label lookup for these.
+        # Children resolved once, kept by their label values: ``labels()`` costs
+        # several microseconds (validation, a lock), a dict lookup a tenth of that.
+        # Bounded like the labels: surfaces x statuses x codes (x bots if asked).
+        self._ttft: dict[tuple[str, str], Histogram] = {}
+        self._children: dict[tuple[str, int, str | None, bool, str], tuple[Counter, Histogram]] = {}
         self._lookup = {
             result: self.key_lookups.labels(result) for result in (HIT, MISS, JOINED, MALFORMED)
         }
@@ -135,18 +139,28 @@ class GatewayMetrics:
         bot_id: str | None,
     ) -> None:
         """Count one answered request and its duration."""
-        labels = [surface, str(status), code or "none"]
-        if self.bot_labels:
-            labels.append(bot_id or "")
-        self.requests.labels(*labels).inc()
-        self.request_duration.labels(surface, "true" if stream else "false").observe(seconds)
+        bot = (bot_id or "") if self.bot_labels else ""
+        key = (surface, status, code, stream, bot)
+        children = self._children.get(key)
+        if children is None:
+            labels = [surface, str(status), code or "none"]
+            if self.bot_labels:
+                labels.append(bot)
+            children = (
+                self.requests.labels(*labels),
+                self.request_duration.labels(surface, "true" if stream else "false"),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def first_token(self, surface: str, seconds: float, bot_id: str) -> None:
         """A stream's time to its first piece."""
-        if self.bot_labels:
-            self.ttft.labels(surface, bot_id).observe(seconds)
-        else:
-            self.ttft.labels(surface).observe(seconds)
+        key = (surface, bot_id if self.bot_labels else "")
+        child = self._ttft.get(key)
+        if child is None:
+            child = self._ttft[key] = self.ttft.labels(*key[: 2 if self.bot_labels else 1])
+        child.observe(seconds)
 
     def render(self) -> bytes:
         """The exposition text of every series."""

@@ -101,6 +101,7 @@ class WorkerMetrics:
             # Present from the start, so a dashboard shows 0 rather than nothing.
             self.jobs_in_flight.labels(name)
         self.redeliveries.inc(0)
+        self._series: dict[str, EndpointSeries] = {}
         for reason in DEAD_REASONS:
             self.dead_letters.labels(reason)
 
@@ -108,14 +109,42 @@ class WorkerMetrics:
         """The label for an endpoint name from a job: only known names, else ``unknown``."""
         return name if name in self.endpoints else UNKNOWN
 
-    def used(self, endpoint: str, usage: Usage) -> None:
-        """Count a finished answer's tokens."""
-        self.tokens.labels(endpoint, "prompt").inc(usage.prompt_tokens)
-        self.tokens.labels(endpoint, "completion").inc(usage.completion_tokens)
+    def of(self, endpoint: str) -> EndpointSeries:
+        """An endpoint's series, resolved once (``labels()`` is the costly part)."""
+        series = self._series.get(endpoint)
+        if series is None:
+            series = self._series[endpoint] = EndpointSeries(self, endpoint)
+        return series
 
     def render(self) -> bytes:
         """The exposition text of every series."""
         return generate_latest(self.registry)
+
+
+class EndpointSeries:
+    """One endpoint's children of the per-endpoint series, for the per-job hot path."""
+
+    def __init__(self, metrics: WorkerMetrics, endpoint: str) -> None:
+        self._metrics = metrics
+        self.endpoint = endpoint
+        self.in_flight = metrics.jobs_in_flight.labels(endpoint)
+        self.duration = metrics.upstream_duration.labels(endpoint)
+        self.ttft = metrics.upstream_ttft.labels(endpoint)
+        self.prompt_tokens = metrics.tokens.labels(endpoint, "prompt")
+        self.completion_tokens = metrics.tokens.labels(endpoint, "completion")
+        self._outcomes: dict[str, Counter] = {}
+
+    def job(self, outcome: str) -> None:
+        """Count one job's end."""
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            counter = self._outcomes[outcome] = self._metrics.jobs.labels(self.endpoint, outcome)
+        counter.inc()
+
+    def used(self, usage: Usage) -> None:
+        """Count a finished answer's tokens."""
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.completion_tokens.inc(usage.completion_tokens)
 
 
 async def watch_loop_lag(gauge: Gauge, every_s: float = 0.5) -> None:

@@ -301,7 +301,7 @@ class Worker:
                 raise  # shutting down: leave it unacked, another worker takes it
             task.uncancel()
             log.info("job.cancelled")
-            self.metrics.jobs.labels(endpoint, "cancelled").inc()
+            self.metrics.of(endpoint).job("cancelled")
             await self.stats.add("cancelled")
         finally:
             self._running.pop(job.job_id, None)
@@ -351,7 +351,7 @@ class Worker:
             # The channel died meanwhile; RabbitMQ redelivers the job.
             log.warning("job.ack_failed")
         if disposition.count is not None:
-            self.metrics.jobs.labels(disposition.endpoint, disposition.count).inc()
+            self.metrics.of(disposition.endpoint).job(disposition.count)
             await self.stats.add(disposition.count)
 
     def _stream_window(self) -> float:
@@ -364,9 +364,9 @@ class Worker:
         if model is None:
             events = JobEvents(self._events, self._replies_exchange, job, attempt)
             await events.error(UnknownEndpoint(f"no model endpoint named {job.endpoint!r}"))
-            metrics.jobs.labels(UNKNOWN, UnknownEndpoint.code).inc()
+            metrics.of(UNKNOWN).job(UnknownEndpoint.code)
             return
-        in_flight = metrics.jobs_in_flight.labels(job.endpoint)
+        in_flight = metrics.of(job.endpoint).in_flight
         in_flight.inc()
         try:
             await self._call(job, attempt, model)
@@ -375,12 +375,11 @@ class Worker:
 
     async def _call(self, job: ChatJob, attempt: int, model: Model) -> None:
         assert self._events is not None
-        metrics = self.metrics
-        endpoint = job.endpoint
+        series = self.metrics.of(job.endpoint)
         started = time.perf_counter()
 
         def first_delta() -> None:
-            metrics.upstream_ttft.labels(endpoint).observe(time.perf_counter() - started)
+            series.ttft.observe(time.perf_counter() - started)
 
         events = JobEvents(
             self._events,
@@ -411,7 +410,7 @@ class Worker:
         except BotlineError as exc:
             outcome = exc.code
             if isinstance(exc, UpstreamError):
-                metrics.upstream_errors.labels(endpoint, exc.upstream_status).inc()
+                self.metrics.upstream_errors.labels(job.endpoint, exc.upstream_status).inc()
             await events.error(exc)
         except (AMQPError, ChannelInvalidStateError):
             raise
@@ -420,12 +419,14 @@ class Worker:
             log.exception("job.crashed")
             await events.error(InternalError("the worker failed on this request"))
         elapsed = time.perf_counter() - started
-        metrics.upstream_duration.labels(endpoint).observe(elapsed)
-        metrics.jobs.labels(endpoint, outcome).inc()
+        series.duration.observe(elapsed)
+        series.job(outcome)
         if events.usage is not None:
-            metrics.used(endpoint, events.usage)
+            series.used(events.usage)
         await self.stats.add(outcome)
-        log.info("job.finished", outcome=outcome, endpoint=endpoint, ms=round(elapsed * 1000, 2))
+        log.info(
+            "job.finished", outcome=outcome, endpoint=job.endpoint, ms=round(elapsed * 1000, 2)
+        )
 
 
 async def serve(settings: WorkerSettings) -> None:
