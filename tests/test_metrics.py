@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 
 import aio_pika
@@ -15,7 +16,7 @@ from tests.support.client import OPENAI_CHAT, auth, sse_events, stream_chat
 from tests.support.dashboards import queried_metrics
 from tests.support.fake_openai import Script
 from tests.support.metrics import Scrape, scrape
-from tests.support.stack import AMQP_URL, Stack
+from tests.support.stack import AMQP_URL, ProcessFactory, Stack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -235,3 +236,34 @@ async def test_every_metric_the_dashboard_and_alerts_query_exists(bare_stack: St
     queried = queried_metrics()
     assert len(queried) >= 10, queried  # the extractor found the panels and rules
     assert queried <= served, sorted(queried - served)
+
+
+async def test_a_worker_lost_mid_stream_moves_redeliveries_and_the_error_code(
+    bare_stack: Stack, processes: ProcessFactory
+) -> None:
+    stack = bare_stack
+    stack.upstream.script(Script(tokens=["once ", "upon ", "a ", "time"], hold_after=2))
+    await stack.add_gateway()
+    _, key = await stack.bot_and_key(endpoint="fake", model="m")
+    doomed = await processes("worker")
+    before = await scrape(stack.http, stack.url)
+    async with stack.http.post(
+        f"{stack.url}/v1/chat/completions", json=ASK | {"stream": True}, headers=auth(key)
+    ) as resp:
+        assert resp.status == 200
+        events = sse_events(resp)
+        assert isinstance(await anext(events), dict)
+        doomed.signal(signal.SIGKILL)
+        await doomed.wait()
+        port = free_port()
+        await processes("worker", BOTLINE_WORKER_HTTP_PORT=str(port))
+        rest = [e async for e in events]
+    last = rest[-1]
+    assert isinstance(last, dict)
+    assert (last["status"], last["error"]["code"]) == ("ERROR", "worker_lost")
+    after = await scrape(stack.http, stack.url)
+    lost = moved(before, after, "botline_requests_total", status="200", code="worker_lost")
+    assert lost == 1
+    assert after.value("botline_streams_open") == 0
+    replacement = await scrape(stack.http, f"http://127.0.0.1:{port}")
+    assert replacement.value("botline_worker_redeliveries_total") == 1

@@ -281,8 +281,9 @@ class Worker:
             dropped = "deadline"
         else:
             dropped = None
-        if message.redelivered and dropped is None:
+        if message.redelivered:
             self.metrics.redeliveries.inc()
+        if message.redelivered and dropped is None:
             # Its last holder died: count that attempt where the next one will see it.
             if attempt + 1 > self.settings.jobs_delivery_limit + 1:
                 log.warning("job.dead", reason="delivery_limit")
