@@ -130,6 +130,8 @@ def _botline_env(namespace: str, upstreams: Mapping[str, Upstream]) -> dict[str,
         # The worker's AMQP prefetch: 1000 concurrent streams must all be in flight.
         BOTLINE_CONCURRENCY=str(_MAX_CONNECTIONS),
         BOTLINE_REQUEST_DEADLINE_S="300",
+        # The worker's probe server on any free port: another worker may hold 8081.
+        BOTLINE_WORKER_HTTP_PORT="0",
     )
     return env
 

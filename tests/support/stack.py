@@ -216,6 +216,8 @@ def process_env(namespace: str, upstream_url: str | None, **extra: str) -> dict[
         BOTLINE_ENDPOINTS=orjson.dumps(endpoints).decode(),
         BOTLINE_LOG_FORMAT="json",
         BOTLINE_LOG_LEVEL="debug",
+        # The probe server on any free port: tests run many workers at once.
+        BOTLINE_WORKER_HTTP_PORT="0",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)
