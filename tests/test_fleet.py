@@ -76,3 +76,29 @@ async def test_an_expired_heartbeat_disappears(
     # And the set of ids was pruned along with it.
     names = bare_stack.registry.names
     assert await bare_stack.registry.redis.smembers(names.workers) == set()
+
+
+async def test_a_heartbeat_carries_the_jobs_in_flight(bare_stack: Stack) -> None:
+    await bare_stack.add_gateway(admin_tokens=[TOKEN])
+    worker = await bare_stack.add_worker(heartbeat_s=0.1)
+    _, key = await bare_stack.bot_and_key(endpoint="echo-slow")
+    ask = {"stream": True, "messages": [{"role": "user", "content": "a b c d e f g h i j"}]}
+    async with bare_stack.http.post(
+        f"{bare_stack.url}/v1/chat/completions", json=ask, headers=auth(key)
+    ) as resp:
+        assert resp.status == 200
+        await resp.content.readuntil(b"\n\n")  # the stream has started: the job runs
+        async with asyncio.timeout(5):  # polled: the next heartbeat says so
+            while True:
+                (listed,) = await workers(bare_stack)
+                if listed["jobs_in_flight"] == 1:
+                    break
+                await asyncio.sleep(0.05)
+        await resp.read()
+    await worker.stats.wait_for("done", 1)
+    async with asyncio.timeout(5):
+        while True:
+            (listed,) = await workers(bare_stack)
+            if listed["jobs_in_flight"] == 0:
+                break
+            await asyncio.sleep(0.05)
