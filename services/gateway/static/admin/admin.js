@@ -70,8 +70,15 @@ function renderSignIn() {
 
 // --- workers and the endpoints they serve ------------------------------------------
 
+// The endpoints live workers serve, or null when the fleet cannot be read (no warning then).
 async function liveEndpoints() {
-  const workers = await api("GET", "/workers");
+  let workers;
+  try {
+    workers = await api("GET", "/workers");
+  } catch (err) {
+    if (err.status === 401) throw err;
+    return null;
+  }
   const served = new Set(workers.flatMap((w) => w.endpoints));
   const options = document.getElementById("endpoint-options");
   options.replaceChildren(...[...served].sort().map((name) => el("option", { value: name })));
@@ -80,6 +87,7 @@ async function liveEndpoints() {
 
 // Warn (not refuse: a worker may be about to start) when no live worker serves the endpoint.
 function watchEndpoint(input, warning, served) {
+  if (served === null) return;
   const check = () => {
     const name = input.value.trim();
     warning.hidden = !name || served.has(name);
