@@ -89,8 +89,9 @@ async def test_requests_errors_and_key_lookups_move(stack: Stack) -> None:
     assert after.value("botline_jobs_in_flight") == 0
     for backend in ("redis", "amqp", "key_invalidations"):
         assert after.value("botline_backend_up", backend=backend) == 1
-    # Process figures come along (CPU per request for sizing).
+    # Process figures come along (CPU per request for sizing), and the loop's lag.
     assert after.value("process_cpu_seconds_total") > 0
+    assert "botline_event_loop_lag_seconds" in after.names()
     assert "bot" not in {name for (_, labels) in after.samples for name, _ in labels}
     assert_no_secrets(after, record.key_id)
 

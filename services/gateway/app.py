@@ -24,7 +24,7 @@ from services.gateway.resources import GATEWAY, Gateway
 from services.gateway.routes import setup_routes
 from services.gateway.settings import GatewaySettings
 from services.gateway.usage import UsageBook
-from shared.loop import new_event_loop
+from shared.loop import new_event_loop, watch_lag
 from shared.registry import Registry
 
 log = structlog.get_logger("botline.gateway")
@@ -56,6 +56,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(gateway.keys.listen(gateway.redis, settings.names.invalidate_channel)),
         asyncio.create_task(gateway.usage.run(settings.usage_flush_s)),
         asyncio.create_task(gateway.limiter.renew_leases()),
+        asyncio.create_task(watch_lag(gateway.metrics.loop_lag.set)),
     ]
     try:
         await gateway.job_client.start()

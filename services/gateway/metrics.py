@@ -10,8 +10,8 @@ for tens of bots, ruinous for thousands -- what broke LiteLLM's ``/metrics``).
 Instrumented where the thing happens: the edge middleware (requests and
 their duration), :mod:`chat_run` (time to first token, queue wait, jobs in
 flight), :mod:`sse` (streams open), :mod:`key_cache` (lookups),
-:mod:`limits` via :mod:`admission` (refusals) and the readiness checks
-(backends up, refreshed on every scrape).
+:mod:`limits` (refusals), the readiness checks (backends up, refreshed on
+every scrape) and :func:`shared.loop.watch_lag` (the event loop's lag).
 """
 
 from __future__ import annotations
@@ -110,6 +110,11 @@ class GatewayMetrics:
             "1 when the backend answers (redis, amqp, key_invalidations), as of the last "
             "scrape or readiness check",
             ("backend",),
+            registry=reg,
+        )
+        self.loop_lag = Gauge(
+            "botline_event_loop_lag_seconds",
+            "How late the event loop ran a timer, last measured (a busy gateway's lag grows)",
             registry=reg,
         )
         ProcessCollector(registry=reg)

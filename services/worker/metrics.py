@@ -8,13 +8,11 @@ bot id either: a job carries its bot's settings, not its id (bot labels,
 ``BOTLINE_METRICS_BOT_LABELS``, are the gateway's).
 
 Instrumented in :mod:`services.worker.worker` (jobs, upstream calls, tokens,
-redeliveries, dead letters) and by :func:`watch_loop_lag`, a task the worker
-owns.
+redeliveries, dead letters); the event loop's lag by
+:func:`shared.loop.watch_lag`, a task the worker owns.
 """
 
 from __future__ import annotations
-
-import asyncio
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.gc_collector import GCCollector
@@ -145,12 +143,3 @@ class EndpointSeries:
         """Count a finished answer's tokens."""
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.completion_tokens.inc(usage.completion_tokens)
-
-
-async def watch_loop_lag(gauge: Gauge, every_s: float = 0.5) -> None:
-    """Measure, forever, how late a sleep of ``every_s`` wakes up; run as a task."""
-    loop = asyncio.get_running_loop()
-    while True:
-        asked = loop.time()
-        await asyncio.sleep(every_s)
-        gauge.set(max(loop.time() - asked - every_s, 0.0))

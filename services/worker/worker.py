@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from services.worker.coalesce import coalesce
 from services.worker.endpoints import Model, make_model
 from services.worker.job_events import JobEvents, JobStats
-from services.worker.metrics import UNKNOWN, WorkerMetrics, watch_loop_lag
+from services.worker.metrics import UNKNOWN, WorkerMetrics
 from services.worker.probes import serve_probes
 from services.worker.settings import WorkerSettings
 from shared import fleet
@@ -61,6 +61,7 @@ from shared.errors import (
     UnknownEndpoint,
     UpstreamError,
 )
+from shared.loop import watch_lag
 from shared.wire import CancelJob, ChatJob
 
 log = structlog.get_logger("botline.worker")
@@ -165,7 +166,7 @@ class Worker:
         ):
             log.warning("fleet.heartbeat_failed")
         self._background = [
-            asyncio.create_task(watch_loop_lag(self.metrics.loop_lag)),
+            asyncio.create_task(watch_lag(self.metrics.loop_lag.set)),
             asyncio.create_task(
                 fleet.keep_beating(
                     self._redis,
