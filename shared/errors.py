@@ -143,6 +143,14 @@ class UpstreamError(BotlineError):
     code = "upstream_error"
     type = "upstream_error"
 
+    def __init__(
+        self, message: str, *, upstream_status: str = "error", param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        # How it failed, for the worker's metrics: the upstream's HTTP status,
+        # or timeout, connection, malformed, stream (never sent to the caller).
+        self.upstream_status = upstream_status
+
 
 class UnknownEndpoint(BotlineError):
     """The bot names a model endpoint the workers do not know."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from collections.abc import Callable
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -19,3 +20,16 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
+
+
+async def watch_lag(record: Callable[[float], None], every_s: float = 0.5) -> None:
+    """Measure, forever, how late a sleep of ``every_s`` wakes up, and ``record`` it.
+
+    A loop busy with CPU work runs its timers late: this lag is what every
+    task on the loop waits extra. Run as a task.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time()
+        await asyncio.sleep(every_s)
+        record(max(loop.time() - asked - every_s, 0.0))

@@ -103,6 +103,15 @@ class Names:
         """Hash of a bot's usage counters."""
         return f"{self.namespace}:usage:bot:{bot_id}"
 
+    def worker(self, worker_id: str) -> str:
+        """A live worker's heartbeat (JSON), expiring unless renewed."""
+        return f"{self.namespace}:worker:{worker_id}"
+
+    @property
+    def workers(self) -> str:
+        """Set of the ids of workers that sent a heartbeat (pruned when theirs expired)."""
+        return f"{self.namespace}:workers"
+
     @property
     def invalidate_channel(self) -> str:
         """Pub/sub channel on which key and bot changes reach every gateway."""

@@ -38,6 +38,10 @@ class CommonSettings(BaseSettings):
     # How long a starting process keeps trying to reach RabbitMQ.
     startup_timeout_s: float = Field(30.0, gt=0)
 
+    # Bot ids as a Prometheus label (one series per bot and label set): off by
+    # default, since a fleet of thousands of bots would make /metrics unusable.
+    metrics_bot_labels: bool = False
+
     @property
     def names(self) -> Names:
         """The queue, exchange and key names of this namespace."""

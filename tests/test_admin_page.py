@@ -122,3 +122,43 @@ async def test_a_bot_can_be_made_and_set_in_the_page(bare_stack: Stack, browser:
     saved = await bare_stack.registry.get_bot(bot_id)
     assert saved is not None
     assert (saved.temperature, saved.limits.rpm) == (0.3, 60)
+
+
+async def test_the_page_lists_workers_and_warns_of_an_endpoint_none_serves(
+    bare_stack: Stack, browser: Browser
+) -> None:
+    worker = await bare_stack.add_worker()
+    url = await bare_stack.add_gateway(admin_tokens=[TOKEN])
+    bot = await bare_stack.registry.create_bot(name="Typo bot", endpoint="ecoh", model="m")
+    page = await browser.new_page()
+    await page.goto(f"{url}/admin/")
+    await page.get_by_label("Admin token").fill(TOKEN)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("link", name="Typo bot")).to_be_visible()
+
+    await page.get_by_role("link", name="Workers").click()
+    rows = page.locator("#worker-rows tr")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text(worker.worker_id)
+    await expect(rows.first).to_contain_text("echo, echo-slow, fake")
+
+    await page.goto(f"{url}/admin/#/bots/{bot.id}")
+    await expect(page.locator("#bot-title")).to_have_text("Typo bot")
+    warning = page.locator("#endpoint-warning")
+    await expect(warning).to_be_visible()
+    await expect(warning).to_contain_text('No live worker serves the endpoint "ecoh"')
+    # The live endpoints are offered as choices.
+    options = page.locator("#endpoint-options option")
+    await expect(options).to_have_count(3)
+    assert await options.evaluate_all("os => os.map(o => o.value)") == [
+        "echo",
+        "echo-slow",
+        "fake",
+    ]
+    await page.get_by_label("Model endpoint").fill("echo")
+    await expect(warning).to_be_hidden()
+    await page.get_by_role("button", name="Save settings").click()
+    await expect(page.locator("#settings-saved")).to_be_visible()
+    saved = await bare_stack.registry.get_bot(bot.id)
+    assert saved is not None
+    assert saved.endpoint == "echo"

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from shared.clock import now_ms
+from tests.support.metrics import scrape
 from tests.support.stack import ProcessFactory, Stack, free_port
 from tests.support.tcpproxy import TcpProxy
 
@@ -194,9 +195,14 @@ async def test_rabbitmq_unreachable_is_503(bare_stack: Stack) -> None:
         result = await bare_stack.chat(key, HELLO)
         assert_error(result, 503, "backend_unavailable")
         assert result[2]["Retry-After"]
+        down = await scrape(bare_stack.http, bare_stack.url)
+        assert down.value("botline_backend_up", backend="amqp") == 0
+        assert down.value("botline_backend_up", backend="redis") == 1
         await proxy.up()
         await wait_ready(bare_stack.http, bare_stack.url, True)
         assert (await bare_stack.chat(key, HELLO))[0] == 200
+        up = await scrape(bare_stack.http, bare_stack.url)
+        assert up.value("botline_backend_up", backend="amqp") == 1
 
 
 async def wait_ready(http: aiohttp.ClientSession, url: str, ready: bool) -> None:

@@ -1,4 +1,4 @@
-"""The admin API under ``/admin/api/``: bots, keys, limits and usage, as JSON.
+"""The admin API under ``/admin/api/``: bots, keys, limits, usage and live workers, as JSON.
 
 Authenticated by the admin tokens from the settings (``BOTLINE_ADMIN_TOKENS``),
 compared in constant time. With no token configured the admin API is off:
@@ -22,6 +22,7 @@ from services.gateway.admin_tokens import admin_token_matches
 from services.gateway.admission import bearer_token
 from services.gateway.bodies import invalid, load_object, read_body
 from services.gateway.resources import GATEWAY, Gateway
+from shared import fleet
 from shared.clock import now_ms
 from shared.errors import AdminUnauthorized, NotFound
 from shared.records import Bot, KeyRecord
@@ -240,6 +241,15 @@ async def bot_usage(request: web.Request) -> web.Response:
     return _json(_usage_view(counts))
 
 
+async def list_workers(request: web.Request) -> web.Response:
+    """The live workers: each one's id, version, model endpoints, jobs in flight and
+    capacity, from the heartbeats they renew every few seconds; a worker that stopped
+    renewing (gone, or cut off from Redis) drops out within ``BOTLINE_HEARTBEAT_TTL_S``."""
+    gateway = _require_admin(request)
+    workers = await fleet.live_workers(gateway.redis, gateway.registry.names)
+    return _json([w.model_dump(mode="json") for w in workers])
+
+
 @dataclass(frozen=True)
 class Route:
     """One admin route: how it is served and how the OpenAPI document describes it."""
@@ -270,4 +280,5 @@ ROUTES = [
     Route("POST", "/keys/{key_id}/enable", _set_disabled(False), "Enable a key", answer=KeyView),
     Route("DELETE", "/keys/{key_id}", revoke_key, "Revoke a key", status=204),
     Route("GET", "/keys/{key_id}/usage", key_usage, "A key's usage", answer=UsageView),
+    Route("GET", "/workers", list_workers, "List live workers", answer=fleet.Heartbeat, many=True),
 ]  # fmt: skip

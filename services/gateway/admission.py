@@ -8,6 +8,7 @@ rate-limit lease is released.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ from services.gateway.bodies import read_body
 from services.gateway.chat_run import ChatRun, new_job_id
 from services.gateway.inflight import Ticket
 from services.gateway.job_builder import ChatInput, build_job
-from services.gateway.resources import GATEWAY, RATE_HEADERS, REQUEST_ID
+from services.gateway.metrics import surface_of
+from services.gateway.resources import (
+    BOT_ID,
+    GATEWAY,
+    RATE_HEADERS,
+    REQUEST_ID,
+    STARTED,
+    STREAM,
+)
 from shared import keys, tokens
 from shared.clock import now_ms
 from shared.errors import ApiKeyDisabled, ApiKeyExpired, InvalidApiKey, RateLimited
@@ -52,6 +61,7 @@ async def authenticate(request: web.Request) -> tuple[KeyRecord, Bot]:
         gateway.auth_failures.failed(address)
         raise
     structlog.contextvars.bind_contextvars(key_id=record.key_id, bot_id=bot.id)
+    request[BOT_ID] = bot.id
     gateway.usage.used(record.key_id, now_ms())
     return record, bot
 
@@ -113,6 +123,7 @@ async def _admitted(
     prompt_estimate = tokens.estimate_prompt(job.messages) if limits.tpm else None
     if ticket.error is not None:
         raise ticket.error  # the key changed while the body was read
+    request[STREAM] = chat.stream
     try:
         grant = await gateway.limiter.admit(
             record.key_id, limits, job.job_id, (prompt_estimate or 0) + job.max_tokens
@@ -121,12 +132,20 @@ async def _admitted(
         request[RATE_HEADERS] = exc.headers
         raise
     request[RATE_HEADERS] = grant.headers
+    metrics = gateway.metrics
+    started = request.get(STARTED, time.perf_counter())
+
+    def first_token() -> None:
+        metrics.first_token(surface_of(request.path), time.perf_counter() - started, bot.id)
+
     run = ChatRun(
         gateway.job_client,
         job,
         deadline_s=settings.request_deadline_s,
         event_timeout_s=settings.event_timeout_s,
         prompt_estimate=prompt_estimate,
+        metrics=metrics,
+        on_first_token=first_token if chat.stream else None,
     )
     # No await in the finally blocks: they run even when the caller went away.
     charged = Usage()

@@ -21,13 +21,14 @@ from services.gateway.inflight import InFlight
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
 from services.gateway.limits import Limiter
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import edge, stamp_headers
 from services.gateway.resources import GATEWAY, Gateway
 from services.gateway.routes import setup_routes
 from services.gateway.security_headers import security_headers
 from services.gateway.settings import GatewaySettings
 from services.gateway.usage import UsageBook
-from shared.loop import new_event_loop
+from shared.loop import new_event_loop, watch_lag
 from shared.registry import Registry
 
 log = structlog.get_logger("botline.gateway")
@@ -59,6 +60,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(gateway.keys.listen(gateway.redis, settings.names.invalidate_channel)),
         asyncio.create_task(gateway.usage.run(settings.usage_flush_s)),
         asyncio.create_task(gateway.limiter.renew_leases()),
+        asyncio.create_task(watch_lag(gateway.metrics.loop_lag.set)),
     ]
     try:
         await gateway.job_client.start()
@@ -80,6 +82,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
     redis = redis_client(settings)
     registry = Registry(redis, settings.names)
+    metrics = GatewayMetrics(bot_labels=settings.metrics_bot_labels)
     keys = KeyCache(
         registry,
         timeout_s=settings.redis_timeout_s,
@@ -87,6 +90,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         max_entries=settings.key_cache_size,
         unknown_ttl_s=settings.unknown_key_cache_ttl_s,
         max_unknown=settings.unknown_key_cache_size,
+        metrics=metrics,
     )
     inflight = InFlight(registry, timeout_s=settings.redis_timeout_s)
     # What revokes a cached key also ends the key's requests in flight.
@@ -102,10 +106,12 @@ def create_app(settings: GatewaySettings) -> web.Application:
             settings.names,
             timeout_s=settings.redis_timeout_s,
             lease_ttl_s=settings.lease_ttl_s,
+            metrics=metrics,
         ),
         usage=UsageBook(registry, timeout_s=settings.redis_timeout_s),
         inflight=inflight,
         auth_failures=AuthFailures(settings.auth_failures_per_minute),
+        metrics=metrics,
     )
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)

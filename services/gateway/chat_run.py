@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from services.gateway.job_client import DeadJob, Incoming, Interrupted, JobClient
+from services.gateway.metrics import GatewayMetrics
 from shared import tokens
 from shared.errors import BotlineError, DeadlineExceeded, JobFailed, WorkerLost, error_from_code
 from shared.wire import ChatJob, DeltaEvent, EndEvent, Usage
@@ -76,8 +78,15 @@ class ChatRun:
         deadline_s: float,
         event_timeout_s: float,
         prompt_estimate: int | None = None,
+        metrics: GatewayMetrics | None = None,
+        on_first_token: Callable[[], None] | None = None,
     ):
         self.job = job
+        self._metrics = metrics
+        # Called once, when a stream's first piece is handed to the caller.
+        self._on_first_token = on_first_token
+        self._published = 0.0
+        self._in_flight = False
         self._client = job_client
         self._deadline = asyncio.get_running_loop().time() + deadline_s
         self._deadline_s = deadline_s
@@ -133,11 +142,15 @@ class ChatRun:
         self._queue = self._client.register(self.job.job_id)
         if self._interrupt is not None:
             self._queue.put_nowait(Interrupted(self._interrupt))
+        self._published = time.perf_counter()
         try:
             await self._client.submit(self.job)
         except BaseException:
             self._client.forget(self.job.job_id)
             raise
+        if self._metrics is not None:
+            self._metrics.jobs_in_flight.inc()
+            self._in_flight = True
         return self
 
     async def __aexit__(
@@ -149,6 +162,9 @@ class ChatRun:
         self._client.forget(self.job.job_id)
         if not self._done:
             self._client.cancel(self.job.job_id)
+        if self._in_flight and self._metrics is not None:
+            self._metrics.jobs_in_flight.dec()
+            self._in_flight = False
 
     async def _next(self) -> Incoming:
         assert self._queue is not None, "use ChatRun as an async context manager"
@@ -177,6 +193,9 @@ class ChatRun:
             if isinstance(event, DeadJob):
                 self._done = True
                 raise JobFailed("the job failed on several workers and was given up")
+            if self._attempt is None and self._metrics is not None:
+                # A worker's first word on this job: the end of its wait in the queue.
+                self._metrics.queue_wait.observe(time.perf_counter() - self._published)
             if self._attempt is None or event.attempt > self._attempt:
                 if relayed and not restartable:
                     raise WorkerLost("the worker answering this request was lost")
@@ -188,6 +207,8 @@ class ChatRun:
                 raise WorkerLost(f"events out of order (expected {self._seq}, got {event.seq})")
             self._seq += 1
             if isinstance(event, DeltaEvent):
+                if not relayed and not restartable:
+                    self._first_token()
                 relayed = True
                 self._note_sent(event)
                 yield event
@@ -195,6 +216,8 @@ class ChatRun:
             self._done = True
             if isinstance(event, EndEvent):
                 self.usage = event.usage
+                if not relayed and not restartable:
+                    self._first_token()  # a one-piece answer: its text comes with its end
                 yield event
                 return
             raise error_from_code(event.code, event.message)
@@ -209,6 +232,11 @@ class ChatRun:
                 for name in ("name", "arguments"):
                     if isinstance(function.get(name), str):
                         self._sent.append(" " + function[name])
+
+    def _first_token(self) -> None:
+        if self._on_first_token is not None:
+            self._on_first_token()
+            self._on_first_token = None
 
     async def complete(self) -> Answer:
         """Wait for the whole answer. A retried job restarts it unseen."""

@@ -29,6 +29,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.gateway.metrics import FAILED, HIT, JOINED, MALFORMED, MISS, GatewayMetrics
 from shared import keys
 from shared.clock import now_ms
 from shared.errors import (
@@ -46,6 +47,10 @@ log = structlog.get_logger("botline.gateway.keys")
 # Idle pub/sub connections are pinged this often; two missed pongs drop the cache.
 _PING_EVERY_S = 1.0
 _SILENCE_LIMIT_S = 3.0
+
+
+def _uncounted(result: str) -> None:
+    pass
 
 
 @dataclass(slots=True)
@@ -78,8 +83,10 @@ class KeyCache:
         max_entries: int,
         unknown_ttl_s: float = 5.0,
         max_unknown: int = 10_000,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._registry = registry
+        self._count = metrics.key_lookup if metrics is not None else _uncounted
         self._timeout_s = timeout_s
         self._ttl_s = ttl_s
         self._max_entries = max_entries
@@ -137,14 +144,18 @@ class KeyCache:
     async def resolve(self, key: str | None) -> tuple[KeyRecord, Bot]:
         """The key's record and bot, or the error the caller must see."""
         if not key:
+            self._count(MALFORMED)
             raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>'")
         if not keys.is_well_formed(key):
+            self._count(MALFORMED)
             raise InvalidApiKey("malformed API key")
         key_hash = keys.hash_key(key)
         now = time.monotonic()
         entry = self._cached(key_hash, now)
         if entry is None:
             entry = await self._shared_fetch(key_hash, now)
+        else:
+            self._count(HIT)
         record, bot = entry.record, entry.bot
         if record is None:
             raise InvalidApiKey("unknown API key")
@@ -180,7 +191,9 @@ class KeyCache:
         under_way = self._fetching.get(key_hash)
         if under_way is not None and under_way[0] == generation:
             fetch = under_way[1]
+            self._count(JOINED)
         else:
+            self._count(MISS)
             fetch = asyncio.create_task(self._fetch(key_hash, now, generation))
             self._fetching[key_hash] = (generation, fetch)
 
@@ -199,6 +212,7 @@ class KeyCache:
             async with asyncio.timeout(self._timeout_s):
                 record, bot = await self._registry.lookup(key_hash)
         except (RedisError, OSError, TimeoutError) as exc:
+            self._count(FAILED)
             raise BackendUnavailable("cannot check API keys right now") from exc
         if record is None:
             until = now + self._unknown_ttl_s

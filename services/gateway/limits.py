@@ -31,6 +31,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.gateway.metrics import GatewayMetrics
 from shared.errors import BackendUnavailable, RateLimited
 from shared.names import Names
 from shared.records import Limits
@@ -141,8 +142,17 @@ def _headers(limits: Limits, answer: list[int]) -> dict[str, str]:
 class Limiter:
     """Admits requests against their key's limits and settles them afterwards."""
 
-    def __init__(self, redis: Redis, names: Names, *, timeout_s: float, lease_ttl_s: float):
+    def __init__(
+        self,
+        redis: Redis,
+        names: Names,
+        *,
+        timeout_s: float,
+        lease_ttl_s: float,
+        metrics: GatewayMetrics | None = None,
+    ):
         self._names = names
+        self._metrics = metrics
         self._timeout_s = timeout_s
         self._lease_ms = int(lease_ttl_s * 1000)
         self._admit = redis.register_script(_ADMIT)
@@ -184,6 +194,9 @@ class Limiter:
         reason = raw[1].decode() if isinstance(raw[1], bytes) else str(raw[1])
         headers = _headers(limits, answer)
         if not answer[0]:
+            if self._metrics is not None:
+                limit = {"requests": "rpm", "tokens": "tpm"}.get(reason, "concurrency")
+                self._metrics.limit_refusals.labels(limit).inc()
             what = {"requests": "requests per minute", "tokens": "tokens per minute"}.get(
                 reason, "concurrent requests"
             )

@@ -16,7 +16,16 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from services.gateway.resources import RATE_HEADERS, REQUEST_ID
+from services.gateway.metrics import surface_of
+from services.gateway.resources import (
+    BOT_ID,
+    GATEWAY,
+    RATE_HEADERS,
+    REQUEST_ID,
+    STARTED,
+    STREAM,
+    STREAM_ERROR,
+)
 from shared.errors import (
     BotlineError,
     HttpError,
@@ -65,6 +74,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
+    request[STARTED] = started
     status = 500
     code: str | None = None
     try:
@@ -94,14 +104,25 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("http.unhandled")
         return error_response(InternalError("internal error"))
     finally:
+        elapsed = time.perf_counter() - started
         log.info(
             "http.request",
             method=request.method,
             path=request.path,
             status=status,
             code=code,
-            ms=round((time.perf_counter() - started) * 1000, 2),
+            ms=round(elapsed * 1000, 2),
         )
+        gateway = request.config_dict.get(GATEWAY)
+        if gateway is not None:
+            gateway.metrics.request(
+                surface_of(request.path),
+                status,
+                code or request.get(STREAM_ERROR),
+                request.get(STREAM, False),
+                elapsed,
+                request.get(BOT_ID),
+            )
 
 
 async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:

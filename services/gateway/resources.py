@@ -16,6 +16,7 @@ from services.gateway.inflight import InFlight
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
 from services.gateway.limits import Limiter
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 from services.gateway.usage import UsageBook
 from shared.registry import Registry
@@ -23,6 +24,13 @@ from shared.registry import Registry
 REQUEST_ID = web.RequestKey("request_id", str)
 # Rate-limit headers for the response, whichever way it ends.
 RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])
+# When the edge took the request (``time.perf_counter()``).
+STARTED = web.RequestKey("started", float)
+# What the edge's metrics need to know of a chat request once it is over.
+STREAM = web.RequestKey("stream", bool)
+BOT_ID = web.RequestKey("bot_id", str)
+# The code of the error that ended a stream after it started (its status stays 200).
+STREAM_ERROR = web.RequestKey("stream_error", str)
 
 
 @dataclass(slots=True)
@@ -38,6 +46,7 @@ class Gateway:
     usage: UsageBook
     inflight: InFlight
     auth_failures: AuthFailures
+    metrics: GatewayMetrics
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

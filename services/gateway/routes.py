@@ -31,6 +31,7 @@ def setup_routes(app: web.Application) -> None:
             web.get("/openai/v1/models/{model_id}", openai_api.get_model),
             web.get("/livez", health.livez),
             web.get("/readyz", health.readyz),
+            web.get("/metrics", health.metrics),
             web.get("/admin", admin_redirect),
             web.get("/admin/", admin_page),
             web.static("/admin/static", STATIC),

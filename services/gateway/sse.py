@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from services.gateway.chat_run import ChatRun
+from services.gateway.resources import GATEWAY, STREAM_ERROR
 from shared.errors import BotlineError, InternalError
 from shared.wire import DeltaEvent, EndEvent
 
@@ -62,6 +63,8 @@ async def write_stream(
         first = await anext(events)
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
         await response.prepare(request)
+        streams_open = request.config_dict[GATEWAY].metrics.streams_open
+        streams_open.inc()
         try:
             if isinstance(first, EndEvent):
                 # A one-piece answer: its text opens the stream, an empty end closes it.
@@ -79,11 +82,15 @@ async def write_stream(
                         await response.write(render.end(item))
         except BotlineError as exc:
             log.info("stream.failed", code=exc.code)
+            request[STREAM_ERROR] = exc.code
             await response.write(render.error(exc))
         except (ConnectionError, OSError):
             raise
         except Exception:
             log.exception("stream.crashed")
+            request[STREAM_ERROR] = InternalError.code
             await response.write(render.error(InternalError("internal error")))
+        finally:
+            streams_open.dec()
     await response.write_eof()
     return response

@@ -133,7 +133,9 @@ class OpenAIModel:
                 self._url, data=self._payload(job), headers=self._headers
             ) as response:
                 if response.status != 200:
-                    raise UpstreamError(await _error_message(response))
+                    raise UpstreamError(
+                        await _error_message(response), upstream_status=str(response.status)
+                    )
                 if job.stream:
                     async for piece in _parse_stream(response, job):
                         yield piece
@@ -141,9 +143,13 @@ class OpenAIModel:
                     for piece in _parse_whole(await response.read(), job):
                         yield piece
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"the model endpoint failed: {type(exc).__name__}") from exc
+            raise UpstreamError(
+                f"the model endpoint failed: {type(exc).__name__}", upstream_status="connection"
+            ) from exc
         except TimeoutError as exc:
-            raise UpstreamError("the model endpoint stopped answering") from exc
+            raise UpstreamError(
+                "the model endpoint stopped answering", upstream_status="timeout"
+            ) from exc
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -197,7 +203,9 @@ def _parse_whole(data: bytes, job: ChatJob) -> list[Piece]:
         choice = body["choices"][0]
         message = choice.get("message") or {}
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise UpstreamError("the model endpoint sent a malformed answer") from exc
+        raise UpstreamError(
+            "the model endpoint sent a malformed answer", upstream_status="malformed"
+        ) from exc
     pieces: list[Piece] = []
     text = message.get("content") or ""
     if text:
@@ -254,7 +262,9 @@ async def _parse_stream(response: aiohttp.ClientResponse, job: ChatJob) -> Async
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            raise UpstreamError("the model endpoint sent a malformed event") from exc
+            raise UpstreamError(
+                "the model endpoint sent a malformed event", upstream_status="malformed"
+            ) from exc
         if chunk.get("error"):
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else None
@@ -262,7 +272,7 @@ async def _parse_stream(response: aiohttp.ClientResponse, job: ChatJob) -> Async
                 "upstream.failed_mid_answer",
                 upstream_message=mask_secrets(message[:300]) if isinstance(message, str) else None,
             )
-            raise UpstreamError("the model endpoint failed mid-answer")
+            raise UpstreamError("the model endpoint failed mid-answer", upstream_status="stream")
         if chunk.get("usage"):
             reported = chunk["usage"]
         for choice in chunk.get("choices") or ():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
@@ -11,18 +12,29 @@ from aio_pika.abc import AbstractChannel
 from services.worker.endpoints import Finish
 from shared.amqp import publish
 from shared.errors import BotlineError
-from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent
+from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent, Usage
 
 
 class JobEvents:
     """Publishes one attempt's events with a gap-free ``seq``."""
 
-    def __init__(self, channel: AbstractChannel, exchange: str, job: ChatJob, attempt: int) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        exchange: str,
+        job: ChatJob,
+        attempt: int,
+        on_first_delta: Callable[[], None] | None = None,
+    ) -> None:
         self._channel = channel
         self._exchange = exchange
         self._job = job
         self._attempt = attempt
         self._seq = 0
+        # Called as the first delta leaves (a stream's first token, for the metrics).
+        self._on_first_delta = on_first_delta
+        # The answer's usage, once its end was sent.
+        self.usage: Usage | None = None
 
     async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent, *, wait: bool = False) -> None:
         job = self._job
@@ -46,6 +58,9 @@ class JobEvents:
     async def delta(self, text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
         """A piece of the answer (text and/or tool-call fragments)."""
         job = self._job
+        if self._on_first_delta is not None:
+            self._on_first_delta()
+            self._on_first_delta = None
         await self._send(
             DeltaEvent(
                 job_id=job.job_id,
@@ -59,6 +74,7 @@ class JobEvents:
     async def end(self, text: str, finish: Finish) -> None:
         """The last piece, with the finish reason and usage; waits for the socket."""
         job = self._job
+        self.usage = finish.usage
         await self._send(
             EndEvent(
                 job_id=job.job_id,

@@ -6,9 +6,10 @@ by default; 0.0.0.0 in containers) for the orchestrator:
 - ``GET /livez``: 200 while the event loop answers;
 - ``GET /readyz``: 200 while the AMQP connection is open and the job queue is
   being consumed, 503 otherwise (lost broker, draining after SIGTERM), with
-  the checks in the body like the gateway's ``/readyz``.
+  the checks in the body like the gateway's ``/readyz``;
+- ``GET /metrics``: the worker's Prometheus metrics (:mod:`services.worker.metrics`).
 
-The routes are one table (:data:`ROUTES`): ``/metrics`` is one more line there.
+The routes are one table (:data:`ROUTES`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Protocol
 
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from services.worker.metrics import WorkerMetrics
 from services.worker.settings import WorkerSettings
 
 log = structlog.get_logger("botline.worker.probes")
@@ -34,6 +37,7 @@ class Probed(Protocol):
 
 
 PROBED = web.AppKey("probed", Probed)
+METRICS = web.AppKey("metrics", WorkerMetrics)
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -51,22 +55,36 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus' text format of the worker's series."""
+    body = request.config_dict[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 ROUTES = [
     web.get("/livez", livez),
     web.get("/readyz", readyz),
+    web.get("/metrics", metrics),
 ]
 
 
-def create_probe_app(probed: Probed) -> web.Application:
-    """The probe server's application, asking ``probed`` whether it is ready."""
+def create_probe_app(probed: Probed, metrics: WorkerMetrics | None = None) -> web.Application:
+    """The probe server's application, asking ``probed`` whether it is ready.
+
+    Without ``metrics`` (a probe server with no worker, in tests), ``/metrics``
+    serves an empty worker's series.
+    """
     app = web.Application()
     app[PROBED] = probed
+    app[METRICS] = metrics if metrics is not None else WorkerMetrics([])
     app.router.add_routes(ROUTES)
     return app
 
 
 @contextlib.asynccontextmanager
-async def serve_probes(settings: WorkerSettings, probed: Probed) -> AsyncIterator[str]:
+async def serve_probes(
+    settings: WorkerSettings, probed: Probed, metrics: WorkerMetrics | None = None
+) -> AsyncIterator[str]:
     """Serve the probes while the block runs; yields the base URL actually bound.
 
     Port 0 binds a free port (tests). The runner is cleaned up on exit,
@@ -74,7 +92,7 @@ async def serve_probes(settings: WorkerSettings, probed: Probed) -> AsyncIterato
     """
     # Probes are short requests: a short keep-alive keeps idle probe
     # connections from piling up (aiohttp's AppRunner default is an hour).
-    runner = web.AppRunner(create_probe_app(probed), access_log=None, keepalive_timeout=15)
+    runner = web.AppRunner(create_probe_app(probed, metrics), access_log=None, keepalive_timeout=15)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.worker_http_host, settings.worker_http_port)

@@ -65,6 +65,11 @@ class WorkerSettings(CommonSettings):
     worker_http_host: str = "127.0.0.1"
     worker_http_port: int = Field(8081, ge=0, le=65535)
 
+    # The heartbeat in Redis that lists this worker (GET /admin/api/workers):
+    # renewed this often, gone this long after the last renewal.
+    heartbeat_s: float = Field(3.0, gt=0)
+    heartbeat_ttl_s: float = Field(10.0, gt=0)
+
     def all_endpoints(self) -> dict[str, EndpointConfig]:
         """The built-in echo endpoint, then the file's, then the environment's."""
         found: dict[str, EndpointConfig] = {"echo": EndpointConfig(kind="echo")}

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import importlib.metadata
 import secrets
 import signal
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,12 +34,16 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.worker.coalesce import coalesce
 from services.worker.endpoints import Model, make_model
 from services.worker.job_events import JobEvents, JobStats
+from services.worker.metrics import UNKNOWN, WorkerMetrics
 from services.worker.probes import serve_probes
 from services.worker.settings import WorkerSettings
+from shared import fleet
 from shared.amqp import (
     ATTEMPT_HEADER,
     DEAD_HEADER,
@@ -48,10 +54,22 @@ from shared.amqp import (
     publish,
 )
 from shared.clock import now_ms
-from shared.errors import BotlineError, DeadlineExceeded, InternalError, UnknownEndpoint
+from shared.errors import (
+    BotlineError,
+    DeadlineExceeded,
+    InternalError,
+    UnknownEndpoint,
+    UpstreamError,
+)
+from shared.loop import watch_lag
 from shared.wire import CancelJob, ChatJob
 
 log = structlog.get_logger("botline.worker")
+
+try:
+    _VERSION = importlib.metadata.version("botline")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree
+    _VERSION = "unknown"
 
 # Cancellations remembered for jobs not (yet) seen here, so that a job
 # cancelled while still queued is dropped when it arrives.
@@ -85,6 +103,7 @@ class Disposition:
     reason: str = ""  # BURY: why, in the dead header
     attempt: int = 0  # RETRY: the attempt the copy carries
     count: str | None = None  # an outcome to count once the message is settled
+    endpoint: str = UNKNOWN  # with count: the endpoint label it is counted under
 
 
 class Worker:
@@ -108,6 +127,11 @@ class Worker:
         # Confirmed publishes for the rare paths that must not lose a job.
         self._confirmed: AbstractChannel | None = None
         self.stats = JobStats()
+        self.metrics = WorkerMetrics(sorted(self._models))
+        self.started_at = now_ms()
+        # Its heartbeat's connection, and the tasks it owns besides jobs.
+        self._redis: Redis | None = None
+        self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Connect, declare, and start consuming jobs and cancellations."""
@@ -130,7 +154,43 @@ class Worker:
         self._events = await connection.channel(publisher_confirms=False)
         self._confirmed = await connection.channel(publisher_confirms=True, on_return_raises=True)
         self._consumer_tag = await self._jobs.consume(self._on_job)
+        self._redis = Redis.from_url(
+            settings.redis_url.get_secret_value(),
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+        )
+        # The first beat before taking part: listed as soon as started (and no
+        # connection is left half-open by a stop that comes right after).
+        if not await fleet.beat_once(
+            self._redis, settings.names, self.heartbeat(), settings.heartbeat_ttl_s
+        ):
+            log.warning("fleet.heartbeat_failed")
+        self._background = [
+            asyncio.create_task(watch_lag(self.metrics.loop_lag.set)),
+            asyncio.create_task(
+                fleet.keep_beating(
+                    self._redis,
+                    settings.names,
+                    self.heartbeat,
+                    every_s=settings.heartbeat_s,
+                    ttl_s=settings.heartbeat_ttl_s,
+                )
+            ),
+        ]
         log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
+
+    def heartbeat(self) -> fleet.Heartbeat:
+        """What this worker tells the fleet view about itself now."""
+        return fleet.Heartbeat(
+            worker_id=self.worker_id,
+            version=_VERSION,
+            host=socket.gethostname(),
+            endpoints=sorted(self._models),
+            jobs_in_flight=len(self._running),
+            capacity=self.settings.concurrency,
+            started_at=self.started_at,
+            seen_at=now_ms(),
+        )
 
     def readiness(self) -> dict[str, bool]:
         """The probe's checks: connected to RabbitMQ, and taking jobs (not draining)."""
@@ -160,6 +220,15 @@ class Worker:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._redis is not None:
+            # Off the list at once, not when the heartbeat expires.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await fleet.leave(self._redis, self.settings.names, self.worker_id)
+            await self._redis.aclose()
         for model in self._models.values():
             await model.close()
         if self._connection is not None:
@@ -201,6 +270,7 @@ class Worker:
         except ValidationError:
             log.error("wire.invalid_job")
             return Disposition(Action.BURY, reason="invalid")
+        endpoint = self.metrics.endpoint(job.endpoint)
         counted = message.headers.get(ATTEMPT_HEADER)
         attempt = counted if isinstance(counted, int) else 1
         structlog.contextvars.bind_contextvars(
@@ -212,6 +282,8 @@ class Worker:
             dropped = "deadline"
         else:
             dropped = None
+        if message.redelivered:
+            self.metrics.redeliveries.inc()
         if message.redelivered and dropped is None:
             # Its last holder died: count that attempt where the next one will see it.
             if attempt + 1 > self.settings.jobs_delivery_limit + 1:
@@ -220,7 +292,7 @@ class Worker:
             return Disposition(Action.RETRY, attempt=attempt + 1)
         if dropped is not None:
             log.info("job.dropped", reason=dropped)
-            return Disposition(Action.ACK, count="dropped")
+            return Disposition(Action.ACK, count="dropped", endpoint=endpoint)
         task = asyncio.current_task()
         assert task is not None
         self._running[job.job_id] = task
@@ -231,6 +303,7 @@ class Worker:
                 raise  # shutting down: leave it unacked, another worker takes it
             task.uncancel()
             log.info("job.cancelled")
+            self.metrics.of(endpoint).job("cancelled")
             await self.stats.add("cancelled")
         finally:
             self._running.pop(job.job_id, None)
@@ -272,12 +345,15 @@ class Worker:
             else:
                 if retry:
                     log.info("job.retried", next_attempt=disposition.attempt)
+                else:
+                    self.metrics.dead_letters.labels(disposition.reason).inc()
         try:
             await message.ack()
         except (AMQPError, ChannelInvalidStateError):
             # The channel died meanwhile; RabbitMQ redelivers the job.
             log.warning("job.ack_failed")
         if disposition.count is not None:
+            self.metrics.of(disposition.endpoint).job(disposition.count)
             await self.stats.add(disposition.count)
 
     def _stream_window(self) -> float:
@@ -285,12 +361,35 @@ class Worker:
 
     async def _run(self, job: ChatJob, attempt: int) -> None:
         assert self._events is not None
-        events = JobEvents(self._events, self._replies_exchange, job, attempt)
+        metrics = self.metrics
         model = self._models.get(job.endpoint)
         if model is None:
+            events = JobEvents(self._events, self._replies_exchange, job, attempt)
             await events.error(UnknownEndpoint(f"no model endpoint named {job.endpoint!r}"))
+            metrics.of(UNKNOWN).job(UnknownEndpoint.code)
             return
+        in_flight = metrics.of(job.endpoint).in_flight
+        in_flight.inc()
+        try:
+            await self._call(job, attempt, model)
+        finally:
+            in_flight.dec()
+
+    async def _call(self, job: ChatJob, attempt: int, model: Model) -> None:
+        assert self._events is not None
+        series = self.metrics.of(job.endpoint)
         started = time.perf_counter()
+
+        def first_delta() -> None:
+            series.ttft.observe(time.perf_counter() - started)
+
+        events = JobEvents(
+            self._events,
+            self._replies_exchange,
+            job,
+            attempt,
+            on_first_delta=first_delta if job.stream else None,
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (job.deadline_ms - now_ms()) / 1000
         outcome = "done"
@@ -312,6 +411,8 @@ class Worker:
             await events.error(DeadlineExceeded("the request deadline passed"))
         except BotlineError as exc:
             outcome = exc.code
+            if isinstance(exc, UpstreamError):
+                self.metrics.upstream_errors.labels(job.endpoint, exc.upstream_status).inc()
             await events.error(exc)
         except (AMQPError, ChannelInvalidStateError):
             raise
@@ -319,12 +420,14 @@ class Worker:
             outcome = "internal_error"
             log.exception("job.crashed")
             await events.error(InternalError("the worker failed on this request"))
+        elapsed = time.perf_counter() - started
+        series.duration.observe(elapsed)
+        series.job(outcome)
+        if events.usage is not None:
+            series.used(events.usage)
         await self.stats.add(outcome)
         log.info(
-            "job.finished",
-            outcome=outcome,
-            endpoint=job.endpoint,
-            ms=round((time.perf_counter() - started) * 1000, 2),
+            "job.finished", outcome=outcome, endpoint=job.endpoint, ms=round(elapsed * 1000, 2)
         )
 
 
@@ -336,7 +439,7 @@ async def serve(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # Probes first: /livez answers (and /readyz says 503) while the broker is still being reached.
-    async with serve_probes(settings, worker):
+    async with serve_probes(settings, worker, worker.metrics):
         await worker.start()
         try:
             await stop.wait()

@@ -68,6 +68,62 @@ function renderSignIn() {
   });
 }
 
+// --- workers and the endpoints they serve ------------------------------------------
+
+// The endpoints live workers serve, or null when the fleet cannot be read (no warning then).
+async function liveEndpoints() {
+  let workers;
+  try {
+    workers = await api("GET", "/workers");
+  } catch (err) {
+    if (err.status === 401) throw err;
+    return null;
+  }
+  const served = new Set(workers.flatMap((w) => w.endpoints));
+  const options = document.getElementById("endpoint-options");
+  options.replaceChildren(...[...served].sort().map((name) => el("option", { value: name })));
+  return served;
+}
+
+// Warn (not refuse: a worker may be about to start) when no live worker serves the endpoint.
+function watchEndpoint(input, warning, served) {
+  if (served === null) return;
+  const check = () => {
+    const name = input.value.trim();
+    warning.hidden = !name || served.has(name);
+    warning.textContent = served.size === 0
+      ? `No live worker right now: requests to this bot wait in the queue until one starts.`
+      : `No live worker serves the endpoint "${name}": requests to this bot will fail with `
+        + `unknown_endpoint. Live endpoints: ${[...served].sort().join(", ")}.`;
+  };
+  input.addEventListener("input", check);
+  check();
+}
+
+async function renderWorkers() {
+  mount("tpl-workers");
+  const rows = document.getElementById("worker-rows");
+  const fill = async () => {
+    const workers = await api("GET", "/workers");
+    rows.replaceChildren(...workers.map((w) => {
+      const row = el("tr", {},
+        el("td", { className: "mono", textContent: w.worker_id }),
+        el("td", { textContent: w.host || "—" }),
+        el("td", { textContent: w.version }),
+        el("td", { textContent: w.endpoints.join(", ") }),
+        el("td", { className: "num", textContent: number(w.jobs_in_flight) }),
+        el("td", { className: "num", textContent: number(w.capacity) }),
+        el("td", { textContent: when(w.started_at) }),
+        el("td", { textContent: when(w.seen_at) }));
+      row.dataset.workerId = w.worker_id;
+      return row;
+    }));
+    document.getElementById("no-workers").hidden = workers.length > 0;
+  };
+  document.getElementById("refresh-workers").addEventListener("click", fill);
+  await fill();
+}
+
 // --- bots ----------------------------------------------------------------------
 
 async function renderBots() {
@@ -83,6 +139,9 @@ async function renderBots() {
   }
   document.getElementById("no-bots").hidden = bots.length > 0;
   const dialog = document.getElementById("bot-dialog");
+  const served = await liveEndpoints();
+  watchEndpoint(dialog.querySelector("[name=endpoint]"),
+    document.getElementById("new-endpoint-warning"), served);
   document.getElementById("new-bot").addEventListener("click", () => dialog.showModal());
   document.getElementById("bot-form").addEventListener("submit", async (event) => {
     if (event.submitter && event.submitter.value !== "create") return;
@@ -115,6 +174,8 @@ async function renderBot(botId) {
   const form = document.getElementById("settings-form");
   for (const name of SETTINGS) form.elements[name].value = bot[name];
   for (const name of LIMITS) form.elements[`limit_${name}`].value = bot.limits[name] ?? "";
+  watchEndpoint(form.elements.endpoint, document.getElementById("endpoint-warning"),
+    await liveEndpoints());
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const patch = { limits: {} };
@@ -214,7 +275,8 @@ async function route() {
   document.getElementById("nav").hidden = false;
   const match = location.hash.match(/^#\/bots\/([\w-]+)/);
   try {
-    await (match ? renderBot(match[1]) : renderBots());
+    if (location.hash === "#/workers") await renderWorkers();
+    else await (match ? renderBot(match[1]) : renderBots());
   } catch (err) {
     if (err.status !== 401) view.replaceChildren(el("p", { className: "error", textContent: err.message }));
   }
