@@ -84,7 +84,7 @@ def whole_table(summary: Summary, plan: Plan) -> str:
     """Whole answers: throughput, latency and what each proxy adds."""
     head = [
         "workload", "target", "req/s", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms",
-        "CPU ms/req", "(split)", "errors",
+        "CPU ms/req", "(split)", "RabbitMQ", "Redis", "errors",
     ]  # fmt: skip
     rows = []
     for w in plan.workloads:
@@ -100,17 +100,29 @@ def whole_table(summary: Summary, plan: Plan) -> str:
                     _fmt(c["p99_ms"]),
                     _fmt(c["added_p50_ms"], signed=True),
                     _fmt(c["added_p99_ms"], signed=True),
-                    _fmt(c["cpu_ms_per_request"]),
-                    _split(c["cpu_ms_per_request_by_group"], 2),
+                    _fmt(c["cpu_ms_per_request"], 3),
+                    _split(c["cpu_ms_per_request_by_group"], 3),
+                    *_servers(target, c),
                     _errors(c),
                 ]
             )
     title = (
         f"Whole answers (stream false, {plan.tokens('whole')} tokens, no upstream delay); "
         "+ = added over direct, same round; CPU = the proxy's own processes "
-        "(split: gw/wk = botline's gateway/worker, w1/w2 = LiteLLM's workers)"
+        "(split: gw/wk = botline's gateway/worker, w1/w2 = LiteLLM's workers); "
+        "RabbitMQ, Redis = the shared servers' CPU ms/req during botline's runs; "
+        "all CPU from /proc, before and after the measured phase"
     )
     return title + "\n" + _table(head, rows)
+
+
+def _servers(target: str, cell: Mapping[str, Any]) -> list[str]:
+    """RabbitMQ's and Redis's CPU ms per request, for botline's targets (others use neither:
+    what the servers did then was someone else's work)."""
+    if not target.startswith("botline"):
+        return ["", ""]
+    context = cell.get("context_cpu_ms_per_request", {})
+    return [_fmt(context.get("rabbitmq"), 3), _fmt(context.get("redis"), 3)]
 
 
 _SHORT = {"gateway": "gw", "worker": "wk", "supervisor": "sup", "worker1": "w1", "worker2": "w2"}
@@ -128,7 +140,8 @@ def stream_table(summary: Summary, plan: Plan) -> str:
     """Streams: time to first token, chunk gaps, errors, CPU and memory per stream."""
     head = [
         "workload", "target", "ok", "TTFT p50", "TTFT p99", "+TTFT p50", "+TTFT p99",
-        "gap p50", "gap p99", "chunks", "CPU s/1k tok", "(split)", "KiB/stream", "errors",
+        "gap p50", "gap p99", "chunks", "CPU s/1k tok", "CPU ms/req", "(split)",
+        "RabbitMQ", "Redis", "KiB/stream", "errors",
     ]  # fmt: skip
     rows = []
     notes = []
@@ -153,24 +166,29 @@ def stream_table(summary: Summary, plan: Plan) -> str:
                     _fmt(c["gap_p99_ms"]),
                     _fmt(c["chunks_per_stream"], 1),
                     _fmt(c["cpu_s_per_1k_tokens_total"], 3),
-                    _split(c["cpu_s_per_1k_tokens"], 3),
+                    _fmt(c["cpu_ms_per_request"], 2),
+                    _split(c["cpu_ms_per_request_by_group"], 2),
+                    *_servers(target, c),
                     mem_text,
                     _errors(c),
                 ]
             )
-        botline = summary[w.key].get("botline")
-        if botline is not None:
-            context = botline["context_cpu_s_per_1k_tokens"]
+        for target, c in summary[w.key].items():
+            if not target.startswith("botline"):
+                continue
+            context = c["context_cpu_s_per_1k_tokens"]
+            worker_kib = c.get("memory_per_stream_bytes_by_group", {}).get("worker")
             notes.append(
-                f"  {w.label}: during botline's runs RabbitMQ used "
-                f"{_fmt(context.get('rabbitmq'), 3)} and Redis {_fmt(context.get('redis'), 3)} "
-                "CPU s/1k tok (not in the CPU column); the upstream "
-                f"{_fmt(context.get('upstream'), 3)}"
+                f"  {w.label}, {target}: RabbitMQ used {_fmt(context.get('rabbitmq'), 3)} and "
+                f"Redis {_fmt(context.get('redis'), 3)} CPU s/1k tok (not in the CPU columns); "
+                f"the upstream {_fmt(context.get('upstream'), 3)}; worker memory per open "
+                f"stream {'-' if worker_kib is None else f'{worker_kib / 1024:.1f}'} KiB"
             )
     tokens, delay = plan.upstreams["stream"]
     title = (
         f"Streams ({tokens} tokens at {delay:g} ms/token, include_usage); times in ms; "
         "ok = streams complete over all rounds; gap = between content chunks at the client; "
+        "CPU ms/req = per stream (split per process; RabbitMQ, Redis: the shared servers); "
         "chunks = content chunks per stream; KiB/stream = RSS growth of the gateway "
         "(LiteLLM: all its processes) with every stream open, worst round"
     )

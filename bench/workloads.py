@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -32,12 +34,13 @@ from bench.procs import (
     Proc,
     Processes,
     cpu_seconds,
+    listener_pids,
     machine_busy_seconds,
-    pids_named,
     rss_bytes,
 )
 from bench.stats import median
 from bench.targets import MODELS, ROOT, Target, Upstream
+from shared.settings import CommonSettings
 
 Kind = Literal["whole", "stream"]
 _PROMPT = [{"role": "user", "content": "Tell me something."}]
@@ -163,6 +166,25 @@ async def _within(seconds: float, what: str) -> AsyncIterator[None]:
         raise BenchError(f"{what} did not finish within {seconds:.0f} s") from None
 
 
+@functools.cache
+def shared_servers() -> dict[str, list[int]]:
+    """The RabbitMQ and Redis botline uses: the processes listening on their URLs' ports.
+
+    Found by port, not by name: tests' private servers (``beam.smp``, ``redis-server``
+    too) may run on this machine, and their CPU is not botline's. Found once: scanning
+    every process's descriptors costs CPU.
+    """
+    settings = CommonSettings()
+    found = {}
+    for name, url, default in (
+        ("rabbitmq", settings.amqp_url, 5672),
+        ("redis", settings.redis_url, 6379),
+    ):
+        port = urlsplit(url.get_secret_value()).port or default
+        found[name] = listener_pids(port)
+    return found
+
+
 def _context_groups(upstream: Upstream, load_pid: int) -> dict[str, list[int]]:
     """Processes read for context: the upstream, the servers, the client, this process.
 
@@ -171,8 +193,7 @@ def _context_groups(upstream: Upstream, load_pid: int) -> dict[str, list[int]]:
     """
     return {
         "upstream": [upstream.proc.pid],
-        "rabbitmq": pids_named("beam.smp"),
-        "redis": pids_named("redis-server"),
+        **shared_servers(),
         "load generator": [load_pid],
         "orchestrator": [os.getpid()],
     }
@@ -410,6 +431,20 @@ def aggregate(
                 g: median([_per_1k(r["context_cpu_s"][g], r["load"]["tokens"]) for r in mine])
                 for g in (mine[0]["context_cpu_s"] if mine else {})
             }
+            context_ms = {
+                g: median(
+                    [
+                        r["context_cpu_s"][g] * 1000 / r["load"]["ok"]
+                        for r in mine
+                        if r["load"]["ok"]
+                    ]
+                )
+                for g in (mine[0]["context_cpu_s"] if mine else {})
+            }
+            memory_by_group = {}
+            for g in groups:
+                found = [m for m in (_memory_per_stream(r, (g,)) for r in mine) if m is not None]
+                memory_by_group[g] = max(found) if found else None
             memory = [_memory_per_stream(r, memory_groups.get(target, ())) for r in mine]
             present_memory = [m for m in memory if m is not None]
             out[workload][target] = {
@@ -449,6 +484,10 @@ def aggregate(
                 if groups
                 else None,
                 "context_cpu_s_per_1k_tokens": context_1k,
+                # RabbitMQ, Redis, the upstream... per request (median over rounds): the
+                # servers' share, read from /proc like the target's own processes.
+                "context_cpu_ms_per_request": context_ms,
+                "memory_per_stream_bytes_by_group": memory_by_group,
                 # The worst round: memory freed by a run is not always given back to the OS,
                 # so later rounds can understate it.
                 "memory_per_stream_bytes": max(present_memory) if present_memory else None,
