@@ -36,6 +36,7 @@ def header(info: Mapping[str, Mapping[str, str]], plan: Plan, processes: Mapping
     ups = ", ".join(
         f"{role}: {tokens} tokens{f' at {delay:g} ms/token' if delay else ', no delay'}"
         for role, (tokens, delay) in plan.upstreams.items()
+        if any(w.kind == role for w in plan.workloads)
     )
     lines.append(f"fake upstream (one process each): {ups}")
     exceptions = [
@@ -88,7 +89,7 @@ def whole_table(summary: Summary, plan: Plan) -> str:
     ]  # fmt: skip
     rows = []
     for w in plan.workloads:
-        if w.kind != "whole" or w.key not in summary:
+        if w.kind == "stream" or w.key not in summary:
             continue
         for i, (target, c) in enumerate(summary[w.key].items()):
             rows.append(
@@ -106,8 +107,10 @@ def whole_table(summary: Summary, plan: Plan) -> str:
                     _errors(c),
                 ]
             )
+    slow_tokens, slow_delay = plan.upstreams["slow"]
     title = (
-        f"Whole answers (stream false, {plan.tokens('whole')} tokens, no upstream delay); "
+        f"Whole answers (stream false, {plan.tokens('whole')} tokens, no upstream delay; "
+        f"slow upstream: {slow_tokens} tokens at {slow_delay:g} ms/token); "
         "+ = added over direct, same round; CPU = the proxy's own processes "
         "(split: gw/wk = botline's gateway/worker, w1/w2 = LiteLLM's workers); "
         "RabbitMQ, Redis = the shared servers' CPU ms/req during botline's runs; "

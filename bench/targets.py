@@ -42,9 +42,9 @@ LITELLM_MASTER_KEY = "sk-bench-master-key"
 LITELLM_WORKERS = 2  # botline runs two processes too: one gateway and one worker
 
 # The `model` each workload sends; LiteLLM routes on it, the others ignore it.
-MODELS = {"whole": "bench-whole", "stream": "bench-stream"}
+MODELS = {"whole": "bench-whole", "stream": "bench-stream", "slow": "bench-slow"}
 # botline's endpoint (and bot) per upstream.
-_ENDPOINTS = {"whole": "fake", "stream": "fake-stream"}
+_ENDPOINTS = {"whole": "fake", "stream": "fake-stream", "slow": "fake-slow"}
 # Enough for 1000 concurrent streams, for LiteLLM's connection pool: not a limit being
 # measured (botline runs at its own defaults).
 _MAX_CONNECTIONS = 2000

@@ -42,7 +42,8 @@ from bench.stats import median
 from bench.targets import MODELS, ROOT, Target, Upstream
 from shared.settings import CommonSettings
 
-Kind = Literal["whole", "stream"]
+# whole: answers in one body; stream: SSE; slow: whole answers from a slow upstream.
+Kind = Literal["whole", "stream", "slow"]
 _PROMPT = [{"role": "user", "content": "Tell me something."}]
 # Read each process's memory this often during a run, for its peak.
 _SAMPLE_S = 0.1
@@ -65,6 +66,8 @@ class Workload:
     # waits a random part of this, and each caller then asks again as soon as its answer
     # ends: ``concurrency`` requests stay open, arriving spread out (a steady load).
     stagger_s: float = 0.0
+    # Run only when named in --workloads (with the targets it compares, e.g. botline-p2).
+    optional: bool = False
 
     @property
     def key(self) -> str:
@@ -74,7 +77,8 @@ class Workload:
     @property
     def label(self) -> str:
         """How tables and charts name it, e.g. ``c=100`` or ``c=100 steady``."""
-        return f"c={self.concurrency}" + (" steady" if self.stagger_s else "")
+        slow = ", slow upstream" if self.kind == "slow" else ""
+        return f"c={self.concurrency}" + (" steady" if self.stagger_s else "") + slow
 
     def body(self) -> dict[str, Any]:
         """The OpenAI request body, the same for every target."""
@@ -115,7 +119,7 @@ def plan(*, quick: bool, rounds: int | None = None) -> Plan:
             quick=True,
             rounds=rounds or 1,
             rounds_forced=rounds is not None,
-            upstreams={"whole": (32, 0.0), "stream": (32, 5.0)},
+            upstreams={"whole": (32, 0.0), "stream": (32, 5.0), "slow": (32, 5.0)},
             workloads=[
                 Workload("whole", 1, requests=300, duration_s=1.5, warmup=20, timeout_s=30),
                 Workload("whole", 16, requests=2000, duration_s=1.5, warmup=32, timeout_s=30),
@@ -123,13 +127,16 @@ def plan(*, quick: bool, rounds: int | None = None) -> Plan:
                 Workload(
                     "stream", 20, requests=40, duration_s=10, warmup=0, timeout_s=60, stagger_s=0.3
                 ),
+                Workload(
+                    "slow", 32, requests=300, duration_s=1.5, warmup=32, timeout_s=30, optional=True
+                ),
             ],
         )
     return Plan(
         quick=False,
         rounds=rounds or 3,
         rounds_forced=rounds is not None,
-        upstreams={"whole": (32, 0.0), "stream": (256, 5.0)},
+        upstreams={"whole": (32, 0.0), "stream": (256, 5.0), "slow": (32, 10.0)},
         workloads=[
             Workload("whole", 1, requests=20_000, duration_s=5, warmup=200, timeout_s=30),
             Workload("whole", 16, requests=50_000, duration_s=5, warmup=400, timeout_s=30),
@@ -151,6 +158,13 @@ def plan(*, quick: bool, rounds: int | None = None) -> Plan:
             ),
             Workload(
                 "stream", 1000, requests=1000, duration_s=60, warmup=20, timeout_s=300, rounds=2
+            ),
+            # Whole answers from an upstream taking ~0.35 s each: at most ~370 req/s at 128
+            # callers, which leaves this 2-core machine room, so that `--targets
+            # direct,botline,botline-p2 --workloads slow-c128` shows what a second process
+            # of each service changes when the CPU is not the limit.
+            Workload(
+                "slow", 128, requests=5000, duration_s=10, warmup=256, timeout_s=60, optional=True
             ),
         ],
     )
