@@ -203,10 +203,10 @@ async def _main(args: argparse.Namespace) -> int:
     results = await _measure(args, plan_, stamp)
     summary = results["summary"]
     found = report.floors(summary, plan_)
-    print()
-    print(report.whole_table(summary, plan_))
-    print()
-    print(report.stream_table(summary, plan_))
+    for table in (report.whole_table(summary, plan_), report.stream_table(summary, plan_)):
+        if table:  # a kind of workload this run did not have prints nothing
+            print()
+            print(table)
     print()
     print(report.floors_text(found))
     print(report.noise(results["runs"], int(results["info"]["machine"]["nproc"])))

@@ -116,7 +116,7 @@ def whole_table(summary: Summary, plan: Plan) -> str:
         "RabbitMQ, Redis = the shared servers' CPU ms/req during botline's runs; "
         "all CPU from /proc, before and after the measured phase"
     )
-    return title + "\n" + _table(head, rows)
+    return title + "\n" + _table(head, rows) if rows else ""
 
 
 def _servers(target: str, cell: Mapping[str, Any]) -> list[str]:
@@ -195,6 +195,8 @@ def stream_table(summary: Summary, plan: Plan) -> str:
         "chunks = content chunks per stream; KiB/stream = RSS growth of the gateway "
         "(LiteLLM: all its processes) with every stream open, worst round"
     )
+    if not rows:
+        return ""
     return title + "\n" + _table(head, rows) + ("\n" + "\n".join(notes) if notes else "")
 
 
