@@ -59,7 +59,8 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The side-by-side benchmark: direct, botline, LiteLLM (installed into bench/.venv-litellm).
+# The side-by-side benchmark: direct, botline (at the defaults `make run` uses), LiteLLM
+# (installed into bench/.venv-litellm). Options: .venv/bin/python -m bench --help.
 bench: $(STAMP) services
 	$(BIN)/python -m bench
 
