@@ -19,7 +19,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.processes import child_ids, supervise, tag_logs
 from shared.clock import now_ms
 from shared.logging import configure_logging
 from shared.loop import new_event_loop
@@ -160,85 +161,6 @@ def keys_command(args: argparse.Namespace) -> int:
     return asyncio.run(_with_registry(go))
 
 
-def _tag_logs(**fields: object) -> None:
-    """Every structlog line of this process carries ``fields``.
-
-    The children of ``--processes N`` share one stderr: each line must say whose it is.
-    """
-
-    def tag(logger: object, method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
-        for name, value in fields.items():
-            event.setdefault(name, value)
-        return event
-
-    structlog.configure(processors=[tag, *structlog.get_config()["processors"]])
-
-
-def _child_ids(base: str, count: int) -> list[str]:
-    """One id per child process: ``base-0``, ``base-1``… (a random base when none is set).
-
-    Each process needs its own: a gateway's names its reply queue, a worker's its
-    control queue, and both are exclusive.
-    """
-    stem = (base or secrets.token_hex(6))[:56]
-    return [f"{stem}-{i}" for i in range(count)]
-
-
-def supervise(argvs: list[list[str]], envs: list[dict[str, str]]) -> int:
-    """Run one child per argv, forward SIGTERM and SIGINT to them, return when all ended.
-
-    No child is ever restarted: that is an orchestrator's job (systemd, Kubernetes,
-    Compose's ``restart:``). So that it notices, a child that exits unasked makes the
-    others stop too, and the exit status is then the failed child's (1 if it was 0).
-    After a forwarded signal, the status is 0 when every child exited cleanly.
-    """
-    children: dict[int, subprocess.Popen[bytes]] = {}
-    stopping: list[int] = []  # the signal that stops the children, once one was sent
-
-    def stop_all(signum: int) -> None:
-        if not stopping:
-            stopping.append(signum)
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    def forward(signum: int, frame: object) -> None:
-        stop_all(signum)
-
-    # Handlers first: a signal between two starts must not leave a child behind.
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    code = 0
-    try:
-        for argv, env in zip(argvs, envs, strict=True):
-            child = subprocess.Popen(argv, env=env)
-            children[child.pid] = child
-            if stopping:  # a signal came while starting: this one missed it
-                os.kill(child.pid, stopping[0])
-        while children:
-            pid, status = os.wait()
-            if pid not in children:
-                continue
-            child = children.pop(pid)
-            child.returncode = exit_code = os.waitstatus_to_exitcode(status)
-            if not stopping:
-                print(
-                    f"botline: process {pid} exited ({exit_code}) unasked; stopping the others",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                code = exit_code or 1
-                stop_all(signal.SIGTERM)
-            elif exit_code not in (0, -stopping[0]) and code == 0:
-                # Killed by the very signal forwarded (it came before the child's own
-                # handler was installed) is a clean stop too.
-                code = exit_code if exit_code > 0 else 1
-    finally:
-        stop_all(signal.SIGTERM)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return code
-
-
 def _child_argv(command: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "services.cli", command, "--child", *extra]
 
@@ -261,7 +183,7 @@ def gateway_command(args: argparse.Namespace) -> int:
     if settings.processes > 1 and not args.child:
         if settings.port == 0:
             raise CliError("--processes: give a port (0 would be a different one per process)")
-        ids = _child_ids(settings.gateway_id, settings.processes)
+        ids = child_ids(settings.gateway_id, settings.processes)
         common = {**os.environ, "BOTLINE_PROCESSES": str(settings.processes)}
         port = ["--port", str(settings.port)]
         return supervise(
@@ -270,7 +192,7 @@ def gateway_command(args: argparse.Namespace) -> int:
         )
     configure_logging(settings.log_level, settings.log_format)
     if args.child:
-        _tag_logs(gateway_id=settings.gateway_id, pid=os.getpid())
+        tag_logs(gateway_id=settings.gateway_id, pid=os.getpid())
     run(settings)
     return 0
 
@@ -287,7 +209,7 @@ def worker_command(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise settings_error(exc) from None
     if settings.processes > 1 and not args.child:
-        ids = _child_ids(settings.worker_id, settings.processes)
+        ids = child_ids(settings.worker_id, settings.processes)
         # Resolved once here, so that every child takes the same share.
         common = {
             **os.environ,
@@ -300,7 +222,7 @@ def worker_command(args: argparse.Namespace) -> int:
         )
     configure_logging(settings.log_level, settings.log_format)
     if args.child:
-        _tag_logs(worker_id=settings.worker_id, pid=os.getpid())
+        tag_logs(worker_id=settings.worker_id, pid=os.getpid())
     structlog.get_logger("botline.worker").info(
         "worker.prefetch", concurrency=settings.concurrency, processes=settings.processes
     )
