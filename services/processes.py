@@ -44,12 +44,18 @@ def child_ids(base: str, count: int) -> list[str]:
     return [f"{stem}-{i}" for i in range(count)]
 
 
+def _status(exit_code: int) -> int:
+    """A child's exit code as a shell reports it: 128 + N when signal N ended it."""
+    return 128 - exit_code if exit_code < 0 else exit_code
+
+
 def supervise(argvs: list[list[str]], envs: list[dict[str, str]]) -> int:
     """Run one child per argv, forward SIGTERM and SIGINT to them, return when all ended.
 
     No child is ever restarted: that is an orchestrator's job (systemd, Kubernetes,
     Compose's ``restart:``). So that it notices, a child that exits unasked makes the
-    others stop too, and the exit status is then the failed child's (1 if it was 0).
+    others stop too, and the exit status is then the failed child's (1 if it was 0,
+    128 + N if signal N ended it).
     After a forwarded signal, the status is 0 when every child exited cleanly.
     """
     children: dict[int, subprocess.Popen[bytes]] = {}
@@ -58,7 +64,7 @@ def supervise(argvs: list[list[str]], envs: list[dict[str, str]]) -> int:
     def stop_all(signum: int) -> None:
         if not stopping:
             stopping.append(signum)
-        for pid in children:
+        for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
@@ -86,12 +92,12 @@ def supervise(argvs: list[list[str]], envs: list[dict[str, str]]) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-                code = exit_code or 1
+                code = _status(exit_code) or 1
                 stop_all(signal.SIGTERM)
             elif exit_code not in (0, -stopping[0]) and code == 0:
                 # Killed by the very signal forwarded (it came before the child's own
                 # handler was installed) is a clean stop too.
-                code = exit_code if exit_code > 0 else 1
+                code = _status(exit_code)
     finally:
         stop_all(signal.SIGTERM)
         for sig, handler in previous.items():
