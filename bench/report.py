@@ -365,7 +365,8 @@ def chart(summary: Summary, plan: Plan, path: Path, subtitle: str) -> None:
     bars(axes[1][1], stream, "cpu_s_per_1k_tokens_total", "CPU s per 1000 tokens", proxies)
     axes[1][1].set_title("Streams: the proxy's CPU per 1000 tokens")
     for ax in axes.flat:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel this run had nothing for: no legend
+            ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"botline vs LiteLLM vs direct — {subtitle}", fontsize=11)
     fig.tight_layout()
