@@ -123,7 +123,7 @@ def current_build() -> Build:
     return Build("botline", ROOT, Path(sys.executable).parent)
 
 
-def _botline_env(namespace: str, upstreams: Mapping[str, Upstream]) -> dict[str, str]:
+def botline_env(namespace: str, upstreams: Mapping[str, Upstream]) -> dict[str, str]:
     """botline's environment: its defaults, as ``make run`` gets them.
 
     Only what cannot be a default is set: the namespace, and the endpoints (the fake
@@ -240,7 +240,7 @@ async def botline(
     defaults; with ``processes`` > 1, each as ``--processes N``."""
     name = botline_name(build, processes)
     namespace = f"bench{secrets.token_hex(4)}"
-    env = _botline_env(namespace, upstreams)
+    env = botline_env(namespace, upstreams)
     settings = CommonSettings(namespace=namespace)  # Redis and RabbitMQ as the services see them
     redis = Redis.from_url(settings.redis_url.get_secret_value())
     exe = str(build.bin / "botline")
