@@ -108,9 +108,11 @@ def whole_table(summary: Summary, plan: Plan) -> str:
                 ]
             )
     slow_tokens, slow_delay = plan.upstreams["slow"]
+    slow = any(w.kind == "slow" and w.key in summary for w in plan.workloads)
     title = (
-        f"Whole answers (stream false, {plan.tokens('whole')} tokens, no upstream delay; "
-        f"slow upstream: {slow_tokens} tokens at {slow_delay:g} ms/token); "
+        f"Whole answers (stream false, {plan.tokens('whole')} tokens, no upstream delay"
+        + (f"; slow upstream: {slow_tokens} tokens at {slow_delay:g} ms/token" if slow else "")
+        + "); "
         "+ = added over direct, same round; CPU = the proxy's own processes "
         "(split: gw/wk = botline's gateway/worker, w1/w2 = LiteLLM's workers); "
         "RabbitMQ, Redis = the shared servers' CPU ms/req during botline's runs; "
