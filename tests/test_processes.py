@@ -52,7 +52,7 @@ async def test_a_default_worker_runs_streams_side_by_side(bare_stack: Stack) -> 
     await bare_stack.add_gateway()
     assert worker.settings.concurrency >= 1000
     _, key = await bare_stack.bot_and_key(endpoint="echo-slow")  # 50 ms a word
-    words = " ".join(f"w{i}" for i in range(60))  # each stream lasts 3 s at least
+    words = " ".join(f"w{i}" for i in range(100))  # each stream lasts 5 s at least
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": words}]}
     streams = 150
     firsts: list[float] = []
