@@ -42,7 +42,7 @@ from bench.workloads import Plan, aggregate, plan, run_all, shared_servers
 
 TARGETS = ("direct", "botline", "litellm")
 # Also accepted in --targets: botline-pN, botline with --processes N (gateway and worker).
-_BOTLINE_PN = re.compile(r"^botline-p([1-9][0-9]?)$")
+_BOTLINE_PN = re.compile(r"^botline-p([2-9]|[1-9][0-9])$")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
