@@ -15,15 +15,34 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
 
-def tag_logs(**fields: object) -> None:
-    """Every structlog line of this process carries ``fields``.
+class _LineLogger:
+    """Writes each line in one ``write``: structlog's ``PrintLogger`` writes the newline
+    apart, and the lines of children sharing one pipe then run into each other.
 
-    The children of ``--processes N`` share one stderr: each line must say whose it is.
+    (A pipe keeps writes up to 4 KiB whole; a longer line may still be split.)
+    """
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def msg(self, message: str) -> None:
+        """Write one line."""
+        self._file.write(message + "\n")
+        self._file.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def tag_logs(**fields: object) -> None:
+    """Every structlog line of this process carries ``fields``, written in one piece.
+
+    The children of ``--processes N`` share one stderr: each line must say whose it is,
+    and must not be cut by another child's.
     """
 
     def tag(logger: object, method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
@@ -31,7 +50,10 @@ def tag_logs(**fields: object) -> None:
             event.setdefault(name, value)
         return event
 
-    structlog.configure(processors=[tag, *structlog.get_config()["processors"]])
+    structlog.configure(
+        processors=[tag, *structlog.get_config()["processors"]],
+        logger_factory=lambda *args: _LineLogger(sys.stderr),
+    )
 
 
 def child_ids(base: str, count: int) -> list[str]:

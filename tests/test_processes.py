@@ -181,6 +181,9 @@ async def test_worker_processes_share_the_jobs_and_stop_together(
     assert await worker.wait() == 0
     assert all(_gone(pid) for pid in started.values())
     assert set(_ids(worker, "worker.stopped", "worker_id")) == set(started)
+    # Two processes wrote to one pipe at once, and no line ran into another.
+    raw = worker.log_path.read_bytes().splitlines()
+    assert all(isinstance(orjson.loads(line), dict) for line in raw if line.strip())
 
 
 async def test_a_child_that_dies_stops_the_others_and_the_parent_fails(
