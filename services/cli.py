@@ -331,6 +331,7 @@ def _parser() -> argparse.ArgumentParser:
         service.add_argument(
             "--processes",
             type=_positive,
+            metavar="N",
             help=f"{name} processes to run (overrides BOTLINE_PROCESSES, default 1): a parent "
             "starts them, forwards SIGTERM and SIGINT, and restarts none",
         )
