@@ -64,7 +64,8 @@ format: $(STAMP)
 deploy-check: $(STAMP)
 	$(BIN)/python -m tests.support.deploycheck
 
-# The side-by-side benchmark: direct, botline, LiteLLM (installed into bench/.venv-litellm).
+# The side-by-side benchmark: direct, botline (at the defaults `make run` uses), LiteLLM
+# (installed into bench/.venv-litellm). Options: .venv/bin/python -m bench --help.
 bench: $(STAMP) services
 	$(BIN)/python -m bench
 

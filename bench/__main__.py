@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -23,22 +24,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench import report, sysinfo
+from bench import baseline, report, sysinfo
 from bench.procs import BenchError, Processes, kill_leftovers
 from bench.targets import (
     LITELLM_WORKERS,
     ROOT,
     Target,
     botline,
+    current_build,
     direct,
     ensure_litellm,
     litellm,
     litellm_version,
     start_upstream,
 )
-from bench.workloads import Plan, aggregate, plan, run_all
+from bench.workloads import Plan, aggregate, plan, run_all, shared_servers
 
 TARGETS = ("direct", "botline", "litellm")
+# Also accepted in --targets: botline-pN, botline with --processes N (gateway and worker).
+_BOTLINE_PN = re.compile(r"^botline-p([2-9]|[1-9][0-9])$")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -60,35 +64,61 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
-        help="comma-separated subset of direct,botline,litellm (default: all)",
+        help="comma-separated subset of direct,botline,litellm (default: all); also "
+        "botline-pN: botline's gateway and worker each run with --processes N",
+    )
+    parser.add_argument(
+        "--baseline-commit",
+        metavar="REV",
+        help="also run botline as of this commit (e.g. 140364c), built once into "
+        "bench/.baselines/, as the target botline@REV, next to this checkout's",
     )
     parser.add_argument(
         "--workloads",
         default="",
         help="comma-separated subset of the plan's workloads, e.g. whole-c1,stream-c100 "
-        "(default: all)",
+        "(default: all but slow-c128, which runs only when named: 1 vs 2 processes on a slow "
+        "upstream, with --targets direct,botline,botline-p2)",
     )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results", help="where results go"
     )
     args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.targets) - set(TARGETS)
-    if unknown or not args.targets:
-        parser.error(f"--targets: choose from {', '.join(TARGETS)}")
+    unknown = {t for t in args.targets if t not in TARGETS and not _BOTLINE_PN.match(t)}
+    if unknown or not args.targets or len(set(args.targets)) != len(args.targets):
+        parser.error(f"--targets: choose from {', '.join(TARGETS)}, botline-pN")
+    if args.baseline_commit and "botline" not in args.targets:
+        parser.error("--baseline-commit runs beside the target botline: keep it in --targets")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args
 
 
-def _processes(wanted: list[str]) -> dict[str, str]:
+def _processes(wanted: list[str], baseline_commit: str | None) -> dict[str, str]:
+    defaults = (
+        "at its defaults, as `make run` starts it: no BOTLINE_* setting but the namespace and "
+        "the endpoints (the fake upstreams' URLs, no cap declared)"
+    )
     said = {
         "direct": "the fake upstream called directly (no proxy)",
-        "botline": "2 processes (1 gateway + 1 worker), with the running RabbitMQ and Redis",
         "litellm": f"LiteLLM proxy, {LITELLM_WORKERS} uvicorn worker processes "
         "(+1 supervisor), no database, no callbacks",
     }
-    return {name: said[name] for name in wanted}
+    found = {}
+    for name in wanted:
+        match = _BOTLINE_PN.match(name)
+        if name == "botline" or match:
+            n = int(match[1]) if match else 1
+            how = f"--processes {n} each (+1 parent each)" if n > 1 else "1 process each"
+            found[name] = f"1 gateway + 1 worker, {how}, {defaults}; the running RabbitMQ, Redis"
+            if name == "botline" and baseline_commit:
+                found[f"botline@{baseline_commit}"] = (
+                    f"the same, as of commit {baseline_commit} (its own build and venv)"
+                )
+        else:
+            found[name] = said[name]
+    return found
 
 
 async def _measure(args: argparse.Namespace, plan_: Plan, stamp: str) -> dict[str, Any]:
@@ -99,21 +129,36 @@ async def _measure(args: argparse.Namespace, plan_: Plan, stamp: str) -> dict[st
         if "litellm" in args.targets:
             await ensure_litellm(procs)
             version = await litellm_version()
+        baseline_build = None
+        if args.baseline_commit:
+            baseline_build = await baseline.build(procs, args.baseline_commit)
         info = await sysinfo.collect(version)
-        print(report.header(info, plan_, _processes(args.targets)), flush=True)
+        said = _processes(args.targets, baseline_build.label[8:] if baseline_build else None)
+        print(report.header(info, plan_, said), flush=True)
+        servers = ", ".join(f"{k} pid {v}" for k, v in shared_servers().items())
+        print(f"servers read from /proc (the processes on their URLs' ports): {servers}")
         upstreams = {
             role: await start_upstream(procs, role, tokens=tokens, delay_ms=delay)
             for role, (tokens, delay) in plan_.upstreams.items()
+            if any(w.kind == role for w in plan_.workloads)
         }
         async with contextlib.AsyncExitStack() as stack:
             targets: list[Target] = []
-            if "direct" in args.targets:
-                targets.append(direct(upstreams))
-            if "botline" in args.targets:
-                targets.append(await stack.enter_async_context(botline(procs, upstreams)))
-            if "litellm" in args.targets:
-                work_dir = args.out / "logs" / stamp
-                targets.append(await stack.enter_async_context(litellm(procs, upstreams, work_dir)))
+            for name in args.targets:
+                match = _BOTLINE_PN.match(name)
+                if name == "direct":
+                    targets.append(direct(upstreams))
+                elif name == "litellm":
+                    work_dir = args.out / "logs" / stamp
+                    target = litellm(procs, upstreams, work_dir)
+                    targets.append(await stack.enter_async_context(target))
+                else:
+                    n = int(match[1]) if match else 1
+                    target = botline(procs, upstreams, current_build(), n)
+                    targets.append(await stack.enter_async_context(target))
+                    if name == "botline" and baseline_build is not None:
+                        target = botline(procs, upstreams, baseline_build)
+                        targets.append(await stack.enter_async_context(target))
             print(f"all targets ready after {time.time() - started:.0f} s", file=sys.stderr)
             runs = await run_all(procs, plan_, targets, upstreams)
     return {
@@ -150,16 +195,18 @@ async def _main(args: argparse.Namespace) -> int:
             print(f"bench: no such workload: {', '.join(sorted(unknown))}", file=sys.stderr)
             return 1
         plan_ = replace(plan_, workloads=[w for w in plan_.workloads if w.key in wanted])
+    else:
+        plan_ = replace(plan_, workloads=[w for w in plan_.workloads if not w.optional])
     stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     wall = time.monotonic()
     results = await _measure(args, plan_, stamp)
     summary = results["summary"]
     found = report.floors(summary, plan_)
-    print()
-    print(report.whole_table(summary, plan_))
-    print()
-    print(report.stream_table(summary, plan_))
+    for table in (report.whole_table(summary, plan_), report.stream_table(summary, plan_)):
+        if table:  # a kind of workload this run did not have prints nothing
+            print()
+            print(table)
     print()
     print(report.floors_text(found))
     print(report.noise(results["runs"], int(results["info"]["machine"]["nproc"])))
@@ -175,6 +222,8 @@ async def _main(args: argparse.Namespace) -> int:
     }
     results["floors"] = [vars(f) for f in found]
     results["argv"] = sys.argv
+    # Whose CPU the RabbitMQ and Redis columns are: the processes on their ports.
+    results["servers"] = shared_servers()
     report.write_json(raw, results)
     print(f"\nchart: {png}\nraw results: {raw}\nwall time: {time.monotonic() - wall:.1f} s")
     silent = [

@@ -257,14 +257,36 @@ def rss_bytes(pids: Iterable[int]) -> int:
     return total
 
 
-def pids_named(comm: str) -> list[int]:
-    """Processes whose command name (``/proc/PID/comm``) is ``comm``, e.g. ``beam.smp``."""
-    found = []
+def listener_pids(port: int) -> list[int]:
+    """Processes with a socket listening on TCP ``port`` (any address), e.g. the shared
+    RabbitMQ's ``beam.smp`` on 5672: by port, since other servers of the same name (tests'
+    private ones) may run on this machine too.
+    """
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address is HEXADDR:HEXPORT; state 0A is LISTEN; the inode is field 10.
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    found: list[int] = []
+    if not inodes:
+        return found
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == comm:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        links = set()
+        for fd in fds:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                links.add(os.readlink(fd))
+        if inodes & links:
+            found.append(int(entry.name))
     return found

@@ -15,6 +15,7 @@ namespace deleted, when the block exits, whatever the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -30,8 +31,6 @@ from redis.asyncio import Redis
 
 from bench.procs import BenchError, Proc, Processes, free_port, process_tree, wait_http_ok
 from shared.amqp import delete_namespace
-from shared.names import Names
-from shared.registry import Registry
 from shared.settings import CommonSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +42,11 @@ LITELLM_MASTER_KEY = "sk-bench-master-key"
 LITELLM_WORKERS = 2  # botline runs two processes too: one gateway and one worker
 
 # The `model` each workload sends; LiteLLM routes on it, the others ignore it.
-MODELS = {"whole": "bench-whole", "stream": "bench-stream"}
+MODELS = {"whole": "bench-whole", "stream": "bench-stream", "slow": "bench-slow"}
 # botline's endpoint (and bot) per upstream.
-_ENDPOINTS = {"whole": "fake", "stream": "fake-stream"}
-# Enough for 1000 concurrent streams, on both proxies: not a limit being measured.
+_ENDPOINTS = {"whole": "fake", "stream": "fake-stream", "slow": "fake-slow"}
+# Enough for 1000 concurrent streams, for LiteLLM's connection pool: not a limit being
+# measured (botline runs at its own defaults).
 _MAX_CONNECTIONS = 2000
 
 
@@ -109,45 +109,75 @@ def direct(upstreams: Mapping[str, Upstream]) -> Target:
 
 
 # --- botline -----------------------------------------------------------------
-def _botline_env(namespace: str, upstreams: Mapping[str, Upstream]) -> dict[str, str]:
+@dataclass(frozen=True)
+class Build:
+    """A botline to run: this checkout, or a build of another commit (``bench.baseline``)."""
+
+    label: str  # how the target is named: "botline", "botline@140364c"
+    root: Path  # its source tree: the processes' working directory
+    bin: Path  # its virtual environment's bin/
+
+
+def current_build() -> Build:
+    """This checkout, run by the interpreter running the benchmark."""
+    return Build("botline", ROOT, Path(sys.executable).parent)
+
+
+def botline_env(namespace: str, upstreams: Mapping[str, Upstream]) -> dict[str, str]:
+    """botline's environment: its defaults, as ``make run`` gets them.
+
+    Only what cannot be a default is set: the namespace, and the endpoints (the fake
+    upstreams, each with no setting but where it is: no cap raised). Where Redis and
+    RabbitMQ are is taken from the caller; every other BOTLINE_* variable is dropped,
+    since the caller's own settings would change what is measured.
+    """
     endpoints = {
-        _ENDPOINTS[role]: {
-            "kind": "openai",
-            "base_url": up.base_url,
-            "timeout_s": 60,
-            "max_concurrency": _MAX_CONNECTIONS,
-        }
+        _ENDPOINTS[role]: {"kind": "openai", "base_url": up.base_url}
         for role, up in upstreams.items()
     }
-    # The caller's own BOTLINE_* settings would change what is measured; only where
-    # Redis and RabbitMQ are is taken from them.
     keep = {"BOTLINE_REDIS_URL", "BOTLINE_AMQP_URL"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTLINE_") or k in keep}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (not k.startswith("BOTLINE_") or k in keep) and k not in {"PYTHONPATH", "VIRTUAL_ENV"}
+    }
     env.update(
         BOTLINE_NAMESPACE=namespace,
-        BOTLINE_LOG_LEVEL="warning",
         BOTLINE_ENDPOINTS=json.dumps(endpoints),
-        # The worker's AMQP prefetch: 1000 concurrent streams must all be in flight.
-        BOTLINE_CONCURRENCY=str(_MAX_CONNECTIONS),
-        BOTLINE_REQUEST_DEADLINE_S="300",
-        # The worker's probe server on any free port: another worker may hold 8081.
+        # Not a tuning: the worker's probe server on any free port, since another
+        # worker on this machine may hold 8081.
         BOTLINE_WORKER_HTTP_PORT="0",
     )
     return env
 
 
-async def _create_bots(registry: Registry, roles: list[str]) -> dict[str, str]:
-    """A bot on each upstream's endpoint and a key for it; returns key by role."""
+async def _cli(build: Build, env: Mapping[str, str], *args: str) -> str:
+    """Run ``botline ARGS`` of ``build``; returns its stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        str(build.bin / "botline"),
+        *args,
+        env=dict(env),
+        cwd=build.root,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    if proc.returncode != 0:
+        raise BenchError(f"{build.label}: botline {' '.join(args[:2])} failed: {err.decode()}")
+    return out.decode()
+
+
+async def _create_bots(build: Build, env: Mapping[str, str], roles: list[str]) -> dict[str, str]:
+    """A bot on each upstream's endpoint and a key for it, made by the build's own
+    ``botline`` command (so that its records are in its own format); returns key by role."""
     found = {}
     for role in roles:
-        bot = await registry.create_bot(
-            name=f"bench-{role}",
-            endpoint=_ENDPOINTS[role],
-            model="fake-model",
-            max_reply_tokens=4096,
-        )
-        key, _ = await registry.create_key(bot.id, "bench")
-        found[role] = key
+        out = await _cli(
+            build, env, "bots", "create", "--name", f"bench-{role}",
+            "--endpoint", _ENDPOINTS[role], "--model", "fake-model", "--max-reply-tokens", "4096",
+        )  # fmt: skip
+        bot_id = json.loads(out)["id"]
+        found[role] = (await _cli(build, env, "keys", "create", "--bot", bot_id)).strip()
     return found
 
 
@@ -192,35 +222,57 @@ async def _warm_up(target: Target, concurrency: int = 32) -> None:
                 )
 
 
+def _settings_said(worker_log: Path) -> str:
+    """What the worker said of its automatic prefetch (this checkout logs it; older ones not)."""
+    with contextlib.suppress(OSError):
+        for raw in worker_log.read_bytes().splitlines():
+            with contextlib.suppress(ValueError):
+                line = json.loads(raw)
+                if isinstance(line, dict) and line.get("event") == "worker.prefetch":
+                    return f"worker prefetch {line['concurrency']} (automatic)"
+    return "worker prefetch: not logged by this build"
+
+
+def botline_name(build: Build, processes: int) -> str:
+    """The target's name: ``botline``, ``botline-p2``, ``botline@140364c``."""
+    return build.label + (f"-p{processes}" if processes > 1 else "")
+
+
 @asynccontextmanager
-async def botline(procs: Processes, upstreams: Mapping[str, Upstream]) -> AsyncIterator[Target]:
-    """One ``botline worker`` and one ``botline gateway`` in a fresh namespace."""
+async def botline(
+    procs: Processes, upstreams: Mapping[str, Upstream], build: Build, processes: int = 1
+) -> AsyncIterator[Target]:
+    """``botline worker`` and ``botline gateway`` of ``build`` in a fresh namespace, at their
+    defaults; with ``processes`` > 1, each as ``--processes N``."""
+    name = botline_name(build, processes)
     namespace = f"bench{secrets.token_hex(4)}"
-    env = _botline_env(namespace, upstreams)
+    env = botline_env(namespace, upstreams)
     settings = CommonSettings(namespace=namespace)  # Redis and RabbitMQ as the services see them
     redis = Redis.from_url(settings.redis_url.get_secret_value())
-    exe = str(Path(sys.executable).with_name("botline"))
+    exe = str(build.bin / "botline")
+    many = ["--processes", str(processes)] if processes > 1 else []
     port = free_port()
     started: list[Proc] = []
     try:
-        keys = await _create_bots(Registry(redis, Names(namespace)), list(upstreams))
-        worker = await procs.start("botline-worker", [exe, "worker"], env=env, cwd=ROOT)
+        keys = await _create_bots(build, env, list(upstreams))
+        worker = await procs.start(
+            f"{name}-worker", [exe, "worker", *many], env=env, cwd=build.root
+        )
         started.append(worker)
-        argv = [exe, "gateway", "--port", str(port)]
-        gateway = await procs.start("botline-gateway", argv, env=env, cwd=ROOT)
+        argv = [exe, "gateway", "--port", str(port), *many]
+        gateway = await procs.start(f"{name}-gateway", argv, env=env, cwd=build.root)
         started.append(gateway)
         await wait_http_ok(f"http://127.0.0.1:{port}/readyz", started, timeout=60)
         url = f"http://127.0.0.1:{port}/openai/v1/chat/completions"
         routes = {role: Route(url, {"Authorization": f"Bearer {keys[role]}"}) for role in keys}
-        target = Target(
-            "botline",
-            "2 (1 gateway + 1 worker) + RabbitMQ + Redis",
-            routes,
-            lambda: {"gateway": [gateway.pid], "worker": [worker.pid]},
-            ("gateway",),
-            (gateway, worker),
+        groups = _Trees({"gateway": gateway.pid, "worker": worker.pid})
+        said = f"{processes} gateway + {processes} worker processes" + (
+            " (+1 parent each)" if processes > 1 else ""
         )
+        target = Target(name, said, routes, groups, ("gateway",), (gateway, worker))
         await _warm_up(target)
+        # After the warm-up: with --processes N every child has logged by now.
+        print(f"{name}: at its defaults; {_settings_said(worker.log_path)}", file=sys.stderr)
         yield target
     finally:
         # Processes first: a live worker or gateway would re-declare what is deleted.
@@ -232,8 +284,26 @@ async def botline(procs: Processes, upstreams: Mapping[str, Upstream]) -> AsyncI
             await redis.aclose()
 
 
+class _Trees:
+    """Each named process and its children (``--processes N``), as CPU groups.
+
+    Found again only when one of them has gone, since scanning /proc every sample would
+    cost the machine CPU during the runs.
+    """
+
+    def __init__(self, leaders: dict[str, int]) -> None:
+        self._leaders = leaders
+        self._groups: dict[str, list[int]] = {}
+
+    def __call__(self) -> dict[str, list[int]]:
+        pids = [p for group in self._groups.values() for p in group]
+        if not pids or not all(Path(f"/proc/{p}").exists() for p in pids):
+            self._groups = {name: process_tree(pid) for name, pid in self._leaders.items()}
+        return self._groups
+
+
 # --- LiteLLM -------------------------------------------------------------------
-async def _run_logged(procs: Processes, name: str, argv: list[str], timeout: float) -> None:  # noqa: ASYNC109 -- an install's budget
+async def run_logged(procs: Processes, name: str, argv: list[str], timeout: float) -> None:  # noqa: ASYNC109 -- an install's budget
     proc = await procs.start(name, argv, cwd=ROOT, env=_env())
     try:
         code = await asyncio.wait_for(proc.process.wait(), timeout)
@@ -253,11 +323,11 @@ async def ensure_litellm(procs: Processes) -> Path:
     python = LITELLM_VENV / "bin" / "python"
     if not python.exists():
         # The project's interpreter: a venv made from a venv is based on the base Python.
-        await _run_logged(
+        await run_logged(
             procs, "litellm-venv", [sys.executable, "-m", "venv", str(LITELLM_VENV)], 300
         )
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
-    await _run_logged(procs, "litellm-install", [*pip, "-r", str(LITELLM_REQUIREMENTS)], 1500)
+    await run_logged(procs, "litellm-install", [*pip, "-r", str(LITELLM_REQUIREMENTS)], 1500)
     _LITELLM_STAMP.write_text(wanted)
     return exe
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -32,14 +34,16 @@ from bench.procs import (
     Proc,
     Processes,
     cpu_seconds,
+    listener_pids,
     machine_busy_seconds,
-    pids_named,
     rss_bytes,
 )
 from bench.stats import median
 from bench.targets import MODELS, ROOT, Target, Upstream
+from shared.settings import CommonSettings
 
-Kind = Literal["whole", "stream"]
+# whole: answers in one body; stream: SSE; slow: whole answers from a slow upstream.
+Kind = Literal["whole", "stream", "slow"]
 _PROMPT = [{"role": "user", "content": "Tell me something."}]
 # Read each process's memory this often during a run, for its peak.
 _SAMPLE_S = 0.1
@@ -62,6 +66,8 @@ class Workload:
     # waits a random part of this, and each caller then asks again as soon as its answer
     # ends: ``concurrency`` requests stay open, arriving spread out (a steady load).
     stagger_s: float = 0.0
+    # Run only when named in --workloads (with the targets it compares, e.g. botline-p2).
+    optional: bool = False
 
     @property
     def key(self) -> str:
@@ -71,7 +77,8 @@ class Workload:
     @property
     def label(self) -> str:
         """How tables and charts name it, e.g. ``c=100`` or ``c=100 steady``."""
-        return f"c={self.concurrency}" + (" steady" if self.stagger_s else "")
+        slow = ", slow upstream" if self.kind == "slow" else ""
+        return f"c={self.concurrency}" + (" steady" if self.stagger_s else "") + slow
 
     def body(self) -> dict[str, Any]:
         """The OpenAI request body, the same for every target."""
@@ -112,7 +119,7 @@ def plan(*, quick: bool, rounds: int | None = None) -> Plan:
             quick=True,
             rounds=rounds or 1,
             rounds_forced=rounds is not None,
-            upstreams={"whole": (32, 0.0), "stream": (32, 5.0)},
+            upstreams={"whole": (32, 0.0), "stream": (32, 5.0), "slow": (32, 5.0)},
             workloads=[
                 Workload("whole", 1, requests=300, duration_s=1.5, warmup=20, timeout_s=30),
                 Workload("whole", 16, requests=2000, duration_s=1.5, warmup=32, timeout_s=30),
@@ -120,13 +127,16 @@ def plan(*, quick: bool, rounds: int | None = None) -> Plan:
                 Workload(
                     "stream", 20, requests=40, duration_s=10, warmup=0, timeout_s=60, stagger_s=0.3
                 ),
+                Workload(
+                    "slow", 32, requests=300, duration_s=1.5, warmup=32, timeout_s=30, optional=True
+                ),
             ],
         )
     return Plan(
         quick=False,
         rounds=rounds or 3,
         rounds_forced=rounds is not None,
-        upstreams={"whole": (32, 0.0), "stream": (256, 5.0)},
+        upstreams={"whole": (32, 0.0), "stream": (256, 5.0), "slow": (32, 10.0)},
         workloads=[
             Workload("whole", 1, requests=20_000, duration_s=5, warmup=200, timeout_s=30),
             Workload("whole", 16, requests=50_000, duration_s=5, warmup=400, timeout_s=30),
@@ -149,6 +159,13 @@ def plan(*, quick: bool, rounds: int | None = None) -> Plan:
             Workload(
                 "stream", 1000, requests=1000, duration_s=60, warmup=20, timeout_s=300, rounds=2
             ),
+            # Whole answers from an upstream taking ~0.35 s each: at most ~370 req/s at 128
+            # callers, which leaves this 2-core machine room, so that `--targets
+            # direct,botline,botline-p2 --workloads slow-c128` shows what a second process
+            # of each service changes when the CPU is not the limit.
+            Workload(
+                "slow", 128, requests=5000, duration_s=10, warmup=256, timeout_s=60, optional=True
+            ),
         ],
     )
 
@@ -163,6 +180,25 @@ async def _within(seconds: float, what: str) -> AsyncIterator[None]:
         raise BenchError(f"{what} did not finish within {seconds:.0f} s") from None
 
 
+@functools.cache
+def shared_servers() -> dict[str, list[int]]:
+    """The RabbitMQ and Redis botline uses: the processes listening on their URLs' ports.
+
+    Found by port, not by name: tests' private servers (``beam.smp``, ``redis-server``
+    too) may run on this machine, and their CPU is not botline's. Found once: scanning
+    every process's descriptors costs CPU.
+    """
+    settings = CommonSettings()
+    found = {}
+    for name, url, default in (
+        ("rabbitmq", settings.amqp_url, 5672),
+        ("redis", settings.redis_url, 6379),
+    ):
+        port = urlsplit(url.get_secret_value()).port or default
+        found[name] = listener_pids(port)
+    return found
+
+
 def _context_groups(upstream: Upstream, load_pid: int) -> dict[str, list[int]]:
     """Processes read for context: the upstream, the servers, the client, this process.
 
@@ -171,8 +207,7 @@ def _context_groups(upstream: Upstream, load_pid: int) -> dict[str, list[int]]:
     """
     return {
         "upstream": [upstream.proc.pid],
-        "rabbitmq": pids_named("beam.smp"),
-        "redis": pids_named("redis-server"),
+        **shared_servers(),
         "load generator": [load_pid],
         "orchestrator": [os.getpid()],
     }
@@ -410,6 +445,20 @@ def aggregate(
                 g: median([_per_1k(r["context_cpu_s"][g], r["load"]["tokens"]) for r in mine])
                 for g in (mine[0]["context_cpu_s"] if mine else {})
             }
+            context_ms = {
+                g: median(
+                    [
+                        r["context_cpu_s"][g] * 1000 / r["load"]["ok"]
+                        for r in mine
+                        if r["load"]["ok"]
+                    ]
+                )
+                for g in (mine[0]["context_cpu_s"] if mine else {})
+            }
+            memory_by_group = {}
+            for g in groups:
+                found = [m for m in (_memory_per_stream(r, (g,)) for r in mine) if m is not None]
+                memory_by_group[g] = max(found) if found else None
             memory = [_memory_per_stream(r, memory_groups.get(target, ())) for r in mine]
             present_memory = [m for m in memory if m is not None]
             out[workload][target] = {
@@ -449,6 +498,10 @@ def aggregate(
                 if groups
                 else None,
                 "context_cpu_s_per_1k_tokens": context_1k,
+                # RabbitMQ, Redis, the upstream... per request (median over rounds): the
+                # servers' share, read from /proc like the target's own processes.
+                "context_cpu_ms_per_request": context_ms,
+                "memory_per_stream_bytes_by_group": memory_by_group,
                 # The worst round: memory freed by a run is not always given back to the OS,
                 # so later rounds can understate it.
                 "memory_per_stream_bytes": max(present_memory) if present_memory else None,

@@ -1,6 +1,6 @@
 """The ``botline`` command: run the services, manage bots and keys.
 
-    botline gateway | worker | demo
+    botline gateway [--processes N] | worker [--processes N] | demo
     botline bots create|list|show|delete
     botline keys create|list|disable|enable|revoke
     botline export [--output FILE] | import FILE
@@ -25,10 +25,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import structlog
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.processes import child_ids, supervise, tag_logs
 from shared.clock import now_ms
 from shared.logging import configure_logging
 from shared.loop import new_event_loop
@@ -225,6 +227,10 @@ def import_command(args: argparse.Namespace) -> int:
     return asyncio.run(_with_registry(go))
 
 
+def _child_argv(command: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "services.cli", command, "--child", *extra]
+
+
 def gateway_command(args: argparse.Namespace) -> int:
     """botline gateway"""
     from services.gateway.app import run
@@ -234,9 +240,25 @@ def gateway_command(args: argparse.Namespace) -> int:
         settings = GatewaySettings()
     except ValidationError as exc:
         raise settings_error(exc) from None
+    update: dict[str, Any] = {}
     if args.port is not None:
-        settings = settings.model_copy(update={"port": args.port})
+        update["port"] = args.port
+    if args.processes is not None:
+        update["processes"] = args.processes
+    settings = settings.model_copy(update=update)
+    if settings.processes > 1 and not args.child:
+        if settings.port == 0:
+            raise CliError("--processes: give a port (0 would be a different one per process)")
+        ids = child_ids(settings.gateway_id, settings.processes)
+        common = {**os.environ, "BOTLINE_PROCESSES": str(settings.processes)}
+        port = ["--port", str(settings.port)]
+        return supervise(
+            [_child_argv("gateway", port) for _ in ids],
+            [{**common, "BOTLINE_GATEWAY_ID": gid} for gid in ids],
+        )
     configure_logging(settings.log_level, settings.log_format)
+    if args.child:
+        tag_logs(gateway_id=settings.gateway_id, pid=os.getpid())
     run(settings)
     return 0
 
@@ -247,10 +269,38 @@ def worker_command(args: argparse.Namespace) -> int:
     from services.worker.worker import serve
 
     try:
-        settings = WorkerSettings()
+        # Given before validation: the automatic prefetch divides memory between processes.
+        overrides = {"processes": args.processes} if args.processes is not None else {}
+        settings = WorkerSettings(**overrides)
     except ValidationError as exc:
         raise settings_error(exc) from None
+    if settings.processes > 1 and not args.child:
+        ids = child_ids(settings.worker_id, settings.processes)
+        # Resolved once here, so that every child takes the same share.
+        common = {
+            **os.environ,
+            "BOTLINE_PROCESSES": str(settings.processes),
+            "BOTLINE_CONCURRENCY": str(settings.concurrency),
+        }
+        # Each child serves its own probes and /metrics: port + N (0 stays "any free port").
+        port = settings.worker_http_port
+        return supervise(
+            [_child_argv("worker", []) for _ in ids],
+            [
+                {
+                    **common,
+                    "BOTLINE_WORKER_ID": wid,
+                    "BOTLINE_WORKER_HTTP_PORT": str(port + n if port else 0),
+                }
+                for n, wid in enumerate(ids)
+            ],
+        )
     configure_logging(settings.log_level, settings.log_format)
+    if args.child:
+        tag_logs(worker_id=settings.worker_id, pid=os.getpid())
+    structlog.get_logger("botline.worker").info(
+        "worker.prefetch", concurrency=settings.concurrency, processes=settings.processes
+    )
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(serve(settings))
     return 0
@@ -338,14 +388,32 @@ botline demo: bot {holder["bot"].id} on the built-in echo model.
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError("between 1 and 256")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="botline", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway")
     gw.add_argument("--port", type=int, help="overrides BOTLINE_PORT")
+    wk = sub.add_parser("worker", help="run a model worker")
+    for service, name in ((gw, "gateway"), (wk, "worker")):
+        service.add_argument(
+            "--processes",
+            type=_positive,
+            metavar="N",
+            help=f"{name} processes to run (overrides BOTLINE_PROCESSES, default 1): a parent "
+            "starts them, forwards SIGTERM and SIGINT, and restarts none",
+        )
+        # Set by the parent of --processes N on its children.
+        service.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     gw.set_defaults(func=gateway_command)
-    sub.add_parser("worker", help="run a model worker").set_defaults(func=worker_command)
+    wk.set_defaults(func=worker_command)
     demo = sub.add_parser("demo", help="create a demo bot and key, run a gateway and a worker")
     demo.add_argument(
         "--no-serve", action="store_true", help="only create the bot and key, print the key"

@@ -135,7 +135,10 @@ async def serve(settings: GatewaySettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        # SO_REUSEPORT only when asked for several processes: otherwise a second
+        # gateway started on a taken port must fail, not quietly share it.
+        reuse_port = True if settings.processes > 1 else None
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port)
         await site.start()
         log.info("gateway.listening", address=site.name)
         await stop.wait()

@@ -18,6 +18,9 @@ class GatewaySettings(CommonSettings):
     port: int = Field(8080, ge=0, le=65535)
     # A name for this process's reply queue; random when empty.
     gateway_id: str = Field("", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+    # Gateway processes sharing the port (`botline gateway --processes N`): each
+    # listens with SO_REUSEPORT, the kernel spreading connections over them.
+    processes: int = Field(1, ge=1, le=256)
 
     request_deadline_s: float = Field(120.0, gt=0)
     # After the first event, the longest silence tolerated from a worker: a

@@ -2,13 +2,56 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.settings import CommonSettings
+
+# An endpoint's calls in flight per worker process when it declares no cap.
+DEFAULT_ENDPOINT_CONCURRENCY = 1000
+# What one job in flight may cost a worker process in memory, for the automatic
+# prefetch: the job message (a history of a few KiB, up to the gateway's body
+# limit), the upstream connection and its read buffer, the task and coalescer.
+# The worker grew by ~70 KiB of RSS per open stream with ~950 streams open
+# (bench stream-c1000, which prints it); counted generously here, since the
+# prefetch is a promise to hold that many at once, and histories vary.
+JOB_MEMORY_BYTES = 256 * 1024
+# The share of this machine's (or container's) memory the worker processes may
+# fill with jobs in flight; the rest is for everything else running there.
+MEMORY_SHARE = 0.5
+# The automatic prefetch never goes above this: beyond it one worker would hoard
+# a backlog that scaling out could run (the queue looks empty to an autoscaler
+# while one worker holds thousands of unstarted jobs).
+MAX_AUTO_PREFETCH = 4096
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use: its cgroup's limit when lower than the machine's."""
+    found = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (cgroup v2) or a huge number (v1): no limit
+            found = min(found, int(text))
+    return found
+
+
+def auto_prefetch(endpoints: dict[str, EndpointConfig], processes: int, memory: int) -> int:
+    """The default jobs in flight per worker process (``BOTLINE_CONCURRENCY`` unset).
+
+    As many as the endpoints together take (the sum of their caps: more would only
+    wait inside this worker for a slot), bounded by what memory holds when
+    ``processes`` worker processes share it, and by :data:`MAX_AUTO_PREFETCH`.
+    """
+    by_memory = int(memory * MEMORY_SHARE) // (JOB_MEMORY_BYTES * processes)
+    by_endpoints = sum(cfg.max_concurrency for cfg in endpoints.values())
+    return max(1, min(by_endpoints, by_memory, MAX_AUTO_PREFETCH))
 
 
 class EndpointConfig(BaseModel):
@@ -27,7 +70,11 @@ class EndpointConfig(BaseModel):
     base_url: str = ""
     api_key_env: str = ""
     timeout_s: float = Field(120.0, gt=0)
-    max_concurrency: int = Field(64, ge=1)
+    # Calls in flight per worker process. High by default: a model call mostly
+    # waits, so a small cap queues streams behind each other inside the worker
+    # (the 65th stream waiting for a whole earlier one); declare a lower one for
+    # an upstream that cannot take this many (a local llama.cpp with 4 slots).
+    max_concurrency: int = Field(DEFAULT_ENDPOINT_CONCURRENCY, ge=1)
     # echo only: the pause before each word, to look like a model thinking.
     delay_ms: float = Field(20.0, ge=0)
 
@@ -36,8 +83,12 @@ class WorkerSettings(CommonSettings):
     """Everything a worker needs to know."""
 
     worker_id: str = Field("", pattern=r"^[A-Za-z0-9_-]{0,64}$")
-    # Jobs in flight at once (the AMQP prefetch).
-    concurrency: int = Field(64, ge=1)
+    # Jobs in flight at once per worker process (the AMQP prefetch); 0, the
+    # default, works it out (auto_prefetch): after validation it is never 0.
+    concurrency: int = Field(0, ge=0)
+    # Worker processes on this machine (`botline worker --processes N`): they
+    # share its memory, which the automatic prefetch divides between them.
+    processes: int = Field(1, ge=1, le=256)
     # Model endpoints as JSON ({"name": {...}}), and/or a TOML file with an
     # [endpoints.NAME] table each. The built-in "echo" exists unless overridden.
     endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
@@ -69,6 +120,16 @@ class WorkerSettings(CommonSettings):
     # renewed this often, gone this long after the last renewal.
     heartbeat_s: float = Field(3.0, gt=0)
     heartbeat_ttl_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _resolve_concurrency(self) -> Self:
+        if self.concurrency == 0:
+            try:
+                endpoints = self.all_endpoints()
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ValueError(f"endpoints_file: {type(exc).__name__}: {exc}") from exc
+            self.concurrency = auto_prefetch(endpoints, self.processes, memory_limit_bytes())
+        return self
 
     def all_endpoints(self) -> dict[str, EndpointConfig]:
         """The built-in echo endpoint, then the file's, then the environment's."""

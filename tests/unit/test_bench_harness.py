@@ -1,0 +1,56 @@
+"""The benchmark measures botline at its defaults, and reads the right processes (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import cast
+
+import pytest
+
+from bench.procs import Proc, listener_pids
+from bench.targets import Upstream, botline_env
+from services.worker.settings import WorkerSettings
+
+
+def test_botline_runs_with_no_setting_but_namespace_endpoints_and_servers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A caller's own settings would change what is measured: all dropped but the servers'.
+    monkeypatch.setenv("BOTLINE_CONCURRENCY", "7")
+    monkeypatch.setenv("BOTLINE_REQUEST_DEADLINE_S", "300")
+    monkeypatch.setenv("BOTLINE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    upstream = Upstream("stream", 256, 5.0, 12345, cast(Proc, None))
+    env = botline_env("benchtest", {"stream": upstream})
+    said = {k: v for k, v in env.items() if k.startswith("BOTLINE_")}
+    # The probe port is where, not how much: another worker may hold 8081.
+    assert set(said) == {
+        "BOTLINE_NAMESPACE",
+        "BOTLINE_ENDPOINTS",
+        "BOTLINE_AMQP_URL",
+        "BOTLINE_WORKER_HTTP_PORT",
+    }
+    assert said["BOTLINE_WORKER_HTTP_PORT"] == "0"
+    endpoints = json.loads(said["BOTLINE_ENDPOINTS"])
+    # Where the upstream is, nothing else: no cap raised for the benchmark.
+    assert endpoints == {"fake-stream": {"kind": "openai", "base_url": "http://127.0.0.1:12345/v1"}}
+
+    # And a worker given that environment takes 1000 streams at once.
+    for name in [k for k in os.environ if k.startswith("BOTLINE_")]:
+        monkeypatch.delenv(name)
+    for name, value in said.items():
+        monkeypatch.setenv(name, value)
+    settings = WorkerSettings()
+    assert settings.concurrency >= 1000
+    assert settings.all_endpoints()["fake-stream"].max_concurrency >= 1000
+
+
+def test_servers_are_found_by_the_port_they_listen_on() -> None:
+    with socket.socket() as listening, socket.socket() as bound:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: not a server
+        assert listener_pids(port) == [os.getpid()]
+        assert listener_pids(bound.getsockname()[1]) == []
