@@ -26,6 +26,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import aio_pika
@@ -33,11 +35,11 @@ import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractQueue,
-    AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp.commands import Basic
 
 from shared.settings import CommonSettings
@@ -52,23 +54,170 @@ ATTEMPT_HEADER = "x-botline-attempt"
 DEAD_HEADER = "x-botline-dead"
 
 
-async def connect(settings: CommonSettings, name: str) -> AbstractRobustConnection:
-    """A robust connection named ``name`` (seen in RabbitMQ's management UI).
+class AmqpLink:
+    """One supervised AMQP connection over a list of broker URLs, tried in turn.
 
-    Retried each second until ``startup_timeout_s``, so that services may
-    start before the broker; after that aio-pika reconnects on its own.
+    aio-pika's ``connect_robust`` reconnects to one URL only, and its restored
+    consumers and publishes during an outage have a long bug history
+    (FIELD-NOTES trap 9). This is the small, tested alternative: connect to a
+    URL, run the owner's ``setup`` (declare the topology, open channels, start
+    consumers) and report the link up; when the connection or any channel it
+    watches closes, report it down at once (``on_lost``), then connect to the
+    next URL and run ``setup`` again. A node reached after a failover gets the
+    topology redeclared, so the nodes need not be clustered.
+
+    ``up`` is true only while a connection is open *and* its ``setup``
+    finished: a gateway is ready only when its reply queue consumes again.
     """
-    async with asyncio.timeout(settings.startup_timeout_s):
+
+    def __init__(
+        self,
+        settings: CommonSettings,
+        name: str,
+        setup: Callable[[AbstractConnection], Awaitable[None]],
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._name = name
+        self._urls = settings.amqp_urls
+        self._setup = setup
+        self._on_lost = on_lost
+        self._connection: AbstractConnection | None = None
+        self._node = 0  # index in _urls of the node connected to (or tried next)
+        self._up = asyncio.Event()
+        self._lost: asyncio.Event = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def up(self) -> bool:
+        """Connected, with the owner's setup done on this connection."""
+        return self._up.is_set()
+
+    @property
+    def node(self) -> int:
+        """The index of the broker URL in use (or to be tried next)."""
+        return self._node
+
+    async def start(self) -> None:
+        """Connect (trying each URL in turn until ``startup_timeout_s``), then supervise.
+
+        Raises ``TimeoutError`` when no broker could be reached in time.
+        """
+        self._task = asyncio.create_task(self._supervise(), name=f"amqp-link-{self._name}")
+        try:
+            async with asyncio.timeout(self._settings.startup_timeout_s):
+                await self._up.wait()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def wait_up(self) -> None:
+        """Until the link is up (callers bound this with a timeout)."""
+        await self._up.wait()
+
+    def watch(self, channel: AbstractChannel) -> AbstractChannel:
+        """Treat ``channel`` closing (a broker-side channel error) as losing the link."""
+        channel.close_callbacks.add(self._channel_closed)
+        return channel
+
+    async def close(self) -> None:
+        """Stop supervising and close the connection."""
+        self._closing = True
+        self._up.clear()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError):
+                await connection.close()
+
+    def _channel_closed(self, channel: object, exc: BaseException | None) -> None:
+        connection = self._connection
+        if self._closing or connection is None or self._lost.is_set():
+            return
+        log.warning("amqp.channel_closed", link=self._name, error=type(exc).__name__)
+        self._mark_lost()
+        # Close the connection too: setup() is rerun on a fresh one.
+        task = asyncio.ensure_future(connection.close())
+        task.add_done_callback(_ignore_result)
+
+    def _connection_closed(self, connection: object, exc: BaseException | None) -> None:
+        if self._closing or self._lost.is_set():
+            return
+        log.warning("amqp.connection_lost", link=self._name, error=type(exc).__name__)
+        self._mark_lost()
+
+    def _mark_lost(self) -> None:
+        # Down first, then tell the owner: nothing new is accepted while it fails what it holds.
+        self._up.clear()
+        self._lost.set()
+        if self._on_lost is not None:
+            self._on_lost()
+
+    async def _open(self, url: str) -> AbstractConnection:
+        """Connect to one URL and run the owner's setup on it, within the connect timeout."""
+        connection = await aio_pika.connect(
+            url,
+            heartbeat=self._settings.amqp_heartbeat_s,
+            timeout=self._settings.amqp_connect_timeout_s,
+            client_properties={"connection_name": self._name},
+        )
+        try:
+            async with asyncio.timeout(self._settings.amqp_connect_timeout_s):
+                await self._setup(connection)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        return connection
+
+    async def _supervise(self) -> None:
+        delay = _RETRY_MIN_S
+        failures = 0
         while True:
+            url = self._urls[self._node]
             try:
-                return await aio_pika.connect_robust(
-                    settings.amqp_url.get_secret_value(),
-                    heartbeat=settings.amqp_heartbeat_s,
-                    client_properties={"connection_name": name},
+                connection = await self._open(url)
+            except (AMQPError, ChannelInvalidStateError, OSError, TimeoutError) as exc:
+                log.warning(
+                    "amqp.connect_failed",
+                    link=self._name,
+                    node=self._node,
+                    error=type(exc).__name__,
                 )
-            except (AMQPError, OSError) as exc:
-                log.warning("amqp.connect_failed", error=type(exc).__name__)
-                await asyncio.sleep(1.0)
+                self._node = (self._node + 1) % len(self._urls)
+                failures += 1
+                if failures % len(self._urls) == 0:
+                    # Every node refused: wait a little before the next round.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            delay, failures = _RETRY_MIN_S, 0
+            self._connection = connection
+            self._lost.clear()
+            connection.close_callbacks.add(self._connection_closed)
+            if connection.is_closed:  # closed between setup and the callback
+                self._mark_lost()
+            else:
+                self._up.set()
+                log.info("amqp.connected", link=self._name, node=self._node)
+            await self._lost.wait()
+            # The connection (or a channel) is gone: the next node first.
+            self._node = (self._node + 1) % len(self._urls)
+
+
+# Between rounds of failed connects over every URL: fast at first (a broker
+# restarting is back within seconds), then no more than once a second.
+_RETRY_MIN_S = 0.25
+_RETRY_MAX_S = 1.0
+
+
+def _ignore_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def publish(
@@ -84,6 +233,7 @@ async def publish(
     content_type: str | None = "application/json",
     mandatory: bool = False,
     wait: bool = False,
+    expiration_ms: int | None = None,
 ) -> None:
     """Publish one transient JSON message on the channel's own connection.
 
@@ -101,6 +251,8 @@ async def publish(
     (docs/performance.md). Order on the connection is kept either way.
     ``wait=True`` is backpressure: the writer's queue is bounded, and a
     waiting publish makes the writer drain the socket first.
+    ``expiration_ms`` is the per-message TTL: the broker discards the message
+    unconsumed once it has waited that long.
     """
     # The concrete channel: ``wait`` is missing from aiormq's abstract one.
     raw = cast(aiormq.Channel, await channel.get_underlay_channel())
@@ -111,6 +263,7 @@ async def publish(
         correlation_id=correlation_id,
         message_type=message_type,
         headers=headers,
+        expiration=None if expiration_ms is None else str(max(expiration_ms, 1)),
     )
     await raw.basic_publish(
         body,
@@ -136,10 +289,17 @@ async def declare_jobs(channel: AbstractChannel, settings: CommonSettings) -> Ab
     # A headers binding without match arguments takes every message.
     await dead_queue.bind(dead, arguments={"x-match": "all"})
     arguments: dict[str, Any] = {
-        "x-queue-type": "classic",
+        "x-queue-type": settings.jobs_queue_type,
         "x-max-length": settings.jobs_max_length,
         "x-overflow": "reject-publish",
     }
+    if settings.jobs_queue_type == "quorum":
+        # A quorum queue counts deliveries itself and, past this, drops the
+        # job. The workers' own count (x-botline-attempt: a redelivered job is
+        # re-published with its attempt raised) buries it well before, with
+        # its caller told; this limit is only a backstop for the same job
+        # returned again and again without any worker re-publishing it.
+        arguments["x-delivery-limit"] = settings.jobs_delivery_limit + 2
     return await channel.declare_queue(names.jobs_queue, durable=True, arguments=arguments)
 
 

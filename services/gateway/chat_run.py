@@ -20,8 +20,14 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from services.gateway.job_client import DeadJob, Incoming, JobClient
-from shared.errors import DeadlineExceeded, JobFailed, WorkerLost, error_from_code
+from services.gateway.job_client import DeadJob, Incoming, JobClient, LostConnection
+from shared.errors import (
+    BackendUnavailable,
+    DeadlineExceeded,
+    JobFailed,
+    WorkerLost,
+    error_from_code,
+)
 from shared.wire import ChatJob, DeltaEvent, EndEvent, Usage
 
 
@@ -126,6 +132,8 @@ class ChatRun:
             if isinstance(event, DeadJob):
                 self._done = True
                 raise JobFailed("the job failed on several workers and was given up")
+            if isinstance(event, LostConnection):
+                raise BackendUnavailable("the connection to the job queue was lost")
             if self._attempt is None or event.attempt > self._attempt:
                 if relayed and not restartable:
                     raise WorkerLost("the worker answering this request was lost")

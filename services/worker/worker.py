@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
@@ -40,7 +40,7 @@ from services.worker.settings import WorkerSettings
 from shared.amqp import (
     ATTEMPT_HEADER,
     DEAD_HEADER,
-    connect,
+    AmqpLink,
     declare_control,
     declare_jobs,
     declare_replies,
@@ -99,7 +99,9 @@ class Worker:
         }
         self._running: dict[str, asyncio.Task[object]] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
-        self._connection: AbstractRobustConnection | None = None
+        self._link = AmqpLink(
+            settings, f"worker-{self.worker_id}", setup=self._setup, on_lost=self._on_lost
+        )
         self._jobs: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._events: AbstractChannel | None = None
@@ -110,10 +112,23 @@ class Worker:
 
     async def start(self) -> None:
         """Connect, declare, and start consuming jobs and cancellations."""
+        await self._link.start()
+        log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
+
+    def _on_lost(self) -> None:
+        # The jobs held on the lost connection go back to the queue (or were
+        # lost with their broker) and no event of theirs can reach a gateway:
+        # stop them, the same way as at shutdown, leaving them unacked.
+        if self._running:
+            log.warning("worker.connection_lost", jobs=len(self._running))
+        for task in list(self._running.values()):
+            task.cancel()
+
+    async def _setup(self, connection: AbstractConnection) -> None:
+        """Declare, and consume jobs and cancellations; run on every (re)connect."""
         settings = self.settings
-        connection = await connect(settings, f"worker-{self.worker_id}")
-        self._connection = connection
-        jobs_channel = await connection.channel()
+        watch = self._link.watch
+        jobs_channel = watch(await connection.channel())
         await jobs_channel.set_qos(prefetch_count=settings.concurrency)
         self._jobs = await declare_jobs(jobs_channel, settings)
         control = await declare_control(jobs_channel, settings)
@@ -126,10 +141,11 @@ class Worker:
         await control_queue.consume(self._on_control, no_ack=True)
         # Deltas need no confirms: a lost worker is handled by redelivery and
         # the gateway's fencing, and confirms per delta would halve throughput.
-        self._events = await connection.channel(publisher_confirms=False)
-        self._confirmed = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._events = watch(await connection.channel(publisher_confirms=False))
+        self._confirmed = watch(
+            await connection.channel(publisher_confirms=True, on_return_raises=True)
+        )
         self._consumer_tag = await self._jobs.consume(self._on_job)
-        log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
 
     async def stop(self) -> None:
         """Stop taking jobs, drain running ones, close."""
@@ -145,8 +161,7 @@ class Worker:
             await asyncio.gather(*late, return_exceptions=True)
         for model in self._models.values():
             await model.close()
-        if self._connection is not None:
-            await self._connection.close()
+        await self._link.close()
         log.info("worker.stopped", jobs=self.stats.total)
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
