@@ -1,0 +1,165 @@
+"""A RabbitMQ node killed with ``kill -9`` and restarted (issue 11.1); a job queue on quorum.
+
+Runs against a private node (tests/support/private_servers.py), one per module, never the
+shared broker. Each test measures what callers see and asserts the issue's bounds:
+
+- every job in flight fails at once: a whole answer 503 ``backend_unavailable`` with
+  ``Retry-After``, a stream one ``ERROR`` event;
+- while the broker is down, new requests are refused 503 in well under 100 ms;
+- after the node is back, requests succeed again within seconds, with no restart, and
+  ``/readyz`` says ready only once the reply queue consumes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+from tests.support.client import auth, chat, sse_events
+from tests.support.fake_openai import Script
+from tests.support.private_servers import PrivateRabbit
+from tests.support.stack import Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+ASK = {"messages": [{"role": "user", "content": "tell me a story"}]}
+IN_FLIGHT = 4  # whole answers waiting when the broker dies
+
+
+async def ready_status(http: aiohttp.ClientSession, url: str) -> int:
+    """The gateway's /readyz status."""
+    async with http.get(f"{url}/readyz") as resp:
+        return resp.status
+
+
+async def until_ready(
+    http: aiohttp.ClientSession,
+    url: str,
+    want: int,
+    *,
+    timeout: float,  # noqa: ASYNC109 -- a bound, passed on
+) -> float:
+    """Poll /readyz (a probe: nothing to await) until it answers ``want``; returns the seconds."""
+    started = time.monotonic()
+    async with asyncio.timeout(timeout):
+        while await ready_status(http, url) != want:
+            await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def until_status(
+    http: aiohttp.ClientSession,
+    url: str,
+    key: str,
+    want: int,
+    *,
+    timeout: float,  # noqa: ASYNC109 -- a bound, passed on
+) -> float:
+    """Retry a whole answer until it has status ``want``; returns the seconds it took.
+
+    Polling: nothing tells a caller that a broker came back but asking again.
+    """
+    started = time.monotonic()
+    async with asyncio.timeout(timeout):
+        while (await chat(http, url, key, ASK))[0] != want:
+            await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def test_broker_killed_fails_callers_at_once_and_recovers(
+    bare_stack: Stack, private_rabbit: PrivateRabbit
+) -> None:
+    up = bare_stack.upstream
+    up.script(Script(tokens=["once ", "upon ", "a ", "time"], hold_after=2))  # the stream
+    for _ in range(IN_FLIGHT):
+        up.script(Script(hold_after=0))  # whole answers: the model never answers
+    broker = {"amqp_url": private_rabbit.url}
+    await bare_stack.add_worker(**broker)
+    await bare_stack.add_gateway(**broker)
+    http, url = bare_stack.http, bare_stack.url
+    _, key = await bare_stack.bot_and_key(endpoint="fake", model="fake-model")
+
+    async with http.post(
+        f"{url}/v1/chat/completions", json=ASK | {"stream": True}, headers=auth(key)
+    ) as resp:
+        assert resp.status == 200
+        events = sse_events(resp)
+        first = await anext(events)
+        assert isinstance(first, dict)
+        assert first["status"] == "START"
+        whole = [asyncio.create_task(chat(http, url, key, ASK)) for _ in range(IN_FLIGHT)]
+        await up.wait_request(IN_FLIGHT + 1)  # every job is running on the worker
+
+        killed_at = time.monotonic()
+        await private_rabbit.kill()
+        rest = [e async for e in events]
+        stream_failed_s = time.monotonic() - killed_at
+    results = await asyncio.gather(*whole)
+    whole_failed_s = time.monotonic() - killed_at
+
+    statuses = [e["status"] for e in rest if isinstance(e, dict)]
+    assert statuses == ["ERROR"] or statuses[-1:] == ["ERROR"], rest
+    assert statuses.count("ERROR") == 1
+    error = rest[-1]
+    assert isinstance(error, dict)
+    assert error["error"]["code"] == "backend_unavailable"
+    for status, body, headers in results:
+        assert (status, body["error"]["code"]) == (503, "backend_unavailable"), body
+        assert headers["Retry-After"] == "1"
+    # The connection's loss is seen within ~0.15 s; a second allows for a loaded machine.
+    assert stream_failed_s < 1.0, stream_failed_s
+    assert whole_failed_s < 1.0, whole_failed_s
+
+    # While the broker is down: refused at once, and not ready.
+    refusals = []
+    for _ in range(10):
+        started = time.monotonic()
+        status, body, headers = await chat(http, url, key, ASK)
+        refusals.append(time.monotonic() - started)
+        assert (status, body["error"]["code"]) == (503, "backend_unavailable")
+        assert headers["Retry-After"] == "1"
+    assert max(refusals) < 0.1, refusals
+    assert await ready_status(http, url) == 503
+
+    # Back: the same gateway and worker serve again, no restart.
+    up.script(Script())  # answers at once
+    await private_rabbit.restart()
+    recovered_s = await until_status(http, url, key, 200, timeout=15)
+    assert recovered_s < 5.0, recovered_s
+    print(
+        f"\nbroker kill -9: stream ERROR after {stream_failed_s * 1000:.0f} ms, "
+        f"{IN_FLIGHT} whole answers 503 after {whole_failed_s * 1000:.0f} ms; "
+        f"refusals while down max {max(refusals) * 1000:.1f} ms; "
+        f"first 200 {recovered_s:.2f} s after the node answered AMQP again"
+    )
+
+
+async def test_ready_means_the_reply_queue_consumes(
+    bare_stack: Stack, private_rabbit: PrivateRabbit
+) -> None:
+    """Once /readyz says ready after a broker restart, a job is answered (not left waiting).
+
+    Before the fix the connection came back without the reply consumer and a
+    job waited out its deadline (the flaky tests/test_errors.py rabbitmq test).
+    """
+    broker = {"amqp_url": private_rabbit.url}
+    await bare_stack.add_worker(**broker)
+    await bare_stack.add_gateway(**broker, request_deadline_s=5)
+    http, url = bare_stack.http, bare_stack.url
+    _, key = await bare_stack.bot_and_key()
+    assert (await chat(http, url, key, ASK))[0] == 200
+
+    await private_rabbit.kill()
+    unready_s = await until_ready(http, url, 503, timeout=2)
+    back_at_s = await private_rabbit.restart()
+    ready_s = await until_ready(http, url, 200, timeout=15)
+    status, body, _ = await chat(http, url, key, ASK)
+    assert status == 200, body
+    assert body["choices"]["message"]["content"] == "tell me a story"
+    print(
+        f"\n/readyz 503 {unready_s * 1000:.0f} ms after the kill; node restarted in "
+        f"{back_at_s:.1f} s; gateway ready {ready_s:.2f} s after"
+    )
