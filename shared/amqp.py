@@ -182,12 +182,14 @@ class AmqpLink:
             try:
                 connection = await self._open(url)
             except (AMQPError, ChannelInvalidStateError, OSError, TimeoutError) as exc:
-                log.warning(
-                    "amqp.connect_failed",
-                    link=self._name,
-                    node=self._node,
-                    error=type(exc).__name__,
-                )
+                if failures % 10 == 0:  # the first of an outage, then every tenth
+                    log.warning(
+                        "amqp.connect_failed",
+                        link=self._name,
+                        node=self._node,
+                        attempts=failures + 1,
+                        error=type(exc).__name__,
+                    )
                 self._node = (self._node + 1) % len(self._urls)
                 failures += 1
                 if failures % len(self._urls) == 0:
