@@ -13,6 +13,7 @@ shared broker. Each test measures what callers see and asserts the issue's bound
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import aiohttp
@@ -21,7 +22,7 @@ import pytest
 from tests.support.client import auth, chat, sse_events
 from tests.support.fake_openai import Script
 from tests.support.private_servers import PrivateRabbit
-from tests.support.stack import Stack
+from tests.support.stack import ProcessFactory, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -163,3 +164,45 @@ async def test_ready_means_the_reply_queue_consumes(
         f"\n/readyz 503 {unready_s * 1000:.0f} ms after the kill; node restarted in "
         f"{back_at_s:.1f} s; gateway ready {ready_s:.2f} s after"
     )
+
+
+async def test_quorum_job_queue_keeps_the_attempt_count(
+    bare_stack: Stack, processes: ProcessFactory, private_rabbit: PrivateRabbit
+) -> None:
+    """BOTLINE_JOBS_QUEUE_TYPE=quorum: a job that kills every worker is still buried.
+
+    Quorum queues count deliveries themselves; the workers' own count (a
+    redelivered job re-published with its attempt raised) must keep working.
+    """
+    up = bare_stack.upstream
+    limit = 2
+    for _ in range(limit + 1):
+        up.script(Script(hold_after=0))
+    quorum = {"amqp_url": private_rabbit.url, "jobs_queue_type": "quorum"}
+    env = {
+        "BOTLINE_AMQP_URL": private_rabbit.url,
+        "BOTLINE_JOBS_QUEUE_TYPE": "quorum",
+        "BOTLINE_JOBS_DELIVERY_LIMIT": str(limit),
+    }
+    await bare_stack.add_gateway(**quorum, jobs_delivery_limit=limit)
+    _, key = await bare_stack.bot_and_key(endpoint="fake", model="fake-model")
+
+    async def keep_killing() -> None:
+        for n in range(1, limit + 2):
+            worker = await processes("worker", **env)
+            await up.wait_request(n)
+            worker.signal(signal.SIGKILL)
+            await worker.wait()
+        # The next worker to be given the job buries it instead of running it.
+        await processes("worker", **env)
+
+    answer, _ = await asyncio.gather(
+        chat(bare_stack.http, bare_stack.url, key, ASK), keep_killing()
+    )
+    status, body, _ = answer
+    assert (status, body["error"]["code"]) == (502, "job_failed")
+    assert len(up.requests) == limit + 1
+    # And an ordinary job on the quorum queue is answered.
+    _, echo_key = await bare_stack.bot_and_key()
+    status, body, _ = await chat(bare_stack.http, bare_stack.url, echo_key, ASK)
+    assert status == 200, body
