@@ -120,8 +120,9 @@ def _botline_env(namespace: str, upstreams: Mapping[str, Upstream]) -> dict[str,
         for role, up in upstreams.items()
     }
     # The caller's own BOTLINE_* settings would change what is measured; only where
-    # Redis and RabbitMQ are is taken from them.
-    keep = {"BOTLINE_REDIS_URL", "BOTLINE_AMQP_URL"}
+    # Redis and RabbitMQ are, and the job queue's type (classic or quorum, to compare
+    # them), are taken from them.
+    keep = {"BOTLINE_REDIS_URL", "BOTLINE_AMQP_URL", "BOTLINE_JOBS_QUEUE_TYPE"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOTLINE_") or k in keep}
     env.update(
         BOTLINE_NAMESPACE=namespace,

@@ -4,7 +4,10 @@
   as long as its caller waits on a live connection, so it is not written to
   disk: a quorum queue cost several times RabbitMQ's CPU per request and
   added latency (figures in docs/performance.md), for a durability nobody
-  could use (after a broker restart no gateway still holds the caller). ``x-max-length``
+  could use (after a broker restart no gateway still holds the caller);
+  ``jobs_queue_type = "quorum"`` is there for clusters where a node's loss must
+  not lose queued jobs. Each job expires at its deadline (the message's
+  ``expiration``), so jobs nobody waits for do not fill it. ``x-max-length``
   with ``reject-publish`` makes a full queue answer the gateway's publish with
   a nack (seen only with publisher confirms).
 - Classic queues count no deliveries, so the workers do: a job carries its
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -87,6 +91,8 @@ class AmqpLink:
         self._up = asyncio.Event()
         self._lost: asyncio.Event = asyncio.Event()
         self._closing = False
+        # Counts connections opened; callbacks carry theirs (see _live).
+        self._generation = 0
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -118,7 +124,7 @@ class AmqpLink:
 
     def watch(self, channel: AbstractChannel) -> AbstractChannel:
         """Treat ``channel`` closing (a broker-side channel error) as losing the link."""
-        channel.close_callbacks.add(self._channel_closed)
+        channel.close_callbacks.add(functools.partial(self._channel_closed, self._generation))
         return channel
 
     async def close(self) -> None:
@@ -134,9 +140,14 @@ class AmqpLink:
             with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError):
                 await connection.close()
 
-    def _channel_closed(self, channel: object, exc: BaseException | None) -> None:
+    def _live(self, generation: int) -> bool:
+        # Only the connection in use can be lost: a late callback of an earlier
+        # one (closed meanwhile, replaced) must not take the new one down.
+        return not self._closing and generation == self._generation and self._up.is_set()
+
+    def _channel_closed(self, generation: int, channel: object, exc: BaseException | None) -> None:
         connection = self._connection
-        if self._closing or connection is None or self._lost.is_set():
+        if not self._live(generation) or connection is None:
             return
         log.warning("amqp.channel_closed", link=self._name, error=type(exc).__name__)
         self._mark_lost()
@@ -144,8 +155,10 @@ class AmqpLink:
         task = asyncio.ensure_future(connection.close())
         task.add_done_callback(_ignore_result)
 
-    def _connection_closed(self, connection: object, exc: BaseException | None) -> None:
-        if self._closing or self._lost.is_set():
+    def _connection_closed(
+        self, generation: int, connection: object, exc: BaseException | None
+    ) -> None:
+        if not self._live(generation):
             return
         log.warning("amqp.connection_lost", link=self._name, error=type(exc).__name__)
         self._mark_lost()
@@ -159,6 +172,7 @@ class AmqpLink:
 
     async def _open(self, url: str) -> AbstractConnection:
         """Connect to one URL and run the owner's setup on it, within the connect timeout."""
+        self._generation += 1
         connection = await aio_pika.connect(
             url,
             heartbeat=self._settings.amqp_heartbeat_s,
@@ -200,9 +214,11 @@ class AmqpLink:
             delay, failures = _RETRY_MIN_S, 0
             self._connection = connection
             self._lost.clear()
-            connection.close_callbacks.add(self._connection_closed)
-            if connection.is_closed:  # closed between setup and the callback
-                self._mark_lost()
+            connection.close_callbacks.add(
+                functools.partial(self._connection_closed, self._generation)
+            )
+            if connection.is_closed:  # closed before the callback was there
+                self._lost.set()
             else:
                 self._up.set()
                 log.info("amqp.connected", link=self._name, node=self._node)
