@@ -46,7 +46,7 @@ async def until_ready(
     """Poll /readyz (a probe: nothing to await) until it answers ``want``; returns the seconds."""
     started = time.monotonic()
     async with asyncio.timeout(timeout):
-        while await ready_status(http, url) != want:
+        while await ready_status(http, url) != want:  # noqa: ASYNC110 -- a probe, polled with a deadline
             await asyncio.sleep(0.02)
     return time.monotonic() - started
 
@@ -65,7 +65,7 @@ async def until_status(
     """
     started = time.monotonic()
     async with asyncio.timeout(timeout):
-        while (await chat(http, url, key, ASK))[0] != want:
+        while (await chat(http, url, key, ASK))[0] != want:  # noqa: ASYNC110 -- polled with a deadline
             await asyncio.sleep(0.05)
     return time.monotonic() - started
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import aio_pika
 import aiohttp
@@ -40,17 +39,15 @@ async def until_status(
     """
     started = time.monotonic()
     async with asyncio.timeout(timeout):
-        while (await chat(http, url, key, ASK))[0] != want:
+        while (await chat(http, url, key, ASK))[0] != want:  # noqa: ASYNC110 -- polled with a deadline
             await asyncio.sleep(0.05)
     return time.monotonic() - started
 
 
 @pytest.fixture
-async def sentinel_settings(
-    private_sentinels: RedisSentinelGroup, namespace: str
-) -> AsyncIterator[dict[str, object]]:
+def sentinel_settings(private_sentinels: RedisSentinelGroup) -> dict[str, object]:
     """Settings that reach the private group's master through its three Sentinels."""
-    yield {
+    return {
         "redis_url": "redis://unused/0",  # the address comes from the Sentinels
         "redis_sentinels": ",".join(f"{h}:{p}" for h, p in private_sentinels.sentinel_addresses),
         "redis_sentinel_master": private_sentinels.master_name,

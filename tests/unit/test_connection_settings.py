@@ -39,7 +39,7 @@ def test_queue_type_is_classic_or_quorum(monkeypatch: pytest.MonkeyPatch) -> Non
 
 async def test_sentinel_client_takes_database_and_password_from_the_url() -> None:
     settings = CommonSettings(
-        redis_url="redis://:s3cret@ignored:1/4",  # type: ignore[arg-type]
+        redis_url="redis://:s3cret@ignored:1/4",
         redis_sentinels=["127.0.0.1:26379"],
     )
     client = redis_client(settings, timeout_s=0.5, max_connections=8)
