@@ -106,7 +106,8 @@ class JobClient:
         self._publish = None
         for queue in self._pending.values():
             queue.put_nowait(LOST)
-        log.warning("amqp.jobs_failed", jobs=len(self._pending))
+        if self._pending:
+            log.warning("amqp.jobs_failed", jobs=len(self._pending))
 
     async def close(self) -> None:
         """Finish pending cancellations, then close the connection."""
