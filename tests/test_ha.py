@@ -7,6 +7,7 @@ independent RabbitMQ nodes per module. Nothing is restarted but the servers kill
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import aio_pika
@@ -18,7 +19,7 @@ from shared.registry import Registry
 from shared.settings import CommonSettings
 from tests.support.client import chat
 from tests.support.private_servers import PrivateRabbit, RedisSentinelGroup
-from tests.support.stack import Stack
+from tests.support.stack import Stack, process_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -152,3 +153,34 @@ async def test_broker_node_lost_gateway_and_worker_follow_to_the_next_url(
         jobs = await channel.declare_queue(names.jobs_queue, passive=True)
         assert jobs.declaration_result.consumer_count == 1
     print(f"\nbroker node kill -9: requests answered again {total_s:.2f} s after, on the next URL")
+
+
+async def test_the_botline_command_reaches_redis_through_sentinel(
+    private_sentinels: RedisSentinelGroup, sentinel_settings: dict[str, object], namespace: str
+) -> None:
+    env = process_env(
+        namespace,
+        None,
+        BOTLINE_REDIS_URL="redis://unused/0",
+        BOTLINE_REDIS_SENTINELS=str(sentinel_settings["redis_sentinels"]),
+        BOTLINE_REDIS_SENTINEL_MASTER=private_sentinels.master_name,
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "bots",
+        "create",
+        "--name",
+        "via-sentinel",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    # Written to the group's master, not to the shared Redis.
+    master = await private_sentinels.current_master()
+    settings = CommonSettings(namespace=namespace)
+    bots = await master.command("SMEMBERS", settings.names.bots)
+    assert len(bots) == 1, (bots, out.decode())
