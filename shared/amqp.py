@@ -118,10 +118,6 @@ class AmqpLink:
             await self.close()
             raise
 
-    async def wait_up(self) -> None:
-        """Until the link is up (callers bound this with a timeout)."""
-        await self._up.wait()
-
     def watch(self, channel: AbstractChannel) -> AbstractChannel:
         """Treat ``channel`` closing (a broker-side channel error) as losing the link."""
         channel.close_callbacks.add(functools.partial(self._channel_closed, self._generation))
@@ -146,14 +142,11 @@ class AmqpLink:
         return not self._closing and generation == self._generation and self._up.is_set()
 
     def _channel_closed(self, generation: int, channel: object, exc: BaseException | None) -> None:
-        connection = self._connection
-        if not self._live(generation) or connection is None:
+        if not self._live(generation):
             return
+        # The supervisor closes the connection too: setup() is rerun on a fresh one.
         log.warning("amqp.channel_closed", link=self._name, error=type(exc).__name__)
         self._mark_lost()
-        # Close the connection too: setup() is rerun on a fresh one.
-        task = asyncio.ensure_future(connection.close())
-        task.add_done_callback(_ignore_result)
 
     def _connection_closed(
         self, generation: int, connection: object, exc: BaseException | None
@@ -223,6 +216,9 @@ class AmqpLink:
                 self._up.set()
                 log.info("amqp.connected", link=self._name, node=self._node)
             await self._lost.wait()
+            if not connection.is_closed:  # only a channel was closed
+                with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError):
+                    await connection.close()
             # The connection (or a channel) is gone: the next node first.
             self._node = (self._node + 1) % len(self._urls)
 
@@ -231,11 +227,6 @@ class AmqpLink:
 # restarting is back within seconds), then no more than once a second.
 _RETRY_MIN_S = 0.25
 _RETRY_MAX_S = 1.0
-
-
-def _ignore_result(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 async def publish(

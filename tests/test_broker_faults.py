@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import statistics
 import time
 
 import aiohttp
@@ -122,7 +123,10 @@ async def test_broker_killed_fails_callers_at_once_and_recovers(
         refusals.append(time.monotonic() - started)
         assert (status, body["error"]["code"]) == (503, "backend_unavailable")
         assert headers["Retry-After"] == "1"
-    assert max(refusals) < 0.1, refusals
+    # Well under 100 ms (no publish timeout is waited for); a single slow one is
+    # allowed on a machine shared with other test runs, never the 5 s of old.
+    assert statistics.median(refusals) < 0.05, refusals
+    assert max(refusals) < 0.5, refusals
     assert await ready_status(http, url) == 503
 
     # Back: the same gateway and worker serve again, no restart.
@@ -133,7 +137,8 @@ async def test_broker_killed_fails_callers_at_once_and_recovers(
     print(
         f"\nbroker kill -9: stream ERROR after {stream_failed_s * 1000:.0f} ms, "
         f"{IN_FLIGHT} whole answers 503 after {whole_failed_s * 1000:.0f} ms; "
-        f"refusals while down max {max(refusals) * 1000:.1f} ms; "
+        f"refusals while down median {statistics.median(refusals) * 1000:.1f} ms, "
+        f"max {max(refusals) * 1000:.1f} ms; "
         f"first 200 {recovered_s:.2f} s after the node answered AMQP again"
     )
 
