@@ -135,7 +135,9 @@ def botline_env(namespace: str, upstreams: Mapping[str, Upstream]) -> dict[str, 
         _ENDPOINTS[role]: {"kind": "openai", "base_url": up.base_url}
         for role, up in upstreams.items()
     }
-    keep = {"BOTLINE_REDIS_URL", "BOTLINE_AMQP_URL"}
+    # Where Redis and RabbitMQ are, and the job queue's type (classic or quorum, to
+    # compare them), are taken from the caller; nothing else.
+    keep = {"BOTLINE_REDIS_URL", "BOTLINE_AMQP_URL", "BOTLINE_JOBS_QUEUE_TYPE"}
     env = {
         k: v
         for k, v in os.environ.items()

@@ -27,7 +27,6 @@ from typing import Any
 import orjson
 import structlog
 from pydantic import ValidationError
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.processes import child_ids, supervise, tag_logs
@@ -35,6 +34,7 @@ from shared.clock import now_ms
 from shared.logging import configure_logging
 from shared.loop import new_event_loop
 from shared.records import Bot, KeyRecord, Limits
+from shared.redis_client import redis_client
 from shared.registry import Registry
 from shared.settings import CommonSettings
 from shared.settings_errors import settings_error
@@ -87,9 +87,7 @@ def _key_row(record: KeyRecord, now: int) -> str:
 
 async def _with_registry(fn: Callable[[Registry], Awaitable[int]]) -> int:
     settings = CommonSettings()
-    redis = Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_timeout=5, socket_connect_timeout=5
-    )
+    redis = redis_client(settings, timeout_s=5, max_connections=16)
     try:
         return await fn(Registry(redis, settings.names))
     except RedisError as exc:

@@ -4,7 +4,10 @@
   as long as its caller waits on a live connection, so it is not written to
   disk: a quorum queue cost several times RabbitMQ's CPU per request and
   added latency (figures in docs/performance.md), for a durability nobody
-  could use (after a broker restart no gateway still holds the caller). ``x-max-length``
+  could use (after a broker restart no gateway still holds the caller);
+  ``jobs_queue_type = "quorum"`` is there for clusters where a node's loss must
+  not lose queued jobs. Each job expires at its deadline (the message's
+  ``expiration``), so jobs nobody waits for do not fill it. ``x-max-length``
   with ``reject-publish`` makes a full queue answer the gateway's publish with
   a nack (seen only with publisher confirms).
 - Classic queues count no deliveries, so the workers do: a job carries its
@@ -26,6 +29,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import aio_pika
@@ -33,11 +39,11 @@ import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractQueue,
-    AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp.commands import Basic
 
 from shared.settings import CommonSettings
@@ -52,23 +58,175 @@ ATTEMPT_HEADER = "x-botline-attempt"
 DEAD_HEADER = "x-botline-dead"
 
 
-async def connect(settings: CommonSettings, name: str) -> AbstractRobustConnection:
-    """A robust connection named ``name`` (seen in RabbitMQ's management UI).
+class AmqpLink:
+    """One supervised AMQP connection over a list of broker URLs, tried in turn.
 
-    Retried each second until ``startup_timeout_s``, so that services may
-    start before the broker; after that aio-pika reconnects on its own.
+    aio-pika's ``connect_robust`` reconnects to one URL only, and its restored
+    consumers and publishes during an outage have a long bug history
+    (FIELD-NOTES trap 9). This is the small, tested alternative: connect to a
+    URL, run the owner's ``setup`` (declare the topology, open channels, start
+    consumers) and report the link up; when the connection or any channel it
+    watches closes, report it down at once (``on_lost``), then connect to the
+    next URL and run ``setup`` again. A node reached after a failover gets the
+    topology redeclared, so the nodes need not be clustered.
+
+    ``up`` is true only while a connection is open *and* its ``setup``
+    finished: a gateway is ready only when its reply queue consumes again.
     """
-    async with asyncio.timeout(settings.startup_timeout_s):
+
+    def __init__(
+        self,
+        settings: CommonSettings,
+        name: str,
+        setup: Callable[[AbstractConnection], Awaitable[None]],
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._name = name
+        self._urls = settings.amqp_urls
+        self._setup = setup
+        self._on_lost = on_lost
+        self._connection: AbstractConnection | None = None
+        self._node = 0  # index in _urls of the node connected to (or tried next)
+        self._up = asyncio.Event()
+        self._lost: asyncio.Event = asyncio.Event()
+        self._closing = False
+        # Counts connections opened; callbacks carry theirs (see _live).
+        self._generation = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def up(self) -> bool:
+        """Connected, with the owner's setup done on this connection."""
+        return self._up.is_set()
+
+    @property
+    def node(self) -> int:
+        """The index of the broker URL in use (or to be tried next)."""
+        return self._node
+
+    async def start(self) -> None:
+        """Connect (trying each URL in turn until ``startup_timeout_s``), then supervise.
+
+        Raises ``TimeoutError`` when no broker could be reached in time.
+        """
+        self._task = asyncio.create_task(self._supervise(), name=f"amqp-link-{self._name}")
+        try:
+            async with asyncio.timeout(self._settings.startup_timeout_s):
+                await self._up.wait()
+        except BaseException:
+            await self.close()
+            raise
+
+    def watch(self, channel: AbstractChannel) -> AbstractChannel:
+        """Treat ``channel`` closing (a broker-side channel error) as losing the link."""
+        channel.close_callbacks.add(functools.partial(self._channel_closed, self._generation))
+        return channel
+
+    async def close(self) -> None:
+        """Stop supervising and close the connection."""
+        self._closing = True
+        self._up.clear()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError):
+                await connection.close()
+
+    def _live(self, generation: int) -> bool:
+        # Only the connection in use can be lost: a late callback of an earlier
+        # one (closed meanwhile, replaced) must not take the new one down.
+        return not self._closing and generation == self._generation and self._up.is_set()
+
+    def _channel_closed(self, generation: int, channel: object, exc: BaseException | None) -> None:
+        if not self._live(generation):
+            return
+        # The supervisor closes the connection too: setup() is rerun on a fresh one.
+        log.warning("amqp.channel_closed", link=self._name, error=type(exc).__name__)
+        self._mark_lost()
+
+    def _connection_closed(
+        self, generation: int, connection: object, exc: BaseException | None
+    ) -> None:
+        if not self._live(generation):
+            return
+        log.warning("amqp.connection_lost", link=self._name, error=type(exc).__name__)
+        self._mark_lost()
+
+    def _mark_lost(self) -> None:
+        # Down first, then tell the owner: nothing new is accepted while it fails what it holds.
+        self._up.clear()
+        self._lost.set()
+        if self._on_lost is not None:
+            self._on_lost()
+
+    async def _open(self, url: str) -> AbstractConnection:
+        """Connect to one URL and run the owner's setup on it, within the connect timeout."""
+        self._generation += 1
+        connection = await aio_pika.connect(
+            url,
+            heartbeat=self._settings.amqp_heartbeat_s,
+            timeout=self._settings.amqp_connect_timeout_s,
+            client_properties={"connection_name": self._name},
+        )
+        try:
+            async with asyncio.timeout(self._settings.amqp_connect_timeout_s):
+                await self._setup(connection)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        return connection
+
+    async def _supervise(self) -> None:
+        delay = _RETRY_MIN_S
+        failures = 0
         while True:
+            url = self._urls[self._node]
             try:
-                return await aio_pika.connect_robust(
-                    settings.amqp_url.get_secret_value(),
-                    heartbeat=settings.amqp_heartbeat_s,
-                    client_properties={"connection_name": name},
-                )
-            except (AMQPError, OSError) as exc:
-                log.warning("amqp.connect_failed", error=type(exc).__name__)
-                await asyncio.sleep(1.0)
+                connection = await self._open(url)
+            except (AMQPError, ChannelInvalidStateError, OSError, TimeoutError) as exc:
+                if failures % 10 == 0:  # the first of an outage, then every tenth
+                    log.warning(
+                        "amqp.connect_failed",
+                        link=self._name,
+                        node=self._node,
+                        attempts=failures + 1,
+                        error=type(exc).__name__,
+                    )
+                self._node = (self._node + 1) % len(self._urls)
+                failures += 1
+                if failures % len(self._urls) == 0:
+                    # Every node refused: wait a little before the next round.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            delay, failures = _RETRY_MIN_S, 0
+            self._connection = connection
+            self._lost.clear()
+            connection.close_callbacks.add(
+                functools.partial(self._connection_closed, self._generation)
+            )
+            if connection.is_closed:  # closed before the callback was there
+                self._lost.set()
+            else:
+                self._up.set()
+                log.info("amqp.connected", link=self._name, node=self._node)
+            await self._lost.wait()
+            if not connection.is_closed:  # only a channel was closed
+                with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError):
+                    await connection.close()
+            # The connection (or a channel) is gone: the next node first.
+            self._node = (self._node + 1) % len(self._urls)
+
+
+# Between rounds of failed connects over every URL: fast at first (a broker
+# restarting is back within seconds), then no more than once a second.
+_RETRY_MIN_S = 0.25
+_RETRY_MAX_S = 1.0
 
 
 async def publish(
@@ -84,6 +242,7 @@ async def publish(
     content_type: str | None = "application/json",
     mandatory: bool = False,
     wait: bool = False,
+    expiration_ms: int | None = None,
 ) -> None:
     """Publish one transient JSON message on the channel's own connection.
 
@@ -101,6 +260,8 @@ async def publish(
     (docs/performance.md). Order on the connection is kept either way.
     ``wait=True`` is backpressure: the writer's queue is bounded, and a
     waiting publish makes the writer drain the socket first.
+    ``expiration_ms`` is the per-message TTL: the broker discards the message
+    unconsumed once it has waited that long.
     """
     # The concrete channel: ``wait`` is missing from aiormq's abstract one.
     raw = cast(aiormq.Channel, await channel.get_underlay_channel())
@@ -111,6 +272,7 @@ async def publish(
         correlation_id=correlation_id,
         message_type=message_type,
         headers=headers,
+        expiration=None if expiration_ms is None else str(max(expiration_ms, 1)),
     )
     await raw.basic_publish(
         body,
@@ -136,10 +298,17 @@ async def declare_jobs(channel: AbstractChannel, settings: CommonSettings) -> Ab
     # A headers binding without match arguments takes every message.
     await dead_queue.bind(dead, arguments={"x-match": "all"})
     arguments: dict[str, Any] = {
-        "x-queue-type": "classic",
+        "x-queue-type": settings.jobs_queue_type,
         "x-max-length": settings.jobs_max_length,
         "x-overflow": "reject-publish",
     }
+    if settings.jobs_queue_type == "quorum":
+        # A quorum queue counts deliveries itself and, past this, drops the
+        # job. The workers' own count (x-botline-attempt: a redelivered job is
+        # re-published with its attempt raised) buries it well before, with
+        # its caller told; this limit is only a backstop for the same job
+        # returned again and again without any worker re-publishing it.
+        arguments["x-delivery-limit"] = settings.jobs_delivery_limit + 2
     return await channel.declare_queue(names.jobs_queue, durable=True, arguments=arguments)
 
 

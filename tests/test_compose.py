@@ -28,12 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 PROMETHEUS = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
 
-# Settings other engineers are adding for issue 12 (HA, metrics), referenced
-# here ahead of them. The lead removes this list at merge: each must then exist.
-PENDING_SETTINGS = {"BOTLINE_REDIS_SENTINELS", "BOTLINE_REDIS_SENTINEL_MASTER"}
-# Routes being added by the metrics work; same rule.
-PENDING_ROUTES = {("gateway", "/metrics"), ("worker", "/metrics")}
-
 
 class _NotReady:
     def readiness(self) -> dict[str, bool]:
@@ -117,18 +111,17 @@ def test_a_wrong_subcommand_would_be_caught() -> None:
 
 def test_every_botline_variable_is_a_real_setting() -> None:
     known = _settings_env()
-    assert not PENDING_SETTINGS & known, "now a real setting: drop it from PENDING_SETTINGS"
     used = set()
     for service in COMPOSE["services"].values():
         used |= {k for k in service.get("environment", {}) if k.startswith("BOTLINE_")}
     for container in _k8s_containers():
         used |= {e["name"] for e in container.get("env", []) if e["name"].startswith("BOTLINE_")}
     assert {"BOTLINE_WORKER_HTTP_PORT", "BOTLINE_ENDPOINTS_FILE"} <= used
-    assert used - known - PENDING_SETTINGS == set()
+    assert used - known == set()
 
 
 def _route_ok(routes: dict[str, set[str]], role: str, path: str) -> bool:
-    return path in routes[role] or (role, path) in PENDING_ROUTES
+    return path in routes[role]
 
 
 async def test_compose_health_checks_name_real_routes_and_ports(

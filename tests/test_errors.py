@@ -130,20 +130,33 @@ async def test_no_worker_within_the_deadline_is_504(bare_stack: Stack) -> None:
 
 
 async def test_full_queue_is_503_overloaded(bare_stack: Stack) -> None:
-    # No worker: every job stays queued after its caller got a 504. One at a
-    # time, so that which one finds the queue full is known.
-    await bare_stack.add_gateway(request_deadline_s=0.2, jobs_max_length=1)
+    # No worker, room for one job: of three callers at once, the first job
+    # published is queued (its caller waits out the deadline), the two others
+    # are refused at once. Publishes are confirmed in order on one channel.
+    await bare_stack.add_gateway(request_deadline_s=1, jobs_max_length=1)
     _, key = await bare_stack.bot_and_key()
-    statuses = []
-    for _ in range(4):
-        result = await bare_stack.chat(key, HELLO)
-        statuses.append(result[0])
+    results = await asyncio.gather(*(bare_stack.chat(key, HELLO) for _ in range(3)))
+    statuses = sorted(result[0] for result in results)
+    assert statuses == [503, 503, 504], statuses
+    for result in results:
         if result[0] == 503:
             assert_error(result, 503, "overloaded")
             assert result[2]["Retry-After"] == "1"
-            break
-    assert statuses[-1] == 503, statuses
-    assert set(statuses[:-1]) == {504}, statuses
+
+
+async def test_expired_jobs_do_not_hold_the_queue(bare_stack: Stack) -> None:
+    """Issue 11.3: a job's deadline is its AMQP expiration, so the broker drops it.
+
+    No worker ever runs: only the broker can have removed the expired jobs.
+    """
+    await bare_stack.add_gateway(request_deadline_s=0.3, jobs_max_length=5)
+    _, key = await bare_stack.bot_and_key()
+    for _ in range(5):
+        assert_error(await bare_stack.chat(key, HELLO), 504, "deadline_exceeded")
+    # The queue held five jobs whose callers are gone; a new caller is queued
+    # (and, with no worker, also waits out its deadline) instead of being refused.
+    for _ in range(5):
+        assert_error(await bare_stack.chat(key, HELLO), 504, "deadline_exceeded")
 
 
 async def test_redis_unreachable_is_503_and_never_serves(bare_stack: Stack) -> None:

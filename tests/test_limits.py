@@ -6,13 +6,15 @@ import asyncio
 import signal
 from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
 
 from shared.records import Limits
+from shared.settings import CommonSettings
 from tests.support.client import auth, chat, sse_events
 from tests.support.fake_openai import Script
-from tests.support.stack import ProcessFactory, Stack, free_port
+from tests.support.stack import AMQP_URL, ProcessFactory, Stack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +27,19 @@ async def ask(
 ) -> tuple[int, dict[str, Any], Any]:
     body = ASK | ({"model": "m"} if "openai" in surface else {})
     return await chat(http, url, key, body, path=surface)
+
+
+async def queued_jobs(namespace: str, count: int) -> None:
+    """Until the namespace's job queue holds ``count`` jobs (polled: nothing to await)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection, asyncio.timeout(10):
+        channel = await connection.channel()
+        name = CommonSettings(namespace=namespace).names.jobs_queue
+        while True:
+            queue = await channel.declare_queue(name, passive=True)
+            if (queue.declaration_result.message_count or 0) >= count:
+                return
+            await asyncio.sleep(0.02)
 
 
 async def key_with(stack: Stack, **limits: int) -> str:
@@ -176,15 +191,22 @@ async def test_a_killed_gateways_slots_come_back_after_the_lease(
 
 
 async def test_a_request_refused_by_a_full_queue_gives_its_slot_back(bare_stack: Stack) -> None:
-    # No worker: the first job stays queued after its caller got a 504, and
-    # fills the queue; every later one is admitted, then refused by the queue.
-    await bare_stack.add_gateway(request_deadline_s=0.2, jobs_max_length=1)
-    key = await key_with(bare_stack, concurrency=1)
-    assert (await ask(bare_stack.http, bare_stack.url, key))[0] == 504
-    for _ in range(2):
-        status, body, _ = await ask(bare_stack.http, bare_stack.url, key)
-        # Not 429: the one slot came back when the last job could not be queued.
-        assert (status, body["error"]["code"]) == (503, "overloaded")
+    # No worker, room for one job: another key's caller keeps it queued (a job
+    # that expired would leave the queue by itself); every later job of the
+    # limited key is admitted, then refused by the queue.
+    await bare_stack.add_gateway(request_deadline_s=30, jobs_max_length=1)
+    _, other = await bare_stack.bot_and_key()
+    holder = asyncio.create_task(ask(bare_stack.http, bare_stack.url, other))
+    try:
+        await queued_jobs(bare_stack.namespace, 1)
+        key = await key_with(bare_stack, concurrency=1)
+        for _ in range(2):
+            status, body, _ = await ask(bare_stack.http, bare_stack.url, key)
+            # Not 429: the one slot came back when the last job could not be queued.
+            assert (status, body["error"]["code"]) == (503, "overloaded")
+    finally:
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
 
 
 async def test_a_lease_lasts_as_long_as_its_request(bare_stack: Stack) -> None:

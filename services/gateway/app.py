@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from services.gateway.auth_failures import AuthFailures
 from services.gateway.http_server import GatewayRunner
@@ -29,28 +29,19 @@ from services.gateway.security_headers import security_headers
 from services.gateway.settings import GatewaySettings
 from services.gateway.usage import UsageBook
 from shared.loop import new_event_loop, watch_lag
+from shared.redis_client import redis_client as shared_redis_client
 from shared.registry import Registry
 
 log = structlog.get_logger("botline.gateway")
 
 
 def redis_client(settings: GatewaySettings) -> Redis:
-    """A Redis client that fails fast instead of waiting a minute on a dead server.
-
-    Its pool blocks rather than fails when every connection is busy: redis-py's
-    default pool raises ``Too many connections`` past 100, which turned a burst
-    of 100 new callers into 503s. Waiting for a connection counts against the
-    same timeout as the call itself.
-    """
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url.get_secret_value(),
+    """The gateway's Redis client (direct or through Sentinel; see shared/redis_client.py)."""
+    return shared_redis_client(
+        settings,
+        timeout_s=settings.redis_timeout_s,
         max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_s,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=10,
     )
-    return Redis.from_pool(pool)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -21,10 +21,23 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from services.gateway.job_client import DeadJob, Incoming, Interrupted, JobClient
+from services.gateway.job_client import (
+    DeadJob,
+    Incoming,
+    Interrupted,
+    JobClient,
+    LostConnection,
+)
 from services.gateway.metrics import GatewayMetrics
 from shared import tokens
-from shared.errors import BotlineError, DeadlineExceeded, JobFailed, WorkerLost, error_from_code
+from shared.errors import (
+    BackendUnavailable,
+    BotlineError,
+    DeadlineExceeded,
+    JobFailed,
+    WorkerLost,
+    error_from_code,
+)
 from shared.wire import ChatJob, DeltaEvent, EndEvent, Usage
 
 
@@ -193,6 +206,8 @@ class ChatRun:
             if isinstance(event, DeadJob):
                 self._done = True
                 raise JobFailed("the job failed on several workers and was given up")
+            if isinstance(event, LostConnection):
+                raise BackendUnavailable("the connection to the job queue was lost")
             if self._attempt is None and self._metrics is not None:
                 # A worker's first word on this job: the end of its wait in the queue.
                 self._metrics.queue_wait.observe(time.perf_counter() - self._published)

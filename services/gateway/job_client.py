@@ -4,7 +4,14 @@ One connection and one exclusive reply queue per gateway process; each
 event is routed to the waiting request by its correlation id (the job id).
 Jobs are published with publisher confirms and ``mandatory``: a full queue
 answers with a nack and a missing queue with a return, and both must reach
-the caller as a 503 instead of a job silently lost.
+the caller as a 503 instead of a job silently lost. Each job carries its
+remaining deadline as the message's ``expiration``, so a job nobody waits
+for any more leaves the queue by itself.
+
+The connection is a supervised :class:`shared.amqp.AmqpLink`. When it is
+lost, every job in flight fails at once (its events could only have come on
+that connection's reply queue, which is gone) and new jobs are refused until
+the link is up again, reply queue consuming, on this or another broker node.
 """
 
 from __future__ import annotations
@@ -18,9 +25,8 @@ from typing import Final
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 from pydantic import ValidationError
@@ -29,12 +35,13 @@ from services.gateway.settings import GatewaySettings
 from shared.amqp import (
     DEAD_HEADER,
     GATEWAY_HEADER,
-    connect,
+    AmqpLink,
     declare_control,
     declare_jobs,
     declare_replies,
     publish,
 )
+from shared.clock import now_ms
 from shared.errors import BackendUnavailable, BotlineError, Overloaded
 from shared.tasks import TaskSet
 from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent, decode_event
@@ -46,7 +53,12 @@ class DeadJob:
     """Marks a job that RabbitMQ dead-lettered after too many failed deliveries."""
 
 
+class LostConnection:
+    """Marks a job whose events can no longer come: the broker connection was lost."""
+
+
 DEAD: Final = DeadJob()
+LOST: Final = LostConnection()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +68,7 @@ class Interrupted:
     error: BotlineError
 
 
-Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob | Interrupted
+Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob | LostConnection | Interrupted
 
 
 class JobClient:
@@ -68,47 +80,54 @@ class JobClient:
         self.reply_queue_name = settings.names.reply_queue(self.gateway_id)
         self._pending: dict[str, asyncio.Queue[Incoming]] = {}
         self._tasks = TaskSet()
-        self._connection: AbstractRobustConnection | None = None
+        self._link = AmqpLink(
+            settings, f"gateway-{self.gateway_id}", setup=self._setup, on_lost=self._fail_pending
+        )
         self._publish: AbstractChannel | None = None
-        self._reply_queue: AbstractQueue | None = None
 
     async def start(self) -> None:
         """Connect (retrying until ``startup_timeout_s``) and declare what we use."""
-        connection = await connect(self.settings, f"gateway-{self.gateway_id}")
-        self._connection = connection
-        self._publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare_jobs(self._publish, self.settings)
-        await declare_control(self._publish, self.settings)
-        replies_exchange, _ = await declare_replies(self._publish, self.settings)
-        replies = await connection.channel(publisher_confirms=False)
-        self._reply_queue = await replies.declare_queue(
+        await self._link.start()
+
+    async def _setup(self, connection: AbstractConnection) -> None:
+        """Declare the topology and consume the reply queue; run on every (re)connect."""
+        publish = self._link.watch(
+            await connection.channel(publisher_confirms=True, on_return_raises=True)
+        )
+        await declare_jobs(publish, self.settings)
+        await declare_control(publish, self.settings)
+        replies_exchange, _ = await declare_replies(publish, self.settings)
+        replies = self._link.watch(await connection.channel(publisher_confirms=False))
+        reply_queue = await replies.declare_queue(
             self.reply_queue_name, exclusive=True, auto_delete=True
         )
-        await self._reply_queue.bind(replies_exchange, routing_key=self.reply_queue_name)
+        await reply_queue.bind(replies_exchange, routing_key=self.reply_queue_name)
         # Jobs dead-lettered after too many deliveries come back to their gateway.
-        await self._reply_queue.bind(
+        await reply_queue.bind(
             self.settings.names.dead_exchange,
             arguments={"x-match": "all", GATEWAY_HEADER: self.gateway_id},
         )
-        await self._reply_queue.consume(self._on_reply, no_ack=True)
-        log.info("amqp.ready", reply_queue=self.reply_queue_name)
+        await reply_queue.consume(self._on_reply, no_ack=True)
+        self._publish = publish
+        log.info("amqp.ready", reply_queue=self.reply_queue_name, node=self._link.node)
+
+    def _fail_pending(self) -> None:
+        """The connection is gone, and with it every event still to come: fail all jobs now."""
+        self._publish = None
+        for queue in self._pending.values():
+            queue.put_nowait(LOST)
+        if self._pending:
+            log.warning("amqp.jobs_failed", jobs=len(self._pending))
 
     async def close(self) -> None:
         """Finish pending cancellations, then close the connection."""
         await self._tasks.close()
-        if self._connection is not None:
-            await self._connection.close()
+        await self._link.close()
 
     @property
     def ready(self) -> bool:
-        """Connected, with the reply queue consuming."""
-        connection, publish = self._connection, self._publish
-        return bool(
-            connection is not None
-            and not connection.is_closed
-            and publish is not None
-            and not publish.is_closed
-        )
+        """Connected, with the topology declared and the reply queue consuming."""
+        return self._link.up and self._publish is not None
 
     def register(self, job_id: str) -> asyncio.Queue[Incoming]:
         """Start routing a job's events to the returned queue."""
@@ -121,14 +140,15 @@ class JobClient:
         self._pending.pop(job_id, None)
 
     async def submit(self, job: ChatJob) -> None:
-        """Publish a job and wait for the broker's confirm."""
-        if self._publish is None:
+        """Publish a job and wait for the broker's confirm; refused at once while disconnected."""
+        channel = self._publish
+        if channel is None or not self._link.up:
             raise BackendUnavailable("the job queue is unreachable")
         try:
             async with asyncio.timeout(self.settings.publish_timeout_s):
                 # Transient: see shared/amqp.py for why jobs are not written to disk.
                 await publish(
-                    self._publish,
+                    channel,
                     job.dump(),
                     routing_key=self.settings.names.jobs_queue,
                     message_id=job.job_id,
@@ -136,6 +156,8 @@ class JobClient:
                     message_type=job.type,
                     headers={GATEWAY_HEADER: self.gateway_id},
                     mandatory=True,
+                    # Past its deadline nobody waits for it: the broker drops it.
+                    expiration_ms=job.deadline_ms - now_ms(),
                 )
         except PublishError as exc:
             raise BackendUnavailable("the job queue does not exist") from exc
@@ -150,13 +172,14 @@ class JobClient:
         self._tasks.spawn(self._send_cancel(job_id))
 
     async def _send_cancel(self, job_id: str) -> None:
-        if self._publish is None:
+        channel = self._publish
+        if channel is None or not self._link.up:
             return
         with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError, TimeoutError):
             async with asyncio.timeout(self.settings.publish_timeout_s):
                 cancel = CancelJob(job_id=job_id)
                 await publish(
-                    self._publish,
+                    channel,
                     cancel.dump(),
                     exchange=self.settings.names.control_exchange,
                     routing_key="",

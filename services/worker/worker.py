@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
@@ -47,7 +47,7 @@ from shared import fleet
 from shared.amqp import (
     ATTEMPT_HEADER,
     DEAD_HEADER,
-    connect,
+    AmqpLink,
     declare_control,
     declare_jobs,
     declare_replies,
@@ -62,6 +62,7 @@ from shared.errors import (
     UpstreamError,
 )
 from shared.loop import watch_lag
+from shared.redis_client import redis_client
 from shared.wire import CancelJob, ChatJob
 
 log = structlog.get_logger("botline.worker")
@@ -119,7 +120,9 @@ class Worker:
         }
         self._running: dict[str, asyncio.Task[object]] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
-        self._connection: AbstractRobustConnection | None = None
+        self._link = AmqpLink(
+            settings, f"worker-{self.worker_id}", setup=self._setup, on_lost=self._on_lost
+        )
         self._jobs: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._events: AbstractChannel | None = None
@@ -135,30 +138,9 @@ class Worker:
 
     async def start(self) -> None:
         """Connect, declare, and start consuming jobs and cancellations."""
+        await self._link.start()
         settings = self.settings
-        connection = await connect(settings, f"worker-{self.worker_id}")
-        self._connection = connection
-        jobs_channel = await connection.channel()
-        await jobs_channel.set_qos(prefetch_count=settings.concurrency)
-        self._jobs = await declare_jobs(jobs_channel, settings)
-        control = await declare_control(jobs_channel, settings)
-        control_queue = await jobs_channel.declare_queue(
-            settings.names.control_queue(self.worker_id), exclusive=True, auto_delete=True
-        )
-        await control_queue.bind(control)
-        _, unroutable = await declare_replies(jobs_channel, settings)
-        await control_queue.bind(unroutable)
-        await control_queue.consume(self._on_control, no_ack=True)
-        # Deltas need no confirms: a lost worker is handled by redelivery and
-        # the gateway's fencing, and confirms per delta would halve throughput.
-        self._events = await connection.channel(publisher_confirms=False)
-        self._confirmed = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._consumer_tag = await self._jobs.consume(self._on_job)
-        self._redis = Redis.from_url(
-            settings.redis_url.get_secret_value(),
-            socket_timeout=2.0,
-            socket_connect_timeout=2.0,
-        )
+        self._redis = redis_client(settings, timeout_s=2.0, max_connections=4)
         # The first beat before taking part: listed as soon as started (and no
         # connection is left half-open by a stop that comes right after).
         if not await fleet.beat_once(
@@ -179,6 +161,38 @@ class Worker:
         ]
         log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
 
+    def _on_lost(self) -> None:
+        # The jobs held on the lost connection go back to the queue (or were
+        # lost with their broker) and no event of theirs can reach a gateway:
+        # stop them, the same way as at shutdown, leaving them unacked.
+        if self._running:
+            log.warning("worker.connection_lost", jobs=len(self._running))
+        for task in list(self._running.values()):
+            task.cancel()
+
+    async def _setup(self, connection: AbstractConnection) -> None:
+        """Declare, and consume jobs and cancellations; run on every (re)connect."""
+        settings = self.settings
+        watch = self._link.watch
+        jobs_channel = watch(await connection.channel())
+        await jobs_channel.set_qos(prefetch_count=settings.concurrency)
+        self._jobs = await declare_jobs(jobs_channel, settings)
+        control = await declare_control(jobs_channel, settings)
+        control_queue = await jobs_channel.declare_queue(
+            settings.names.control_queue(self.worker_id), exclusive=True, auto_delete=True
+        )
+        await control_queue.bind(control)
+        _, unroutable = await declare_replies(jobs_channel, settings)
+        await control_queue.bind(unroutable)
+        await control_queue.consume(self._on_control, no_ack=True)
+        # Deltas need no confirms: a lost worker is handled by redelivery and
+        # the gateway's fencing, and confirms per delta would halve throughput.
+        self._events = watch(await connection.channel(publisher_confirms=False))
+        self._confirmed = watch(
+            await connection.channel(publisher_confirms=True, on_return_raises=True)
+        )
+        self._consumer_tag = await self._jobs.consume(self._on_job)
+
     def heartbeat(self) -> fleet.Heartbeat:
         """What this worker tells the fleet view about itself now."""
         return fleet.Heartbeat(
@@ -194,14 +208,10 @@ class Worker:
 
     def readiness(self) -> dict[str, bool]:
         """The probe's checks: connected to RabbitMQ, and taking jobs (not draining)."""
-        connection, jobs = self._connection, self._jobs
-        # A robust connection stays "open" while it reconnects: ask its transport.
-        transport = None if connection is None else connection.transport
+        jobs = self._jobs
         return {
-            "amqp": connection is not None
-            and not connection.is_closed
-            and transport is not None
-            and not transport.connection.is_closed,
+            # Up only once the setup ran on the current connection (shared.amqp.AmqpLink).
+            "amqp": self._link.up,
             "consuming": jobs is not None
             and self._consumer_tag is not None
             and not jobs.channel.is_closed,
@@ -231,8 +241,7 @@ class Worker:
             await self._redis.aclose()
         for model in self._models.values():
             await model.close()
-        if self._connection is not None:
-            await self._connection.close()
+        await self._link.close()
         log.info("worker.stopped", jobs=self.stats.total)
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
