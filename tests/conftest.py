@@ -26,6 +26,9 @@ from tests.support.stack import (
     process_id,
 )
 
+# Private Redis / Sentinel / RabbitMQ servers that tests kill and freeze.
+pytest_plugins = ["tests.support.server_fixtures"]
+
 
 @pytest.fixture
 def namespace(request: pytest.FixtureRequest) -> str:
