@@ -9,9 +9,12 @@
   a nack (seen only with publisher confirms).
 - Classic queues count no deliveries, so the workers do: a job carries its
   attempt in ``x-botline-attempt``; a worker that is given a *redelivered*
-  job (its last holder died) publishes a copy with the attempt raised and
-  acks the old one, and past ``jobs_delivery_limit`` redeliveries it
-  dead-letters the job instead of running it.
+  job (its last holder died) publishes a copy with the attempt raised to
+  ``<ns>.jobs.suspect`` and acks the old one. Each worker holds one suspect
+  at a time (prefetch 1), so a worker that dies holding a suspect implicates
+  that one job alone: only then is a strike counted (``x-botline-strikes``),
+  and at ``jobs_delivery_limit`` strikes the job is dead-lettered instead of
+  run again (services/worker/worker.py).
 - ``<ns>.jobs.dlx``: a headers exchange for dead jobs. Each gateway binds its
   reply queue on its own ``x-botline-gateway`` header, so the caller hears of
   the failure at once; ``<ns>.jobs.dead`` keeps a bounded copy for operators.
@@ -48,6 +51,8 @@ log = structlog.get_logger("botline.amqp")
 GATEWAY_HEADER = "x-botline-gateway"
 # The job's attempt (1 + redeliveries so far), kept by the workers.
 ATTEMPT_HEADER = "x-botline-attempt"
+# Deaths of workers that held the job as their one suspect (see the module docstring).
+STRIKES_HEADER = "x-botline-strikes"
 # Set on a dead-lettered job: why it was given up.
 DEAD_HEADER = "x-botline-dead"
 
@@ -140,6 +145,10 @@ async def declare_jobs(channel: AbstractChannel, settings: CommonSettings) -> Ab
         "x-max-length": settings.jobs_max_length,
         "x-overflow": "reject-publish",
     }
+    # Not bounded: it only ever holds jobs the jobs queue already admitted.
+    await channel.declare_queue(
+        names.suspect_queue, durable=True, arguments={"x-queue-type": "classic"}
+    )
     return await channel.declare_queue(names.jobs_queue, durable=True, arguments=arguments)
 
 
@@ -170,7 +179,7 @@ async def declare_replies(
 async def delete_namespace(channel: AbstractChannel, settings: CommonSettings) -> None:
     """Remove a namespace's shared queues and exchanges (tests, `botline` cleanup)."""
     names = settings.names
-    for queue in (names.jobs_queue, names.dead_queue):
+    for queue in (names.jobs_queue, names.suspect_queue, names.dead_queue):
         await channel.queue_delete(queue)
     exchanges = (
         names.dead_exchange,

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from services.gateway.closed_jobs import ClosedJobs
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
 from services.gateway.limits import Limiter
@@ -66,6 +67,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
         await gateway.limiter.close()
         await gateway.usage.flush()
+        await gateway.closed_jobs.aclose()
         await gateway.job_client.close()
         await gateway.redis.aclose()
 
@@ -93,6 +95,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             lease_ttl_s=settings.lease_ttl_s,
         ),
         usage=UsageBook(registry, timeout_s=settings.redis_timeout_s),
+        closed_jobs=ClosedJobs(redis, settings.names, timeout_s=settings.redis_timeout_s),
     )
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)

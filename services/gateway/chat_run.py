@@ -101,6 +101,11 @@ class ChatRun:
         if not self._done:
             self._client.cancel(self.job.job_id)
 
+    @property
+    def finished(self) -> bool:
+        """Whether the job reached its end: an answer, its error, or given up as dead."""
+        return self._done
+
     async def _next(self) -> Incoming:
         assert self._queue is not None, "use ChatRun as an async context manager"
         remaining = self._deadline - asyncio.get_running_loop().time()

@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from services.gateway.resources import RATE_HEADERS, REQUEST_ID
+from services.gateway.resources import RATE_HEADERS, REQUEST_ID, STREAM_ERROR
 from shared.errors import (
     BotlineError,
     HttpError,
@@ -75,6 +75,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
                 raise
             raise _from_http_exception(exc) from exc
         status = response.status
+        # A stream that failed after its 200: the line carries the error it ended with.
+        code = request.get(STREAM_ERROR)
         return response
     except BotlineError as exc:
         status, code = exc.status, exc.code

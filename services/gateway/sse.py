@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from services.gateway.chat_run import ChatRun
+from services.gateway.resources import STREAM_ERROR
 from shared.errors import BotlineError, InternalError
 from shared.wire import DeltaEvent, EndEvent
 
@@ -79,11 +80,14 @@ async def write_stream(
                         await response.write(render.end(item))
         except BotlineError as exc:
             log.info("stream.failed", code=exc.code)
+            request[STREAM_ERROR] = exc.code
             await response.write(render.error(exc))
         except (ConnectionError, OSError):
             raise
         except Exception:
             log.exception("stream.crashed")
-            await response.write(render.error(InternalError("internal error")))
+            crash = InternalError("internal error")
+            request[STREAM_ERROR] = crash.code
+            await response.write(render.error(crash))
     await response.write_eof()
     return response

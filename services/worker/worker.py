@@ -2,11 +2,38 @@
 
 Acknowledgement policy: a job is acked when its terminal event (end or
 error) has been published, or when it is dropped on purpose (its deadline
-passed while queued, or it was cancelled). A worker that dies holding a job
-leaves it unacked, and RabbitMQ gives it to another worker, flagged
-``redelivered``. That worker counts the attempt: it publishes a copy with
-the attempt raised (or, past the limit, dead-letters it) and acks the
-original, so the count survives further deaths (see shared/amqp.py).
+passed while queued, it was cancelled, or its gateway closed it). A worker
+that dies holding jobs leaves them unacked, and RabbitMQ gives them to
+another worker, flagged ``redelivered``.
+
+Poison jobs, and the innocent ones beside them. A worker holds up to
+``concurrency`` jobs, and when it dies all of them come back: the job that
+killed it cannot be told from the others. So a redelivered job is not
+blamed; it is *suspected*: the worker given it publishes a copy (attempt
+raised, for the gateway's fencing) to ``<ns>.jobs.suspect`` and acks the
+original. Every worker consumes suspects on a channel of their own with a
+prefetch of one, so it holds at most one suspect at a time, beside its
+ordinary jobs. A worker that dies holding a suspect therefore implicates
+that one job alone: its redelivery from the suspect queue counts a
+*strike* (``x-botline-strikes``), and at ``jobs_delivery_limit`` strikes the
+job is dead-lettered (its gateway hears ``job_failed`` at once) instead of
+run again. The ordinary jobs that died with it become suspects with no
+strike, and complete. A poison job thus kills one worker as an ordinary job
+and ``jobs_delivery_limit`` more as a suspect; no other job is buried with it.
+
+A job is never started again for a caller who no longer waits for it:
+before a job runs again (a redelivery, or a suspect), the worker checks the
+closed marker its gateway sets when it gives up on a job (answered with an
+error, caller gone), and drops the job if it is there. That is the only
+Redis call a worker makes, and only on that rare path. A worker that loses
+its AMQP connection (a broker restart, or it was frozen past the heartbeat
+and dropped) cancels its running jobs: their events and acks can no longer
+land, and RabbitMQ has already given them to another worker, or will.
+
+A whole answer sends a small beat event every ``beat_ms`` while it runs:
+if its gateway is gone the beat finds no reply queue and bounces back
+through the replies' alternate exchange, which stops the job (as a
+stream's next delta does).
 
 SIGTERM: stop taking jobs, let running ones finish within
 ``drain_timeout_s``, cancel the rest (they are redelivered), exit.
@@ -32,6 +59,8 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.worker.coalesce import coalesce
 from services.worker.endpoints import Model, make_model
@@ -40,6 +69,7 @@ from services.worker.settings import WorkerSettings
 from shared.amqp import (
     ATTEMPT_HEADER,
     DEAD_HEADER,
+    STRIKES_HEADER,
     connect,
     declare_control,
     declare_jobs,
@@ -72,8 +102,9 @@ class Action(enum.Enum):
     """What becomes of a job message."""
 
     ACK = "ack"  # answered, or dropped on purpose
-    RETRY = "retry"  # redelivered: a copy with the attempt counted is queued, this one acked
+    RETRY = "retry"  # redelivered: a copy is queued as a suspect, this one acked
     BURY = "bury"  # dead-lettered with a reason, then acked
+    LEAVE = "leave"  # the connection is gone: nothing can be settled, RabbitMQ redelivers
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +114,7 @@ class Disposition:
     action: Action
     reason: str = ""  # BURY: why, in the dead header
     attempt: int = 0  # RETRY: the attempt the copy carries
+    strikes: int = 0  # RETRY: the strikes the copy carries
     count: str | None = None  # an outcome to count once the message is settled
 
 
@@ -99,9 +131,20 @@ class Worker:
         }
         self._running: dict[str, asyncio.Task[object]] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
+        # Jobs cancelled because the connection they came on was lost.
+        self._lost: set[str] = set()
+        self._stopping = False
+        # Read only before a job runs again (see the module docstring).
+        self._redis = Redis.from_url(
+            settings.redis_url.get_secret_value(),
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+        )
         self._connection: AbstractRobustConnection | None = None
         self._jobs: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        self._suspects: AbstractQueue | None = None
+        self._suspects_tag: str | None = None
         self._events: AbstractChannel | None = None
         self._replies_exchange = settings.names.reply_exchange
         # Confirmed publishes for the rare paths that must not lose a job.
@@ -113,6 +156,7 @@ class Worker:
         settings = self.settings
         connection = await connect(settings, f"worker-{self.worker_id}")
         self._connection = connection
+        connection.close_callbacks.add(self._on_connection_lost)
         jobs_channel = await connection.channel()
         await jobs_channel.set_qos(prefetch_count=settings.concurrency)
         self._jobs = await declare_jobs(jobs_channel, settings)
@@ -128,14 +172,21 @@ class Worker:
         # the gateway's fencing, and confirms per delta would halve throughput.
         self._events = await connection.channel(publisher_confirms=False)
         self._confirmed = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        # One suspect at a time: if this worker dies, it implicates that job alone.
+        suspects_channel = await connection.channel()
+        await suspects_channel.set_qos(prefetch_count=1)
+        self._suspects = await suspects_channel.get_queue(settings.names.suspect_queue)
+        self._suspects_tag = await self._suspects.consume(self._on_suspect)
         self._consumer_tag = await self._jobs.consume(self._on_job)
         log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
 
     async def stop(self) -> None:
         """Stop taking jobs, drain running ones, close."""
-        if self._jobs is not None and self._consumer_tag is not None:
-            with contextlib.suppress(AMQPError, ChannelInvalidStateError):
-                await self._jobs.cancel(self._consumer_tag)
+        self._stopping = True
+        for queue, tag in ((self._jobs, self._consumer_tag), (self._suspects, self._suspects_tag)):
+            if queue is not None and tag is not None:
+                with contextlib.suppress(AMQPError, ChannelInvalidStateError):
+                    await queue.cancel(tag)
         running = list(self._running.values())
         if running:
             log.info("worker.draining", jobs=len(running))
@@ -147,6 +198,7 @@ class Worker:
             await model.close()
         if self._connection is not None:
             await self._connection.close()
+        await self._redis.aclose()
         log.info("worker.stopped", jobs=self.stats.total)
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
@@ -158,8 +210,18 @@ class Worker:
             except ValidationError:
                 log.warning("wire.invalid_control")
         elif message.correlation_id and message.correlation_id in self._running:
-            log.info("job.orphaned")
+            log.info("job.orphaned", job_id=message.correlation_id)
             self._cancel(message.correlation_id)
+
+    def _on_connection_lost(self, _sender: object, exc: BaseException | None) -> None:
+        # Acks and events of the running jobs can no longer land, and RabbitMQ
+        # hands the jobs to another worker: stop spending on them here.
+        if self._stopping or not self._running:
+            return
+        log.warning("worker.connection_lost", jobs=len(self._running), error=type(exc).__name__)
+        for job_id, task in list(self._running.items()):
+            self._lost.add(job_id)
+            task.cancel()
 
     def _cancel(self, job_id: str) -> None:
         self._cancelled[job_id] = None
@@ -170,10 +232,24 @@ class Worker:
             task.cancel()
 
     async def _on_job(self, message: AbstractIncomingMessage) -> None:
-        disposition = await self._handle(message)
+        disposition = await self._handle(message, suspect=False)
         await self._dispose(message, disposition)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> Disposition:
+    async def _on_suspect(self, message: AbstractIncomingMessage) -> None:
+        disposition = await self._handle(message, suspect=True)
+        await self._dispose(message, disposition)
+
+    async def _closed(self, job_id: str) -> bool:
+        """Whether the job's gateway stopped waiting for it (fails open: a run too many
+        costs less than a caller never answered)."""
+        try:
+            async with asyncio.timeout(self.settings.redis_timeout_s):
+                return bool(await self._redis.exists(self.settings.names.closed_job(job_id)))
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("job.closed_check_failed", error=type(exc).__name__)
+            return False
+
+    async def _handle(self, message: AbstractIncomingMessage, *, suspect: bool) -> Disposition:
         """Run a job, or decide not to; returns what becomes of its message.
 
         Raises (leaving the message unacked, so another worker takes it) only
@@ -186,6 +262,8 @@ class Worker:
             return Disposition(Action.BURY, reason="invalid")
         counted = message.headers.get(ATTEMPT_HEADER)
         attempt = counted if isinstance(counted, int) else 1
+        struck = message.headers.get(STRIKES_HEADER)
+        strikes = struck if isinstance(struck, int) else 0
         structlog.contextvars.bind_contextvars(
             request_id=job.request_id, job_id=job.job_id, attempt=attempt
         )
@@ -195,12 +273,19 @@ class Worker:
             dropped = "deadline"
         else:
             dropped = None
+        again = suspect or message.redelivered or attempt > 1
+        if dropped is None and again and await self._closed(job.job_id):
+            dropped = "closed"
         if message.redelivered and dropped is None:
-            # Its last holder died: count that attempt where the next one will see it.
-            if attempt + 1 > self.settings.jobs_delivery_limit + 1:
-                log.warning("job.dead", reason="delivery_limit")
-                return Disposition(Action.BURY, reason="delivery_limit")
-            return Disposition(Action.RETRY, attempt=attempt + 1)
+            if suspect:
+                # The worker that died held this job as its one suspect: a strike.
+                strikes += 1
+                if strikes >= self.settings.jobs_delivery_limit:
+                    log.warning("job.dead", reason="delivery_limit", strikes=strikes)
+                    return Disposition(Action.BURY, reason="delivery_limit")
+            # Its last holder died: run it again as a suspect, its attempt counted
+            # where the next holder will see it.
+            return Disposition(Action.RETRY, attempt=attempt + 1, strikes=strikes)
         if dropped is not None:
             log.info("job.dropped", reason=dropped)
             return Disposition(Action.ACK, count="dropped")
@@ -210,6 +295,10 @@ class Worker:
         try:
             await self._run(job, attempt)
         except asyncio.CancelledError:
+            if job.job_id in self._lost:
+                task.uncancel()
+                log.info("job.abandoned", reason="connection_lost")
+                return Disposition(Action.LEAVE, count="abandoned")
             if job.job_id not in self._cancelled:
                 raise  # shutting down: leave it unacked, another worker takes it
             task.uncancel()
@@ -217,18 +306,23 @@ class Worker:
             await self.stats.add("cancelled")
         finally:
             self._running.pop(job.job_id, None)
+            self._lost.discard(job.job_id)
         return Disposition(Action.ACK)
 
     async def _dispose(self, message: AbstractIncomingMessage, disposition: Disposition) -> None:
         """The one place a job message is settled with RabbitMQ."""
+        if disposition.action is Action.LEAVE:
+            if disposition.count is not None:
+                await self.stats.add(disposition.count)
+            return
         if disposition.action is not Action.ACK:
             # A retry is queued again with its attempt counted; a buried job is
             # dead-lettered: its gateway is told at once, operators keep a copy.
             # Both on the confirming channel, so a lost copy is known.
             retry = disposition.action is Action.RETRY
             names = self.settings.names
-            mark = (
-                {ATTEMPT_HEADER: disposition.attempt}
+            mark: dict[str, object] = (
+                {ATTEMPT_HEADER: disposition.attempt, STRIKES_HEADER: disposition.strikes}
                 if retry
                 else {DEAD_HEADER: disposition.reason}
             )
@@ -238,7 +332,7 @@ class Worker:
                     self._confirmed,
                     message.body,
                     exchange="" if retry else names.dead_exchange,
-                    routing_key=names.jobs_queue if retry else "",
+                    routing_key=names.suspect_queue if retry else "",
                     message_id=message.message_id,
                     correlation_id=message.correlation_id,
                     content_type=message.content_type,
@@ -254,7 +348,11 @@ class Worker:
                 log.warning("job.bury_failed", error=type(exc).__name__)
             else:
                 if retry:
-                    log.info("job.retried", next_attempt=disposition.attempt)
+                    log.info(
+                        "job.retried",
+                        next_attempt=disposition.attempt,
+                        strikes=disposition.strikes,
+                    )
         try:
             await message.ack()
         except (AMQPError, ChannelInvalidStateError):
@@ -277,6 +375,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (job.deadline_ms - now_ms()) / 1000
         outcome = "done"
+        beat = None if job.stream else asyncio.create_task(self._beat(events))
         try:
             async with asyncio.timeout_at(deadline) as window, self._limits[job.endpoint]:
                 settings = self.settings
@@ -302,6 +401,10 @@ class Worker:
             outcome = "internal_error"
             log.exception("job.crashed")
             await events.error(InternalError("the worker failed on this request"))
+        finally:
+            if beat is not None:
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
         await self.stats.add(outcome)
         log.info(
             "job.finished",
@@ -309,6 +412,15 @@ class Worker:
             endpoint=job.endpoint,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
+
+
+    async def _beat(self, events: JobEvents) -> None:
+        """A whole answer's sign of life, until cancelled (see the module docstring)."""
+        interval = self.settings.beat_ms / 1000
+        with contextlib.suppress(AMQPError, ChannelInvalidStateError):
+            while True:
+                await asyncio.sleep(interval)
+                await events.beat()
 
 
 async def serve(settings: WorkerSettings) -> None:
