@@ -59,7 +59,7 @@ async def test_usage_is_counted_once_through_a_redis_freeze(
         redis_url=private_redis.url, usage_flush_s=3600, admin_tokens=[TOKEN]
     )
     bot = await private_registry.create_bot(name="b", endpoint="echo", model="m")
-    key, _ = await private_registry.create_key(bot.id, "k")
+    key, record = await private_registry.create_key(bot.id, "k")
     answers = await asyncio.gather(
         *(
             chat(bare_stack.http, bare_stack.url, key, {
@@ -90,18 +90,9 @@ async def test_usage_is_counted_once_through_a_redis_freeze(
     assert usage["total_tokens"] == tokens
     names = private_registry.names
     key_usage, bot_usage = await private_registry.usage(
-        [
-            names.key_usage(_key_id(await private_registry.list_keys(bot.id))),
-            names.bot_usage(bot.id),
-        ]
+        [names.key_usage(record.key_id), names.bot_usage(bot.id)]
     )
     assert key_usage["requests"] == bot_usage["requests"] == len(answers)
-
-
-def _key_id(records: list[object]) -> str:
-    (record,) = records
-    key_id: str = getattr(record, "key_id")  # noqa: B009
-    return key_id
 
 
 async def _until(
