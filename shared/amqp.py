@@ -9,12 +9,12 @@
   a nack (seen only with publisher confirms).
 - Classic queues count no deliveries, so the workers do: a job carries its
   attempt in ``x-botline-attempt``; a worker that is given a *redelivered*
-  job (its last holder died) publishes a copy with the attempt raised to
-  ``<ns>.jobs.suspect`` and acks the old one. Each worker holds one suspect
-  at a time (prefetch 1), so a worker that dies holding a suspect implicates
-  that one job alone: only then is a strike counted (``x-botline-strikes``),
-  and at ``jobs_delivery_limit`` strikes the job is dead-lettered instead of
-  run again (services/worker/worker.py).
+  job (its last holder died) publishes a copy with the attempt raised and
+  acks the old one. After a second death the copy goes to
+  ``<ns>.jobs.suspect``, of which each worker holds one at a time
+  (prefetch 1): only a death there implicates the job alone, and only such
+  a death, past ``jobs_delivery_limit`` deaths, dead-letters the job
+  (services/worker/worker.py).
 - ``<ns>.jobs.dlx``: a headers exchange for dead jobs. Each gateway binds its
   reply queue on its own ``x-botline-gateway`` header, so the caller hears of
   the failure at once; ``<ns>.jobs.dead`` keeps a bounded copy for operators.
@@ -51,8 +51,6 @@ log = structlog.get_logger("botline.amqp")
 GATEWAY_HEADER = "x-botline-gateway"
 # The job's attempt (1 + redeliveries so far), kept by the workers.
 ATTEMPT_HEADER = "x-botline-attempt"
-# Deaths of workers that held the job as their one suspect (see the module docstring).
-STRIKES_HEADER = "x-botline-strikes"
 # Set on a dead-lettered job: why it was given up.
 DEAD_HEADER = "x-botline-dead"
 

@@ -8,18 +8,21 @@ another worker, flagged ``redelivered``.
 
 Poison jobs, and the innocent ones beside them. A worker holds up to
 ``concurrency`` jobs, and when it dies all of them come back: the job that
-killed it cannot be told from the others. So a redelivered job is not
-blamed; it is *suspected*: the worker given it publishes a copy (attempt
-raised, for the gateway's fencing) to ``<ns>.jobs.suspect`` and acks the
-original. Every worker consumes suspects on a channel of their own with a
-prefetch of one, so it holds at most one suspect at a time, beside its
-ordinary jobs. A worker that dies holding a suspect therefore implicates
-that one job alone: its redelivery from the suspect queue counts a
-*strike* (``x-botline-strikes``), and at ``jobs_delivery_limit`` strikes the
-job is dead-lettered (its gateway hears ``job_failed`` at once) instead of
-run again. The ordinary jobs that died with it become suspects with no
-strike, and complete. A poison job thus kills one worker as an ordinary job
-and ``jobs_delivery_limit`` more as a suspect; no other job is buried with it.
+killed it cannot be told from the others, so a death is never blamed on a
+job that did not die alone. The worker given a redelivered job publishes a
+copy with its attempt raised (for the gateway's fencing, and as the count of
+deaths) and acks the original. After one death the copy goes back to the
+jobs queue and runs at once, as before (a random crash costs nothing more).
+After a second death it goes to ``<ns>.jobs.suspect`` instead. Every worker
+consumes suspects on a channel of their own with a prefetch of one, so it
+holds at most one suspect at a time, beside its ordinary jobs: a worker that
+dies holding a suspect implicates that one job alone. Only such a death, in
+isolation, can bury a job: past ``jobs_delivery_limit`` deaths, the last of
+them as a suspect, the job is dead-lettered (its gateway hears
+``job_failed`` at once) instead of run again. Innocent jobs that died beside
+a poison job, even twice, run again as suspects and complete. (A suspect
+shares its worker with ordinary jobs, so a *new* poison job's first runs
+could still strike it; it takes several such deaths to bury it.)
 
 A job is never started again for a caller who no longer waits for it:
 before a job runs again (a redelivery, or a suspect), the worker checks the
@@ -69,7 +72,6 @@ from services.worker.settings import WorkerSettings
 from shared.amqp import (
     ATTEMPT_HEADER,
     DEAD_HEADER,
-    STRIKES_HEADER,
     connect,
     declare_control,
     declare_jobs,
@@ -102,7 +104,7 @@ class Action(enum.Enum):
     """What becomes of a job message."""
 
     ACK = "ack"  # answered, or dropped on purpose
-    RETRY = "retry"  # redelivered: a copy is queued as a suspect, this one acked
+    RETRY = "retry"  # redelivered: a copy with its attempt raised is queued, this one acked
     BURY = "bury"  # dead-lettered with a reason, then acked
     LEAVE = "leave"  # the connection is gone: nothing can be settled, RabbitMQ redelivers
 
@@ -114,7 +116,7 @@ class Disposition:
     action: Action
     reason: str = ""  # BURY: why, in the dead header
     attempt: int = 0  # RETRY: the attempt the copy carries
-    strikes: int = 0  # RETRY: the strikes the copy carries
+    suspect: bool = False  # RETRY: the copy goes to the suspect queue
     count: str | None = None  # an outcome to count once the message is settled
 
 
@@ -262,8 +264,6 @@ class Worker:
             return Disposition(Action.BURY, reason="invalid")
         counted = message.headers.get(ATTEMPT_HEADER)
         attempt = counted if isinstance(counted, int) else 1
-        struck = message.headers.get(STRIKES_HEADER)
-        strikes = struck if isinstance(struck, int) else 0
         structlog.contextvars.bind_contextvars(
             request_id=job.request_id, job_id=job.job_id, attempt=attempt
         )
@@ -277,15 +277,14 @@ class Worker:
         if dropped is None and again and await self._closed(job.job_id):
             dropped = "closed"
         if message.redelivered and dropped is None:
-            if suspect:
-                # The worker that died held this job as its one suspect: a strike.
-                strikes += 1
-                if strikes >= self.settings.jobs_delivery_limit:
-                    log.warning("job.dead", reason="delivery_limit", strikes=strikes)
-                    return Disposition(Action.BURY, reason="delivery_limit")
-            # Its last holder died: run it again as a suspect, its attempt counted
-            # where the next holder will see it.
-            return Disposition(Action.RETRY, attempt=attempt + 1, strikes=strikes)
+            # Its holder died during this attempt (the attempt counts the deaths).
+            if suspect and attempt > self.settings.jobs_delivery_limit:
+                # ...holding it as its one suspect: this job is what kills workers.
+                log.warning("job.dead", reason="delivery_limit", deaths=attempt)
+                return Disposition(Action.BURY, reason="delivery_limit")
+            # Run it again, its attempt counted where the next holder will see it;
+            # in isolation once it died twice.
+            return Disposition(Action.RETRY, attempt=attempt + 1, suspect=suspect or attempt >= 2)
         if dropped is not None:
             log.info("job.dropped", reason=dropped)
             return Disposition(Action.ACK, count="dropped")
@@ -322,7 +321,7 @@ class Worker:
             retry = disposition.action is Action.RETRY
             names = self.settings.names
             mark: dict[str, object] = (
-                {ATTEMPT_HEADER: disposition.attempt, STRIKES_HEADER: disposition.strikes}
+                {ATTEMPT_HEADER: disposition.attempt}
                 if retry
                 else {DEAD_HEADER: disposition.reason}
             )
@@ -332,7 +331,11 @@ class Worker:
                     self._confirmed,
                     message.body,
                     exchange="" if retry else names.dead_exchange,
-                    routing_key=names.suspect_queue if retry else "",
+                    routing_key=(
+                        (names.suspect_queue if disposition.suspect else names.jobs_queue)
+                        if retry
+                        else ""
+                    ),
                     message_id=message.message_id,
                     correlation_id=message.correlation_id,
                     content_type=message.content_type,
@@ -351,7 +354,7 @@ class Worker:
                     log.info(
                         "job.retried",
                         next_attempt=disposition.attempt,
-                        strikes=disposition.strikes,
+                        suspect=disposition.suspect,
                     )
         try:
             await message.ack()
@@ -412,7 +415,6 @@ class Worker:
             endpoint=job.endpoint,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
-
 
     async def _beat(self, events: JobEvents) -> None:
         """A whole answer's sign of life, until cancelled (see the module docstring)."""
