@@ -210,3 +210,85 @@ async def test_a_dead_gateways_whole_answer_stops_upstream(
     print(
         f"\nmeasured: dead gateway: whole answer's upstream call stopped in {stopped_after:.3f} s"
     )
+
+
+async def test_a_killed_worker_costs_the_caller_a_fraction_of_a_second(
+    bare_stack: Stack, processes: ProcessFactory
+) -> None:
+    """SIGKILL the worker mid answer, another worker up: a stream that had text ends with one
+    ``worker_lost`` at once; a whole answer is run again unseen and arrives exact."""
+    up = bare_stack.upstream
+    await bare_stack.add_gateway()
+    _, key = await bare_stack.bot_and_key(endpoint="fake", model="fake-model")
+    workers = {
+        name: await processes("worker", **identified_worker_env(name, up.base_url, 3))
+        for name in ("a", "b", "c")
+    }
+
+    async def kill_caller_of(call_number: int) -> float:
+        call = await up.wait_request(call_number)
+        doomed = workers.pop(call.headers["Authorization"].removeprefix("Bearer "))
+        doomed.signal(signal.SIGKILL)
+        await doomed.wait()
+        return time.monotonic()
+
+    up.script(Script(tokens=["once ", "upon ", "a ", "time"], hold_after=1))
+    async with bare_stack.http.post(
+        f"{bare_stack.url}/v1/chat/completions", json=ASK | {"stream": True}, headers=auth(key)
+    ) as resp:
+        events = sse_events(resp)
+        assert (await anext(events))["status"] == "START"  # type: ignore[index]
+        killed_at = await kill_caller_of(1)
+        rest = [e async for e in events]
+        stream_after = time.monotonic() - killed_at
+    assert [e["status"] for e in rest if isinstance(e, dict)] == ["ERROR"]
+    assert rest[0]["error"]["code"] == "worker_lost"  # type: ignore[index]
+
+    up.script(Script(hold_after=0))  # the whole answer's first run never ends
+    (status, body, _), killed_at = await asyncio.gather(
+        chat(bare_stack.http, bare_stack.url, key, ASK), kill_caller_of(3)
+    )
+    whole_after = time.monotonic() - killed_at
+    assert status == 200, body
+    assert body["choices"]["message"]["content"] == "fake reply to: tell me a story"
+    assert stream_after < 2
+    assert whole_after < 2
+    print(
+        f"\nmeasured: worker killed: stream's worker_lost {stream_after:.3f} s after the kill, "
+        f"whole answer exact {whole_after:.3f} s after the kill"
+    )
+
+
+async def test_a_caller_who_hangs_up_stops_the_model_at_once(bare_stack: Stack) -> None:
+    """Stream or whole answer: the upstream call is closed within a second of the hang-up."""
+    up = bare_stack.upstream
+    await bare_stack.add_worker()
+    await bare_stack.add_gateway()
+    _, key = await bare_stack.bot_and_key(endpoint="fake", model="fake-model")
+
+    up.script(Script(tokens=["a ", "b ", "c"], hold_after=1))
+    resp = await bare_stack.http.post(
+        f"{bare_stack.url}/v1/chat/completions", json=ASK | {"stream": True}, headers=auth(key)
+    )
+    assert (await anext(sse_events(resp)))["status"] == "START"  # type: ignore[index]
+    resp.close()
+    gone_at = time.monotonic()
+    async with asyncio.timeout(1):
+        await up.requests[0].disconnected.wait()
+    stream_after = time.monotonic() - gone_at
+
+    up.script(Script(hold_after=0))
+    caller = asyncio.create_task(chat(bare_stack.http, bare_stack.url, key, ASK))
+    call = await up.wait_request(2)
+    caller.cancel()  # closes the caller's connection
+    gone_at = time.monotonic()
+    async with asyncio.timeout(1):
+        await call.disconnected.wait()
+    whole_after = time.monotonic() - gone_at
+    with contextlib.suppress(asyncio.CancelledError):
+        await caller
+    await bare_stack.workers[0].stats.wait_for("cancelled", 2)
+    print(
+        f"\nmeasured: caller gone: upstream closed {stream_after:.3f} s (stream) and "
+        f"{whole_after:.3f} s (whole) after the hang-up"
+    )
