@@ -143,11 +143,16 @@ async def declare_jobs(channel: AbstractChannel, settings: CommonSettings) -> Ab
         "x-max-length": settings.jobs_max_length,
         "x-overflow": "reject-publish",
     }
-    # Not bounded: it only ever holds jobs the jobs queue already admitted.
-    await channel.declare_queue(
-        names.suspect_queue, durable=True, arguments={"x-queue-type": "classic"}
-    )
+    await declare_suspects(channel, settings)
     return await channel.declare_queue(names.jobs_queue, durable=True, arguments=arguments)
+
+
+async def declare_suspects(channel: AbstractChannel, settings: CommonSettings) -> AbstractQueue:
+    """Declare the queue of jobs that died twice (services/worker/worker.py); returns it."""
+    # Not bounded: it only ever holds jobs the jobs queue already admitted.
+    return await channel.declare_queue(
+        settings.names.suspect_queue, durable=True, arguments={"x-queue-type": "classic"}
+    )
 
 
 async def declare_control(channel: AbstractChannel, settings: CommonSettings) -> AbstractExchange:

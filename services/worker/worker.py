@@ -76,6 +76,7 @@ from shared.amqp import (
     declare_control,
     declare_jobs,
     declare_replies,
+    declare_suspects,
     publish,
 )
 from shared.clock import now_ms
@@ -177,7 +178,7 @@ class Worker:
         # One suspect at a time: if this worker dies, it implicates that job alone.
         suspects_channel = await connection.channel()
         await suspects_channel.set_qos(prefetch_count=1)
-        self._suspects = await suspects_channel.get_queue(settings.names.suspect_queue)
+        self._suspects = await declare_suspects(suspects_channel, settings)
         self._suspects_tag = await self._suspects.consume(self._on_suspect)
         self._consumer_tag = await self._jobs.consume(self._on_job)
         log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
