@@ -97,6 +97,6 @@ async def chat_session(
     finally:
         # The lease is released even when the job could not be queued.
         gateway.limiter.settle(grant, run.usage.total_tokens if run.usage else 0)
-        if not run.finished:
+        if run.abandoned:
             # Nobody waits for this answer any more: no worker may start it again.
             gateway.closed_jobs.close(job)

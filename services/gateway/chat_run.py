@@ -79,6 +79,7 @@ class ChatRun:
         self._attempt: int | None = None
         self._seq = 0
         self._done = False
+        self._queued = False
         # The answer's usage, once its end event arrived.
         self.usage: Usage | None = None
 
@@ -89,6 +90,7 @@ class ChatRun:
         except BaseException:
             self._client.forget(self.job.job_id)
             raise
+        self._queued = True
         return self
 
     async def __aexit__(
@@ -102,9 +104,9 @@ class ChatRun:
             self._client.cancel(self.job.job_id)
 
     @property
-    def finished(self) -> bool:
-        """Whether the job reached its end: an answer, its error, or given up as dead."""
-        return self._done
+    def abandoned(self) -> bool:
+        """Whether the job was queued but its end never came back: nobody waits for it now."""
+        return self._queued and not self._done
 
     async def _next(self) -> Incoming:
         assert self._queue is not None, "use ChatRun as an async context manager"

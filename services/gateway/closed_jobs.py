@@ -1,8 +1,8 @@
 """Closed jobs: the gateway's word that nobody waits for a job's answer any more.
 
-When a request ends without its job's answer -- the caller went away, the
-worker fell silent, the deadline passed, the job could not be queued -- the
-gateway cancels the job (a broadcast, heard only by workers connected now)
+When a request ends without its queued job's answer -- the caller went
+away, the worker fell silent, the deadline passed -- the gateway cancels the
+job (a broadcast, heard only by workers connected now)
 and also writes a small marker to Redis, with the job's remaining deadline
 as its TTL. A worker reads it only before it runs a job *again* (a
 redelivery after its holder died or was dropped), so that a caller who
