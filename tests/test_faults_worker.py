@@ -83,8 +83,16 @@ async def test_a_frozen_worker_does_not_run_a_job_again_for_a_caller_who_had_its
     async with asyncio.timeout(10):
         await up.requests[0].disconnected.wait()
     stopped_after = time.monotonic() - thawed_at
-    # The redelivered job reaches the reconnected worker, which drops it unrun.
-    await worker.wait_for("job.dropped", timeout=30)
+    # The redelivered job reaches the reconnected worker, which drops it unrun (or, without
+    # the closed marker, calls the model again).
+    dropped = asyncio.create_task(worker.wait_for("job.dropped", timeout=30))
+    rerun = asyncio.create_task(up.wait_request(2, timeout=30))
+    done, pending = await asyncio.wait({dropped, rerun}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    assert rerun not in done, "the model was called again for a caller who had its error"
+    await dropped
     dropped_after = time.monotonic() - thawed_at
     assert [e["reason"] for e in log_events(worker, "job.dropped")] == ["closed"]
     assert not up.requests[0].finished.is_set()
