@@ -24,6 +24,7 @@ from tests.support.client import auth, chat, sse_events
 from tests.support.fake_openai import Script
 from tests.support.stack import Process, ProcessFactory, Stack, free_port
 from tests.support.stack import test_endpoints as endpoints_for_tests
+from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -299,4 +300,35 @@ async def test_a_caller_who_hangs_up_stops_the_model_at_once(bare_stack: Stack) 
     print(
         f"\nmeasured: caller gone: upstream closed {stream_after:.3f} s (stream) and "
         f"{whole_after:.3f} s (whole) after the hang-up"
+    )
+
+
+async def test_a_worker_that_loses_its_connection_stops_its_jobs(bare_stack: Stack) -> None:
+    """The worker's AMQP connection is cut (a proxy resets it): its running upstream call is
+    cancelled at once (its ack could no longer land), and once it is back the redelivered
+    job answers the caller, who still waits."""
+    up = bare_stack.upstream
+    up.script(Script(hold_after=0))  # the first call would never end
+    async with TcpProxy("127.0.0.1", 5672) as proxy:
+        worker = await bare_stack.add_worker(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+        await bare_stack.add_gateway()
+        _, key = await bare_stack.bot_and_key(endpoint="fake", model="fake-model")
+        caller = asyncio.create_task(chat(bare_stack.http, bare_stack.url, key, ASK))
+        call = await up.wait_request(1)
+        await proxy.down()
+        cut_at = time.monotonic()
+        async with asyncio.timeout(2):
+            await call.disconnected.wait()
+        stopped_after = time.monotonic() - cut_at
+        await worker.stats.wait_for("abandoned", 1)
+        await proxy.up()
+        status, body, _ = await caller
+        # Stopped while its broker is still reachable (through the proxy).
+        bare_stack.workers.remove(worker)
+        await worker.stop()
+    assert status == 200, body
+    assert body["choices"]["message"]["content"] == "fake reply to: tell me a story"
+    assert len(up.requests) == 2
+    print(
+        f"\nmeasured: connection lost: the worker's upstream call stopped in {stopped_after:.3f} s"
     )

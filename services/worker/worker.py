@@ -85,6 +85,9 @@ from shared.wire import CancelJob, ChatJob
 
 log = structlog.get_logger("botline.worker")
 
+# The longest a broker call may take while stopping.
+_STOP_CALL_S = 5.0
+
 # Cancellations remembered for jobs not (yet) seen here, so that a job
 # cancelled while still queued is dropped when it arrives.
 _REMEMBER_CANCELLED = 10_000
@@ -188,8 +191,11 @@ class Worker:
         self._stopping = True
         for queue, tag in ((self._jobs, self._consumer_tag), (self._suspects, self._suspects_tag)):
             if queue is not None and tag is not None:
-                with contextlib.suppress(AMQPError, ChannelInvalidStateError):
-                    await queue.cancel(tag)
+                # Bounded: with the broker unreachable a robust channel would wait
+                # for it to come back, and a SIGTERM must still end the worker.
+                with contextlib.suppress(AMQPError, ChannelInvalidStateError, TimeoutError):
+                    async with asyncio.timeout(_STOP_CALL_S):
+                        await queue.cancel(tag)
         running = list(self._running.values())
         if running:
             log.info("worker.draining", jobs=len(running))
