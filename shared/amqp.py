@@ -13,8 +13,11 @@
 - Classic queues count no deliveries, so the workers do: a job carries its
   attempt in ``x-botline-attempt``; a worker that is given a *redelivered*
   job (its last holder died) publishes a copy with the attempt raised and
-  acks the old one, and past ``jobs_delivery_limit`` redeliveries it
-  dead-letters the job instead of running it.
+  acks the old one. After a second death the copy goes to
+  ``<ns>.jobs.suspect``, of which each worker holds one at a time
+  (prefetch 1): only a death there implicates the job alone, and only such
+  a death, past ``jobs_delivery_limit`` deaths, dead-letters the job
+  (services/worker/worker.py).
 - ``<ns>.jobs.dlx``: a headers exchange for dead jobs. Each gateway binds its
   reply queue on its own ``x-botline-gateway`` header, so the caller hears of
   the failure at once; ``<ns>.jobs.dead`` keeps a bounded copy for operators.
@@ -309,7 +312,19 @@ async def declare_jobs(channel: AbstractChannel, settings: CommonSettings) -> Ab
         # its caller told; this limit is only a backstop for the same job
         # returned again and again without any worker re-publishing it.
         arguments["x-delivery-limit"] = settings.jobs_delivery_limit + 2
+    await declare_suspects(channel, settings)
     return await channel.declare_queue(names.jobs_queue, durable=True, arguments=arguments)
+
+
+async def declare_suspects(channel: AbstractChannel, settings: CommonSettings) -> AbstractQueue:
+    """Declare the queue of jobs that died twice (services/worker/worker.py); returns it."""
+    # Not bounded: it only ever holds jobs the jobs queue already admitted. Of the
+    # jobs queue's type, so that a quorum setup loses no suspect with a node.
+    return await channel.declare_queue(
+        settings.names.suspect_queue,
+        durable=True,
+        arguments={"x-queue-type": settings.jobs_queue_type},
+    )
 
 
 async def declare_control(channel: AbstractChannel, settings: CommonSettings) -> AbstractExchange:
@@ -339,7 +354,7 @@ async def declare_replies(
 async def delete_namespace(channel: AbstractChannel, settings: CommonSettings) -> None:
     """Remove a namespace's shared queues and exchanges (tests, `botline` cleanup)."""
     names = settings.names
-    for queue in (names.jobs_queue, names.dead_queue):
+    for queue in (names.jobs_queue, names.suspect_queue, names.dead_queue):
         await channel.queue_delete(queue)
     exchanges = (
         names.dead_exchange,

@@ -23,6 +23,11 @@ class Names:
         return f"{self.namespace}.jobs"
 
     @property
+    def suspect_queue(self) -> str:
+        """Classic queue of jobs whose worker died holding them, run one at a time per worker."""
+        return f"{self.namespace}.jobs.suspect"
+
+    @property
     def dead_exchange(self) -> str:
         """Headers exchange that receives jobs which failed too many deliveries."""
         return f"{self.namespace}.jobs.dlx"
@@ -111,6 +116,18 @@ class Names:
     def workers(self) -> str:
         """Set of the ids of workers that sent a heartbeat (pruned when theirs expired)."""
         return f"{self.namespace}:workers"
+
+    def usage_batch(self, batch_id: str) -> str:
+        """Marks a usage batch as applied, so that a retried flush is not counted twice."""
+        return f"{self.namespace}:usage_batch:{batch_id}"
+
+    def closed_job(self, job_id: str) -> str:
+        """Set (with the job's remaining deadline as TTL) once its gateway stopped waiting for it.
+
+        Workers read it only before running a job again (a redelivery): nobody
+        waits for that answer any more.
+        """
+        return f"{self.namespace}:closed:{job_id}"
 
     @property
     def invalidate_channel(self) -> str:

@@ -134,6 +134,21 @@ class ErrorEvent(_Wire):
     message: str
 
 
+class BeatEvent(_Wire):
+    """A sign of life of a whole answer being worked on; carries nothing.
+
+    Sent every few hundred milliseconds while a whole answer runs (a stream's
+    deltas do the same job), so that a job whose gateway is gone finds out
+    at once: the beat finds no reply queue and bounces back to the workers.
+    Gateways drop it unread (by its AMQP ``type``); it takes no ``seq``.
+    """
+
+    type: Literal["chat.beat"] = "chat.beat"
+    v: Literal[1] = 1
+    job_id: str
+    attempt: int
+
+
 class CancelJob(_Wire):
     """Stop working on a job: its caller went away or its deadline passed."""
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+import structlog
 
 from shared.keys import hash_key
-from tests.support.client import auth, chat, stream_chat
+from tests.support.client import auth, chat, sse_events, stream_chat
 from tests.support.fake_openai import Script
 from tests.support.stack import ProcessFactory, Stack, free_port, run_cli
 
@@ -137,3 +139,32 @@ async def test_malformed_and_oversized_requests_echo_and_log_no_key(
             orjson.loads(line)  # every line is one JSON event: no plain-text traceback
     for words in (key, key[3:], key[3:15], hash_key(key), SECRET_WORDS, "zebra"):
         assert words not in logs, f"{words[:8]}… leaked into a log"
+
+
+async def test_a_stream_that_ended_in_an_error_logs_its_code(stack: Stack) -> None:
+    """The one ``http.request`` line of a stream that failed after its 200 names the error."""
+    stack.upstream.script(Script(tokens=["a ", "b ", "c"], hold_after=1))
+    _, key = await stack.bot_and_key(endpoint="fake", model="m")
+    logged = asyncio.Event()
+
+    def notice(_logger: object, _name: str, event: MutableMapping[str, Any]) -> Any:
+        if event["event"] == "http.request":
+            logged.set()
+        return event
+
+    with structlog.testing.capture_logs(processors=[notice]) as logs:
+        async with stack.http.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            headers=auth(key),
+        ) as resp:
+            events = sse_events(resp)
+            assert (await anext(events))["status"] == "START"  # type: ignore[index]
+            await stack.upstream.close()  # the model server dies mid-answer
+            rest = [e async for e in events]
+        # The line is written as the handler returns, which may follow the last byte.
+        async with asyncio.timeout(5):
+            await logged.wait()
+    assert rest[-1]["error"]["code"] == "upstream_error"  # type: ignore[index]
+    (line,) = [e for e in logs if e["event"] == "http.request"]
+    assert (line["status"], line["code"]) == (200, "upstream_error")

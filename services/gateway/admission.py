@@ -163,3 +163,6 @@ async def _admitted(
         # The lease is released, and the reservation given back, even when
         # the job could not be queued.
         gateway.limiter.settle(grant, charged.total_tokens)
+        if run.abandoned:
+            # Nobody waits for this answer any more: no worker may start it again.
+            gateway.closed_jobs.close(job)

@@ -16,6 +16,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from services.gateway.auth_failures import AuthFailures
+from services.gateway.closed_jobs import ClosedJobs
 from services.gateway.http_server import GatewayRunner
 from services.gateway.inflight import InFlight
 from services.gateway.job_client import JobClient
@@ -64,6 +65,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await gateway.inflight.close()
         await gateway.limiter.close()
         await gateway.usage.flush()
+        await gateway.closed_jobs.aclose()
         await gateway.job_client.close()
         await gateway.redis.aclose()
 
@@ -103,6 +105,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         inflight=inflight,
         auth_failures=AuthFailures(settings.auth_failures_per_minute),
         metrics=metrics,
+        closed_jobs=ClosedJobs(redis, settings.names, timeout_s=settings.redis_timeout_s),
     )
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)

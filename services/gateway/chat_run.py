@@ -110,6 +110,7 @@ class ChatRun:
         self._done = False
         # An error the gateway ends the run with before its queue exists.
         self._interrupt: BotlineError | None = None
+        self._queued = False
         # The answer's usage, once its end event arrived.
         self.usage: Usage | None = None
         # What the relayed attempt sent before its end: charged if none comes.
@@ -164,6 +165,7 @@ class ChatRun:
         if self._metrics is not None:
             self._metrics.jobs_in_flight.inc()
             self._in_flight = True
+        self._queued = True
         return self
 
     async def __aexit__(
@@ -178,6 +180,11 @@ class ChatRun:
         if self._in_flight and self._metrics is not None:
             self._metrics.jobs_in_flight.dec()
             self._in_flight = False
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether the job was queued but its end never came back: nobody waits for it now."""
+        return self._queued and not self._done
 
     async def _next(self) -> Incoming:
         assert self._queue is not None, "use ChatRun as an async context manager"

@@ -44,7 +44,15 @@ from shared.amqp import (
 from shared.clock import now_ms
 from shared.errors import BackendUnavailable, BotlineError, Overloaded
 from shared.tasks import TaskSet
-from shared.wire import CancelJob, ChatJob, DeltaEvent, EndEvent, ErrorEvent, decode_event
+from shared.wire import (
+    BeatEvent,
+    CancelJob,
+    ChatJob,
+    DeltaEvent,
+    EndEvent,
+    ErrorEvent,
+    decode_event,
+)
 
 log = structlog.get_logger("botline.gateway.job_client")
 
@@ -68,6 +76,7 @@ class Interrupted:
     error: BotlineError
 
 
+_BEAT: Final = BeatEvent.model_fields["type"].default
 Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob | LostConnection | Interrupted
 
 
@@ -188,6 +197,8 @@ class JobClient:
                 )
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        if message.type == _BEAT:
+            return  # a whole answer's sign of life, for the worker's sake (shared/wire.py)
         queue = self._pending.get(message.correlation_id or "")
         if queue is None:
             return  # the caller is gone; late events are expected

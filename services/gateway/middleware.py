@@ -85,6 +85,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
                 raise
             raise _from_http_exception(exc) from exc
         status = response.status
+        # A stream that failed after its 200: the line carries the error it ended with.
+        code = request.get(STREAM_ERROR)
         return response
     except BotlineError as exc:
         status, code = exc.status, exc.code

@@ -12,6 +12,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from services.gateway.auth_failures import AuthFailures
+from services.gateway.closed_jobs import ClosedJobs
 from services.gateway.inflight import InFlight
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
@@ -47,6 +48,7 @@ class Gateway:
     inflight: InFlight
     auth_failures: AuthFailures
     metrics: GatewayMetrics
+    closed_jobs: ClosedJobs
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

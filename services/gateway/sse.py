@@ -88,8 +88,9 @@ async def write_stream(
             raise
         except Exception:
             log.exception("stream.crashed")
-            request[STREAM_ERROR] = InternalError.code
-            await response.write(render.error(InternalError("internal error")))
+            crash = InternalError("internal error")
+            request[STREAM_ERROR] = crash.code
+            await response.write(render.error(crash))
         finally:
             streams_open.dec()
     await response.write_eof()

@@ -12,7 +12,7 @@ from aio_pika.abc import AbstractChannel
 from services.worker.endpoints import Finish
 from shared.amqp import publish
 from shared.errors import BotlineError
-from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent, Usage
+from shared.wire import BeatEvent, ChatJob, DeltaEvent, EndEvent, ErrorEvent, Usage
 
 
 class JobEvents:
@@ -53,6 +53,20 @@ class JobEvents:
             correlation_id=job.job_id,
             message_type=event.type,
             wait=wait,
+        )
+
+    async def beat(self) -> None:
+        """A sign of life, outside the ``seq``: bounces back if the gateway is gone."""
+        job = self._job
+        beat = BeatEvent(job_id=job.job_id, attempt=self._attempt)
+        await publish(
+            self._channel,
+            beat.dump(),
+            exchange=self._exchange,
+            routing_key=job.reply_to,
+            message_id=None,
+            correlation_id=job.job_id,
+            message_type=beat.type,
         )
 
     async def delta(self, text: str, tool_calls: list[list[dict[str, Any]]]) -> None:

@@ -108,6 +108,12 @@ class WorkerSettings(CommonSettings):
     # this much text is waiting.
     whole_window_ms: float = Field(5000.0, ge=0)
     whole_chars: int = Field(65536, ge=1)
+    # While a whole answer runs, a small beat event this often: when its
+    # gateway is gone the beat bounces and the job stops (a stream's deltas
+    # do that already). Cheap: a few hundred bytes a job every beat.
+    beat_ms: float = Field(150.0, gt=0)
+    # The one Redis read a worker makes (before running a job again) waits this long at most.
+    redis_timeout_s: float = Field(1.0, gt=0)
 
     # On SIGTERM: stop taking jobs, give running ones this long, then cancel.
     drain_timeout_s: float = Field(30.0, ge=0)

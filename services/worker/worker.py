@@ -2,11 +2,41 @@
 
 Acknowledgement policy: a job is acked when its terminal event (end or
 error) has been published, or when it is dropped on purpose (its deadline
-passed while queued, or it was cancelled). A worker that dies holding a job
-leaves it unacked, and RabbitMQ gives it to another worker, flagged
-``redelivered``. That worker counts the attempt: it publishes a copy with
-the attempt raised (or, past the limit, dead-letters it) and acks the
-original, so the count survives further deaths (see shared/amqp.py).
+passed while queued, it was cancelled, or its gateway closed it). A worker
+that dies holding jobs leaves them unacked, and RabbitMQ gives them to
+another worker, flagged ``redelivered``.
+
+Poison jobs, and the innocent ones beside them. A worker holds up to
+``concurrency`` jobs, and when it dies all of them come back: the job that
+killed it cannot be told from the others, so a death is never blamed on a
+job that did not die alone. The worker given a redelivered job publishes a
+copy with its attempt raised (for the gateway's fencing, and as the count of
+deaths) and acks the original. After one death the copy goes back to the
+jobs queue and runs at once, as before (a random crash costs nothing more).
+After a second death it goes to ``<ns>.jobs.suspect`` instead. Every worker
+consumes suspects on a channel of their own with a prefetch of one, so it
+holds at most one suspect at a time, beside its ordinary jobs: a worker that
+dies holding a suspect implicates that one job alone. Only such a death, in
+isolation, can bury a job: past ``jobs_delivery_limit`` deaths, the last of
+them as a suspect, the job is dead-lettered (its gateway hears
+``job_failed`` at once) instead of run again. Innocent jobs that died beside
+a poison job, even twice, run again as suspects and complete. (A suspect
+shares its worker with ordinary jobs, so a *new* poison job's first runs
+could still strike it; it takes several such deaths to bury it.)
+
+A job is never started again for a caller who no longer waits for it:
+before a job runs again (a redelivery, or a suspect), the worker checks the
+closed marker its gateway sets when it gives up on a job (answered with an
+error, caller gone), and drops the job if it is there. That is the only
+Redis call a worker makes, and only on that rare path. A worker that loses
+its AMQP connection (a broker restart, or it was frozen past the heartbeat
+and dropped) cancels its running jobs: their events and acks can no longer
+land, and RabbitMQ has already given them to another worker, or will.
+
+A whole answer sends a small beat event every ``beat_ms`` while it runs:
+if its gateway is gone the beat finds no reply queue and bounces back
+through the replies' alternate exchange, which stops the job (as a
+stream's next delta does).
 
 SIGTERM: stop taking jobs, let running ones finish within
 ``drain_timeout_s``, cancel the rest (they are redelivered), exit.
@@ -51,6 +81,7 @@ from shared.amqp import (
     declare_control,
     declare_jobs,
     declare_replies,
+    declare_suspects,
     publish,
 )
 from shared.clock import now_ms
@@ -72,6 +103,9 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree
     _VERSION = "unknown"
 
+# The longest a broker call may take while stopping.
+_STOP_CALL_S = 5.0
+
 # Cancellations remembered for jobs not (yet) seen here, so that a job
 # cancelled while still queued is dropped when it arrives.
 _REMEMBER_CANCELLED = 10_000
@@ -92,8 +126,9 @@ class Action(enum.Enum):
     """What becomes of a job message."""
 
     ACK = "ack"  # answered, or dropped on purpose
-    RETRY = "retry"  # redelivered: a copy with the attempt counted is queued, this one acked
+    RETRY = "retry"  # redelivered: a copy with its attempt raised is queued, this one acked
     BURY = "bury"  # dead-lettered with a reason, then acked
+    LEAVE = "leave"  # the connection is gone: nothing can be settled, RabbitMQ redelivers
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +138,8 @@ class Disposition:
     action: Action
     reason: str = ""  # BURY: why, in the dead header
     attempt: int = 0  # RETRY: the attempt the copy carries
+    suspect: bool = False  # RETRY: the copy goes to the suspect queue
+    deadline_ms: int = 0  # RETRY: the job's deadline, the copy's expiry as the original's
     count: str | None = None  # an outcome to count once the message is settled
     endpoint: str = UNKNOWN  # with count: the endpoint label it is counted under
 
@@ -123,8 +160,13 @@ class Worker:
         self._link = AmqpLink(
             settings, f"worker-{self.worker_id}", setup=self._setup, on_lost=self._on_lost
         )
+        # Jobs cancelled because the connection they came on was lost.
+        self._lost: set[str] = set()
+        self._stopping = False
         self._jobs: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        self._suspects: AbstractQueue | None = None
+        self._suspects_tag: str | None = None
         self._events: AbstractChannel | None = None
         self._replies_exchange = settings.names.reply_exchange
         # Confirmed publishes for the rare paths that must not lose a job.
@@ -132,15 +174,17 @@ class Worker:
         self.stats = JobStats()
         self.metrics = WorkerMetrics(sorted(self._models))
         self.started_at = now_ms()
-        # Its heartbeat's connection, and the tasks it owns besides jobs.
-        self._redis: Redis | None = None
+        # For its heartbeat, and read before a job runs again (the module docstring).
+        self._redis: Redis = redis_client(
+            settings, timeout_s=settings.redis_timeout_s, max_connections=8
+        )
+        # The tasks it owns besides jobs.
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Connect, declare, and start consuming jobs and cancellations."""
         await self._link.start()
         settings = self.settings
-        self._redis = redis_client(settings, timeout_s=2.0, max_connections=4)
         # The first beat before taking part: listed as soon as started (and no
         # connection is left half-open by a stop that comes right after).
         if not await fleet.beat_once(
@@ -165,9 +209,11 @@ class Worker:
         # The jobs held on the lost connection go back to the queue (or were
         # lost with their broker) and no event of theirs can reach a gateway:
         # stop them, the same way as at shutdown, leaving them unacked.
-        if self._running:
-            log.warning("worker.connection_lost", jobs=len(self._running))
-        for task in list(self._running.values()):
+        if self._stopping or not self._running:
+            return
+        log.warning("worker.connection_lost", jobs=len(self._running))
+        for job_id, task in list(self._running.items()):
+            self._lost.add(job_id)
             task.cancel()
 
     async def _setup(self, connection: AbstractConnection) -> None:
@@ -191,6 +237,11 @@ class Worker:
         self._confirmed = watch(
             await connection.channel(publisher_confirms=True, on_return_raises=True)
         )
+        # One suspect at a time: if this worker dies, it implicates that job alone.
+        suspects_channel = watch(await connection.channel())
+        await suspects_channel.set_qos(prefetch_count=1)
+        self._suspects = await declare_suspects(suspects_channel, settings)
+        self._suspects_tag = await self._suspects.consume(self._on_suspect)
         self._consumer_tag = await self._jobs.consume(self._on_job)
 
     def heartbeat(self) -> fleet.Heartbeat:
@@ -219,10 +270,16 @@ class Worker:
 
     async def stop(self) -> None:
         """Stop taking jobs, drain running ones, close."""
-        if self._jobs is not None and self._consumer_tag is not None:
-            tag, self._consumer_tag = self._consumer_tag, None
-            with contextlib.suppress(AMQPError, ChannelInvalidStateError):
-                await self._jobs.cancel(tag)
+        self._stopping = True
+        for queue, attr in ((self._jobs, "_consumer_tag"), (self._suspects, "_suspects_tag")):
+            tag = getattr(self, attr)
+            if queue is not None and tag is not None:
+                setattr(self, attr, None)
+                # Bounded: with the broker unreachable a channel would wait for it
+                # to come back, and a SIGTERM must still end the worker.
+                with contextlib.suppress(AMQPError, ChannelInvalidStateError, TimeoutError):
+                    async with asyncio.timeout(_STOP_CALL_S):
+                        await queue.cancel(tag)
         running = list(self._running.values())
         if running:
             log.info("worker.draining", jobs=len(running))
@@ -233,12 +290,11 @@ class Worker:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        if self._redis is not None:
-            # Off the list at once, not when the heartbeat expires.
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await fleet.leave(self._redis, self.settings.names, self.worker_id)
-            await self._redis.aclose()
+        # Off the list at once, not when the heartbeat expires.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await fleet.leave(self._redis, self.settings.names, self.worker_id)
+        await self._redis.aclose()
         for model in self._models.values():
             await model.close()
         await self._link.close()
@@ -253,7 +309,7 @@ class Worker:
             except ValidationError:
                 log.warning("wire.invalid_control")
         elif message.correlation_id and message.correlation_id in self._running:
-            log.info("job.orphaned")
+            log.info("job.orphaned", job_id=message.correlation_id)
             self._cancel(message.correlation_id)
 
     def _cancel(self, job_id: str) -> None:
@@ -265,10 +321,24 @@ class Worker:
             task.cancel()
 
     async def _on_job(self, message: AbstractIncomingMessage) -> None:
-        disposition = await self._handle(message)
+        disposition = await self._handle(message, suspect=False)
         await self._dispose(message, disposition)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> Disposition:
+    async def _on_suspect(self, message: AbstractIncomingMessage) -> None:
+        disposition = await self._handle(message, suspect=True)
+        await self._dispose(message, disposition)
+
+    async def _closed(self, job_id: str) -> bool:
+        """Whether the job's gateway stopped waiting for it (fails open: a run too many
+        costs less than a caller never answered)."""
+        try:
+            async with asyncio.timeout(self.settings.redis_timeout_s):
+                return bool(await self._redis.exists(self.settings.names.closed_job(job_id)))
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("job.closed_check_failed", error=type(exc).__name__)
+            return False
+
+    async def _handle(self, message: AbstractIncomingMessage, *, suspect: bool) -> Disposition:
         """Run a job, or decide not to; returns what becomes of its message.
 
         Raises (leaving the message unacked, so another worker takes it) only
@@ -293,12 +363,23 @@ class Worker:
             dropped = None
         if message.redelivered:
             self.metrics.redeliveries.inc()
+        again = suspect or message.redelivered or attempt > 1
+        if dropped is None and again and await self._closed(job.job_id):
+            dropped = "closed"
         if message.redelivered and dropped is None:
-            # Its last holder died: count that attempt where the next one will see it.
-            if attempt + 1 > self.settings.jobs_delivery_limit + 1:
-                log.warning("job.dead", reason="delivery_limit")
+            # Its holder died during this attempt (the attempt counts the deaths).
+            if suspect and attempt > self.settings.jobs_delivery_limit:
+                # ...holding it as its one suspect: this job is what kills workers.
+                log.warning("job.dead", reason="delivery_limit", deaths=attempt)
                 return Disposition(Action.BURY, reason="delivery_limit")
-            return Disposition(Action.RETRY, attempt=attempt + 1)
+            # Run it again, its attempt counted where the next holder will see it;
+            # in isolation once it died twice.
+            return Disposition(
+                Action.RETRY,
+                attempt=attempt + 1,
+                suspect=suspect or attempt >= 2,
+                deadline_ms=job.deadline_ms,
+            )
         if dropped is not None:
             log.info("job.dropped", reason=dropped)
             return Disposition(Action.ACK, count="dropped", endpoint=endpoint)
@@ -308,6 +389,10 @@ class Worker:
         try:
             await self._run(job, attempt)
         except asyncio.CancelledError:
+            if job.job_id in self._lost:
+                task.uncancel()
+                log.info("job.abandoned", reason="connection_lost")
+                return Disposition(Action.LEAVE, count="abandoned")
             if job.job_id not in self._cancelled:
                 raise  # shutting down: leave it unacked, another worker takes it
             task.uncancel()
@@ -316,17 +401,22 @@ class Worker:
             await self.stats.add("cancelled")
         finally:
             self._running.pop(job.job_id, None)
+            self._lost.discard(job.job_id)
         return Disposition(Action.ACK)
 
     async def _dispose(self, message: AbstractIncomingMessage, disposition: Disposition) -> None:
         """The one place a job message is settled with RabbitMQ."""
+        if disposition.action is Action.LEAVE:
+            if disposition.count is not None:
+                await self.stats.add(disposition.count)
+            return
         if disposition.action is not Action.ACK:
             # A retry is queued again with its attempt counted; a buried job is
             # dead-lettered: its gateway is told at once, operators keep a copy.
             # Both on the confirming channel, so a lost copy is known.
             retry = disposition.action is Action.RETRY
             names = self.settings.names
-            mark = (
+            mark: dict[str, object] = (
                 {ATTEMPT_HEADER: disposition.attempt}
                 if retry
                 else {DEAD_HEADER: disposition.reason}
@@ -337,12 +427,18 @@ class Worker:
                     self._confirmed,
                     message.body,
                     exchange="" if retry else names.dead_exchange,
-                    routing_key=names.jobs_queue if retry else "",
+                    routing_key=(
+                        (names.suspect_queue if disposition.suspect else names.jobs_queue)
+                        if retry
+                        else ""
+                    ),
                     message_id=message.message_id,
                     correlation_id=message.correlation_id,
                     content_type=message.content_type,
                     headers={**message.headers, **mark},
                     mandatory=retry,
+                    # A copy nobody waits for must leave the queue by itself too.
+                    expiration_ms=disposition.deadline_ms - now_ms() if retry else None,
                 )
             except (AMQPError, ChannelInvalidStateError) as exc:
                 if retry:
@@ -353,7 +449,11 @@ class Worker:
                 log.warning("job.bury_failed", error=type(exc).__name__)
             else:
                 if retry:
-                    log.info("job.retried", next_attempt=disposition.attempt)
+                    log.info(
+                        "job.retried",
+                        next_attempt=disposition.attempt,
+                        suspect=disposition.suspect,
+                    )
                 else:
                     self.metrics.dead_letters.labels(disposition.reason).inc()
         try:
@@ -402,6 +502,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (job.deadline_ms - now_ms()) / 1000
         outcome = "done"
+        beat = None if job.stream else asyncio.create_task(self._beat(events))
         try:
             async with asyncio.timeout_at(deadline) as window, self._limits[job.endpoint]:
                 settings = self.settings
@@ -429,6 +530,10 @@ class Worker:
             outcome = "internal_error"
             log.exception("job.crashed")
             await events.error(InternalError("the worker failed on this request"))
+        finally:
+            if beat is not None:
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
         elapsed = time.perf_counter() - started
         series.duration.observe(elapsed)
         series.job(outcome)
@@ -438,6 +543,14 @@ class Worker:
         log.info(
             "job.finished", outcome=outcome, endpoint=job.endpoint, ms=round(elapsed * 1000, 2)
         )
+
+    async def _beat(self, events: JobEvents) -> None:
+        """A whole answer's sign of life, until cancelled (see the module docstring)."""
+        interval = self.settings.beat_ms / 1000
+        with contextlib.suppress(AMQPError, ChannelInvalidStateError):
+            while True:
+                await asyncio.sleep(interval)
+                await events.beat()
 
 
 async def serve(settings: WorkerSettings) -> None:

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from services.gateway.app import create_app
 from services.gateway.http_server import GatewayRunner
+from services.gateway.resources import GATEWAY, Gateway
 from services.gateway.settings import GatewaySettings
 from services.worker.settings import EndpointConfig, WorkerSettings
 from services.worker.worker import Worker
@@ -103,6 +104,10 @@ class Stack:
         self._runners.append(runner)
         self.url = self.url or url
         return url
+
+    def gateway(self, index: int = 0) -> Gateway:
+        """The resources of an in-process gateway (to drive its usage flush, say)."""
+        return self._runners[index].app[GATEWAY]
 
     async def add_worker(self, **overrides: Any) -> Worker:
         """Start a worker."""
