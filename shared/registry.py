@@ -70,7 +70,13 @@ class Registry:
         bot = await self.get_bot(bot_id)
         if bot is None:
             return None
-        updated = Bot.model_validate(bot.model_dump() | fields | {"id": bot.id})
+        current = bot.model_dump()
+        # One endpoint replaces the list; a list replaces the one (its first).
+        if "endpoint" in fields and "endpoints" not in fields:
+            current.pop("endpoints")
+        elif "endpoints" in fields and "endpoint" not in fields:
+            current.pop("endpoint")
+        updated = Bot.model_validate(current | fields | {"id": bot.id})
         await self.put_bot(updated)
         return updated
 

@@ -128,7 +128,7 @@ async def create_bot(request: web.Request) -> web.Response:
     """Create a bot."""
     gateway = _require_admin(request)
     fields = await _body(request, BotInput)
-    return _json(await gateway.registry.create_bot(**fields.model_dump()), status=201)
+    return _json(await gateway.registry.create_bot(**fields.fields()), status=201)
 
 
 async def show_bot(request: web.Request) -> web.Response:

@@ -20,9 +20,14 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import structlog
+
 from services.gateway.job_client import DeadJob, Incoming, JobClient
 from shared.errors import DeadlineExceeded, JobFailed, WorkerLost, error_from_code
-from shared.wire import ChatJob, DeltaEvent, EndEvent, Usage
+from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent, Usage
+
+# The model endpoint that answered, on both surfaces' responses.
+ENDPOINT_HEADER = "x-botline-endpoint"
 
 
 def new_job_id() -> str:
@@ -81,6 +86,8 @@ class ChatRun:
         self._done = False
         # The answer's usage, once its end event arrived.
         self.usage: Usage | None = None
+        # The model endpoint that answered (``x-botline-endpoint``), once known.
+        self.endpoint = ""
 
     async def __aenter__(self) -> ChatRun:
         self._queue = self._client.register(self.job.job_id)
@@ -135,6 +142,8 @@ class ChatRun:
             if event.seq != self._seq:
                 raise WorkerLost(f"events out of order (expected {self._seq}, got {event.seq})")
             self._seq += 1
+            if not isinstance(event, ErrorEvent) and event.endpoint:
+                self._answered_by(event.endpoint)
             if isinstance(event, DeltaEvent):
                 relayed = True
                 yield event
@@ -145,6 +154,16 @@ class ChatRun:
                 yield event
                 return
             raise error_from_code(event.code, event.message)
+
+    def _answered_by(self, endpoint: str) -> None:
+        if endpoint != self.endpoint:
+            self.endpoint = endpoint
+            # On the request's one log line too.
+            structlog.contextvars.bind_contextvars(endpoint=endpoint)
+
+    def headers(self) -> dict[str, str]:
+        """Response headers about the run: the endpoint that answered."""
+        return {ENDPOINT_HEADER: self.endpoint} if self.endpoint else {}
 
     async def complete(self) -> Answer:
         """Wait for the whole answer. A retried job restarts it unseen."""

@@ -60,7 +60,7 @@ async def write_stream(
     async with contextlib.aclosing(run.stream()) as events:
         # Errors up to the first event are still real HTTP errors.
         first = await anext(events)
-        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        response = web.StreamResponse(status=200, headers=SSE_HEADERS | run.headers())
         await response.prepare(request)
         try:
             if isinstance(first, EndEvent):

@@ -23,6 +23,8 @@ class JobEvents:
         self._job = job
         self._attempt = attempt
         self._seq = 0
+        # The endpoint that answered, once known: on the first delta and the end.
+        self.endpoint = ""
 
     async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent, *, wait: bool = False) -> None:
         job = self._job
@@ -43,6 +45,10 @@ class JobEvents:
             wait=wait,
         )
 
+    def answered_by(self, endpoint: str) -> None:
+        """Name the endpoint that answered on the events still to come."""
+        self.endpoint = endpoint
+
     async def delta(self, text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
         """A piece of the answer (text and/or tool-call fragments)."""
         job = self._job
@@ -53,6 +59,7 @@ class JobEvents:
                 seq=self._seq,
                 text=text,
                 tool_calls=tool_calls,
+                endpoint=self.endpoint if self._seq == 0 else "",
             )
         )
 
@@ -67,6 +74,7 @@ class JobEvents:
                 text=text,
                 finish_reason=finish.finish_reason,
                 usage=finish.usage,
+                endpoint=self.endpoint,
             ),
             wait=True,
         )

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from services.worker.coalesce import coalesce
 from services.worker.endpoints import Model, make_model
 from services.worker.job_events import JobEvents, JobStats
+from services.worker.routing import Router
 from services.worker.settings import WorkerSettings
 from shared.amqp import (
     ATTEMPT_HEADER,
@@ -47,7 +48,7 @@ from shared.amqp import (
     publish,
 )
 from shared.clock import now_ms
-from shared.errors import BotlineError, DeadlineExceeded, InternalError, UnknownEndpoint
+from shared.errors import BotlineError, DeadlineExceeded, InternalError
 from shared.wire import CancelJob, ChatJob
 
 log = structlog.get_logger("botline.worker")
@@ -94,9 +95,8 @@ class Worker:
         self.worker_id = settings.worker_id or secrets.token_hex(6)
         endpoints = settings.all_endpoints()
         self._models: dict[str, Model] = {name: make_model(cfg) for name, cfg in endpoints.items()}
-        self._limits = {
-            name: asyncio.Semaphore(cfg.max_concurrency) for name, cfg in endpoints.items()
-        }
+        # Which endpoint answers each job: fallbacks, fleet cooldowns and budgets.
+        self.router = Router(settings, self._models, endpoints)
         self._running: dict[str, asyncio.Task[object]] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._connection: AbstractRobustConnection | None = None
@@ -128,6 +128,7 @@ class Worker:
         # the gateway's fencing, and confirms per delta would halve throughput.
         self._events = await connection.channel(publisher_confirms=False)
         self._confirmed = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await self.router.start()
         self._consumer_tag = await self._jobs.consume(self._on_job)
         log.info("worker.started", worker_id=self.worker_id, endpoints=sorted(self._models))
 
@@ -143,8 +144,7 @@ class Worker:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for model in self._models.values():
-            await model.close()
+        await self.router.close()
         if self._connection is not None:
             await self._connection.close()
         log.info("worker.stopped", jobs=self.stats.total)
@@ -269,19 +269,15 @@ class Worker:
     async def _run(self, job: ChatJob, attempt: int) -> None:
         assert self._events is not None
         events = JobEvents(self._events, self._replies_exchange, job, attempt)
-        model = self._models.get(job.endpoint)
-        if model is None:
-            await events.error(UnknownEndpoint(f"no model endpoint named {job.endpoint!r}"))
-            return
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (job.deadline_ms - now_ms()) / 1000
         outcome = "done"
         try:
-            async with asyncio.timeout_at(deadline) as window, self._limits[job.endpoint]:
+            async with asyncio.timeout_at(deadline) as window:
                 settings = self.settings
                 await coalesce(
-                    model.stream(job),
+                    self.router.stream(job, events.answered_by),
                     events.delta,
                     events.end,
                     window_s=self._stream_window if job.stream else settings.whole_window_ms / 1000,
@@ -306,7 +302,7 @@ class Worker:
         log.info(
             "job.finished",
             outcome=outcome,
-            endpoint=job.endpoint,
+            endpoint=events.endpoint or job.endpoint,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
