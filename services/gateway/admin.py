@@ -23,6 +23,7 @@ from services.gateway.admission import bearer_token
 from services.gateway.bodies import invalid, load_object, read_body
 from services.gateway.resources import GATEWAY, Gateway
 from shared.clock import now_ms
+from shared.endpoint_state import EndpointState, endpoint_states, known_endpoints
 from shared.errors import AdminUnauthorized, NotFound
 from shared.records import Bot, KeyRecord
 
@@ -240,6 +241,14 @@ async def bot_usage(request: web.Request) -> web.Response:
     return _json(_usage_view(counts))
 
 
+async def list_endpoints(request: web.Request) -> web.Response:
+    """The model endpoints the workers know, each with its fleet-wide state."""
+    gateway = _require_admin(request)
+    redis, names = gateway.registry.redis, gateway.registry.names
+    states = await endpoint_states(redis, names, await known_endpoints(redis, names))
+    return _json([s.model_dump() for s in states])
+
+
 @dataclass(frozen=True)
 class Route:
     """One admin route: how it is served and how the OpenAPI document describes it."""
@@ -270,4 +279,6 @@ ROUTES = [
     Route("POST", "/keys/{key_id}/enable", _set_disabled(False), "Enable a key", answer=KeyView),
     Route("DELETE", "/keys/{key_id}", revoke_key, "Revoke a key", status=204),
     Route("GET", "/keys/{key_id}/usage", key_usage, "A key's usage", answer=UsageView),
+    Route("GET", "/endpoints", list_endpoints, "Model endpoints' state", answer=EndpointState,
+          many=True),
 ]  # fmt: skip

@@ -35,6 +35,7 @@ from services.worker.cooldowns import Cooldowns, Health
 from services.worker.endpoints import Finish, Model, Piece
 from services.worker.settings import EndpointConfig, WorkerSettings
 from shared.clock import now_ms
+from shared.endpoint_state import EndpointState, endpoint_states
 from shared.errors import UnknownEndpoint, UpstreamError, UpstreamUnavailable
 from shared.wire import ChatJob, EndpointRef
 
@@ -123,6 +124,14 @@ class Router:
                 await self.redis.sadd(self._names.endpoints, *self._configs)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("endpoint.state_unavailable", error=type(exc).__name__)
+
+    async def states(self) -> list[EndpointState]:
+        """This worker's endpoints as the fleet sees them (for the metrics); [] if Redis is out."""
+        try:
+            async with asyncio.timeout(self._settings.redis_timeout_s):
+                return await endpoint_states(self.redis, self._names, sorted(self._configs))
+        except (RedisError, OSError, TimeoutError):
+            return []
 
     async def close(self) -> None:
         """Close the models and the Redis client."""

@@ -39,12 +39,20 @@ _ERRORS: dict[int, tuple[str, str | None]] = {
 
 @dataclass
 class Script:
-    """How to answer one request; every field is optional (see the module docstring)."""
+    """How to answer one request; every field is optional (see the module docstring).
+
+    ``status`` answers that error (with ``retry_after`` as its ``Retry-After``
+    header, in seconds); ``stall_s`` holds the response before its first byte
+    (headers included) that long. A refused connection is a closed server
+    (:meth:`FakeOpenAI.close`).
+    """
 
     tokens: list[str] | None = None
     delay_s: float = 0.0
     hold_after: int | None = None
     status: int | None = None
+    retry_after: float | None = None
+    stall_s: float = 0.0
     include_usage: bool = True
     tool_calls: list[dict[str, Any]] | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -117,10 +125,15 @@ class FakeOpenAI:
         delay_s: float = 0.0,
         record: bool = True,
         tokens: list[str] | None = None,
+        rate_limit: tuple[int, float] | None = None,
     ) -> None:
         """``delay_s`` paces unscripted replies; ``record=False`` keeps no history (benchmarks).
 
         ``tokens``, when given, is every unscripted reply instead of the default one.
+        ``rate_limit=(n, window_s)`` behaves like a provider's account limit: a
+        request that finds ``n`` others accepted within the last ``window_s``
+        (a sliding window) is answered 429 with ``Retry-After``; they are
+        counted in :attr:`rate_limited`.
         """
         self._host, self._port = host, port
         self._delay_s = delay_s
@@ -132,6 +145,9 @@ class FakeOpenAI:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._closing = False
         self.requests: list[Recorded] = []
+        self._rate_limit = rate_limit
+        self._accepted: deque[float] = deque()
+        self.rate_limited = 0
 
     @property
     def base_url(self) -> str:
@@ -212,9 +228,13 @@ class FakeOpenAI:
             if self._scripts
             else Script(tokens=self._tokens, delay_s=self._delay_s)
         )
+        if script.status is None and self._over_rate_limit():
+            script = Script(status=429, retry_after=self._retry_after())
         resp: web.StreamResponse
         if script.status is not None:
             resp = web.json_response(error_body(script.status), status=script.status)
+            if script.retry_after is not None:
+                resp.headers["Retry-After"] = f"{script.retry_after:g}"
         elif body.get("stream") is True:
             resp = web.StreamResponse(headers=_SSE_HEADERS)
         else:
@@ -223,6 +243,8 @@ class FakeOpenAI:
         assert task is not None
         self._handlers.add(task)
         try:
+            if script.stall_s:
+                await asyncio.sleep(script.stall_s)
             if script.status is None:
                 await self._generate(request, resp, body, script)
             # Write everything here rather than after returning, so `finished` means sent.
@@ -241,6 +263,23 @@ class FakeOpenAI:
         finally:
             self._handlers.discard(task)
         return resp
+
+    def _over_rate_limit(self) -> bool:
+        if self._rate_limit is None:
+            return False
+        limit, window = self._rate_limit
+        now = time.monotonic()
+        while self._accepted and self._accepted[0] <= now - window:
+            self._accepted.popleft()
+        if len(self._accepted) >= limit:
+            self.rate_limited += 1
+            return True
+        self._accepted.append(now)
+        return False
+
+    def _retry_after(self) -> float:
+        assert self._rate_limit is not None
+        return max(0.001, round(self._accepted[0] + self._rate_limit[1] - time.monotonic(), 3))
 
     async def _generate(
         self, request: web.Request, resp: web.StreamResponse, body: dict[str, Any], script: Script
