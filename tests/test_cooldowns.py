@@ -11,6 +11,7 @@ from services.worker.cooldowns import Cooldowns, Health
 from services.worker.settings import EndpointConfig
 from shared.endpoint_state import endpoint_states
 from shared.names import Names
+from tests.support.fleet import until_endpoint_state
 from tests.support.stack import free_port
 
 pytestmark = pytest.mark.integration
@@ -31,11 +32,9 @@ def two_workers(redis: Redis, namespace: str) -> tuple[Cooldowns, Cooldowns]:
     return Cooldowns(redis, names, 1.0), Cooldowns(redis, names, 1.0)
 
 
-async def until_state(redis: Redis, namespace: str, state: str, timeout_s: float = 3.0) -> None:
-    """Poll (nothing to await: it is time passing in Redis) until the endpoint is in ``state``."""
-    async with asyncio.timeout(timeout_s):
-        while (await endpoint_states(redis, Names(namespace), ["ep"]))[0].state != state:
-            await asyncio.sleep(0.02)
+async def until_state(redis: Redis, namespace: str, state: str) -> None:
+    """Until the endpoint ``ep`` is in ``state``."""
+    await until_endpoint_state(redis, Names(namespace), "ep", state)
 
 
 async def test_threshold_opens_the_endpoint_for_every_worker(redis: Redis, namespace: str) -> None:

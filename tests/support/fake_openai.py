@@ -64,6 +64,8 @@ class Recorded:
 
     body: dict[str, Any]
     headers: dict[str, str]
+    # time.monotonic() when the request arrived.
+    arrived: float = field(default_factory=time.monotonic)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
