@@ -212,8 +212,8 @@ class Router:
             if wait_s > room:
                 self.stats[(name, "refused")] += 1
                 log.info("job.refused", reasons=sorted({r for _, _, r in skipped}))
-                if last is not None:
-                    raise last
+                if last is not None and not last.rate_limited:
+                    raise last  # what went wrong says more than what is left
                 raise UpstreamUnavailable(
                     "every endpoint of this bot is "
                     + ", ".join(sorted({_WHY.get(r, r) for _, _, r in skipped}))
@@ -255,8 +255,16 @@ class Router:
         if taken is None:  # not budgeted: nothing to wait in line for
             return None
         if isinstance(taken, Refusal):
-            # Not reservable (in flight is full) or taken meanwhile: look again soon.
-            await asyncio.sleep(min(taken.wait_s, max(room, 0.0)) + random.uniform(0, 0.01))
+            if taken.wait_s > room:
+                # Others took the places in line meanwhile: refuse now, not at the deadline.
+                self.stats[(name, "refused")] += 1
+                log.info("job.refused", reasons=[taken.reason])
+                raise UpstreamUnavailable(
+                    f"every endpoint of this bot is {_WHY.get(taken.reason, taken.reason)}"
+                    " for longer than the request can wait"
+                )
+            # In flight is full (it frees at no known time): look again soon.
+            await asyncio.sleep(taken.wait_s + random.uniform(0, 0.01))
             return None
         if taken.delay_s:
             log.info("budget.wait", endpoint=name, ms=round(taken.delay_s * 1000))

@@ -5,9 +5,11 @@ how each request is answered by pushing :class:`Script` objects, and inspect wha
 sent through :attr:`FakeOpenAI.requests`. Without a script the reply is
 ``"fake reply to: " + <last user message>``, one chunk per space-separated token.
 
-Standalone: ``python -m tests.support.fake_openai --port 9999 [--delay-ms 5] [--tokens N]``
-serves the default behaviour until SIGINT/SIGTERM; with ``--tokens N`` every reply is exactly
-N tokens, ``"tok0 tok1 ... tok<N-1>"`` (benchmarks want a fixed reply length).
+Standalone: ``python -m tests.support.fake_openai --port 9999 [--delay-ms 5] [--tokens N]
+[--rate-limit N/SECONDS]`` serves the default behaviour until SIGINT/SIGTERM; with
+``--tokens N`` every reply is exactly N tokens, ``"tok0 tok1 ... tok<N-1>"`` (benchmarks want a
+fixed reply length); with ``--rate-limit`` it refuses calls over an account limit, and
+``GET /stats`` says how many it accepted and refused.
 """
 
 from __future__ import annotations
@@ -149,6 +151,8 @@ class FakeOpenAI:
         self.requests: list[Recorded] = []
         self._rate_limit = rate_limit
         self._accepted: deque[float] = deque()
+        # Calls answered within the rate limit, and those refused 429 (rate_limit only).
+        self.accepted = 0
         self.rate_limited = 0
 
     @property
@@ -173,6 +177,7 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/stats", self._stats)
         # handler_cancellation: a client going away cancels the handler, which is how
         # ``disconnected`` is detected even while we sleep or hold between tokens.
         runner = web.AppRunner(
@@ -207,6 +212,10 @@ class FakeOpenAI:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        """What a test in another process needs to know: calls answered and refused."""
+        return web.json_response({"accepted": self.accepted, "rate_limited": self.rate_limited})
 
     async def _models(self, request: web.Request) -> web.Response:
         model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "botline-tests"}
@@ -277,6 +286,7 @@ class FakeOpenAI:
             self.rate_limited += 1
             return True
         self._accepted.append(now)
+        self.accepted += 1
         return False
 
     def _retry_after(self) -> float:
@@ -348,13 +358,21 @@ def numbered_tokens(n: int) -> list[str]:
     return [w + " " for w in words[:-1]] + words[-1:]
 
 
-async def _serve(host: str, port: int, delay_s: float, tokens: list[str] | None) -> None:
+async def _serve(
+    host: str,
+    port: int,
+    delay_s: float,
+    tokens: list[str] | None,
+    rate_limit: tuple[int, float] | None = None,
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # record=False: a long benchmark run must not keep every request body in memory.
-    async with FakeOpenAI(host=host, port=port, delay_s=delay_s, record=False, tokens=tokens) as up:
+    async with FakeOpenAI(
+        host=host, port=port, delay_s=delay_s, record=False, tokens=tokens, rate_limit=rate_limit
+    ) as up:
         print(f"fake OpenAI serving on {up.base_url}", flush=True)
         await stop.wait()
 
@@ -374,11 +392,21 @@ def main(argv: list[str] | None = None) -> None:
         metavar="N",
         help='every reply is exactly N tokens, "tok0 tok1 ..." (default: echo the user)',
     )
+    parser.add_argument(
+        "--rate-limit",
+        default=None,
+        metavar="N/SECONDS",
+        help="answer 429 (with Retry-After) to a call that finds N others in the last SECONDS",
+    )
     args = parser.parse_args(argv)
+    rate_limit = None
+    if args.rate_limit is not None:
+        count, _, window = args.rate_limit.partition("/")
+        rate_limit = (int(count), float(window))
     if args.tokens is not None and args.tokens < 1:
         parser.error("--tokens must be at least 1")
     tokens = numbered_tokens(args.tokens) if args.tokens is not None else None
-    asyncio.run(_serve(args.host, args.port, args.delay_ms / 1000, tokens))
+    asyncio.run(_serve(args.host, args.port, args.delay_ms / 1000, tokens, rate_limit))
 
 
 if __name__ == "__main__":
