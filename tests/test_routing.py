@@ -13,7 +13,7 @@ from services.worker.settings import EndpointConfig
 from tests.support.client import OPENAI_CHAT, auth, sse_events
 from tests.support.fake_openai import FakeOpenAI, Script
 from tests.support.fleet import until_endpoint_state
-from tests.support.stack import Stack
+from tests.support.stack import Stack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +202,45 @@ async def test_cooldown_is_shared_by_the_fleet_then_one_probe_brings_it_back(
     # Traffic is back.
     status, _, headers = await bare_stack.chat(key, ASK)
     assert (status, headers.get(HEADER)) == (200, "primary")
+
+
+async def test_calls_in_flight_are_capped_for_the_fleet(bare_stack: Stack) -> None:
+    up = bare_stack.upstream
+    capped = {
+        "capped": EndpointConfig(kind="openai", base_url=up.base_url, timeout_s=5, max_in_flight=2)
+    }
+    for _ in range(2):
+        await bare_stack.add_worker(endpoints=capped)
+    await bare_stack.add_gateway()
+    _, key = await bare_stack.bot_and_key(endpoint="capped", model="fake-model")
+    for _ in range(6):
+        up.script(Script(tokens=["slow ", "answer"], delay_s=0.1))
+    answers = await asyncio.gather(*(bare_stack.chat(key, ASK) for _ in range(6)))
+    assert [a[0] for a in answers] == [200] * 6
+    assert {a[1]["choices"]["message"]["content"] for a in answers} == {"slow answer"}
+    assert up.max_in_flight == 2  # six callers, two workers, never more than declared
+
+
+async def test_without_redis_workers_fail_open(bare_stack: Stack, primary: FakeOpenAI) -> None:
+    # The worker's Redis is a port nothing listens on; the gateway's is the real one.
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    await bare_stack.add_worker(
+        endpoints=endpoints(primary.base_url, bare_stack.upstream_url, rpm=1),
+        redis_url=dead,
+        redis_timeout_s=0.2,
+    )
+    await bare_stack.add_gateway()
+    _, key = await bare_stack.bot_and_key(
+        endpoints=[{"name": "primary"}, {"name": "backup"}], model="fake-model"
+    )
+    primary.script(Script(status=500))
+    answers = [await bare_stack.chat(key, ASK) for _ in range(3)]
+    # Fallback still works; the budget (rpm=1) and cooldowns are simply not there.
+    assert [(a[0], a[2].get(HEADER)) for a in answers] == [
+        (200, "backup"),
+        (200, "primary"),
+        (200, "primary"),
+    ]
+    router = bare_stack.workers[0].router
+    assert router.cooldowns.redis_errors > 0
+    assert router.budget.redis_errors > 0

@@ -154,6 +154,9 @@ class FakeOpenAI:
         # Calls answered within the rate limit, and those refused 429 (rate_limit only).
         self.accepted = 0
         self.rate_limited = 0
+        # Requests being answered now, and the most there ever were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     @property
     def base_url(self) -> str:
@@ -253,6 +256,8 @@ class FakeOpenAI:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             if script.stall_s:
                 await asyncio.sleep(script.stall_s)
@@ -272,6 +277,7 @@ class FakeOpenAI:
             # instead of logging "Error handling request".
             rec.disconnected.set()
         finally:
+            self.in_flight -= 1
             self._handlers.discard(task)
         return resp
 
