@@ -49,7 +49,8 @@ def redis_client(settings: WorkerSettings) -> Redis:
     """A Redis client that gives up fast: the fleet's endpoint state is advisory."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url.get_secret_value(),
-        max_connections=32,
+        # One per job at most: a job makes one Redis call at a time.
+        max_connections=max(8, settings.concurrency),
         timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
