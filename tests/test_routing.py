@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+import structlog
+from structlog.testing import LogCapture
 
 from services.worker.settings import EndpointConfig
 from tests.support.client import OPENAI_CHAT, auth, sse_events
@@ -20,6 +23,18 @@ pytestmark = pytest.mark.integration
 ASK = {"messages": [{"role": "user", "content": "hello there"}]}
 REPLY = "fake reply to: hello there"
 HEADER = "x-botline-endpoint"
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[list[dict[str, Any]]]:
+    """Log entries as written, request-scoped fields included (``capture_logs`` drops those)."""
+    capture = LogCapture()
+    processors = structlog.get_config()["processors"]
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(processors=processors)
 
 
 @pytest.fixture
@@ -96,9 +111,16 @@ async def test_the_answering_endpoint_is_in_the_header_on_both_surfaces(
     status, body, headers = await bare_stack.chat(key, ASK)
     assert (status, headers.get(HEADER)) == (200, "primary"), body
     primary.script(Script(status=503))
-    status, body, headers = await bare_stack.chat(key, ASK | {"model": "x"}, path=OPENAI_CHAT)
+    with captured_logs() as logs:
+        status, body, headers = await bare_stack.chat(key, ASK | {"model": "x"}, path=OPENAI_CHAT)
     assert (status, headers.get(HEADER)) == (200, "backup"), body
     assert body["choices"][0]["message"]["content"] == REPLY
+    # And in the logs: the worker's failure and answer, the gateway's request line.
+    seen = [(e["event"], e.get("endpoint")) for e in logs if "endpoint" in e]
+    assert ("endpoint.failed", "primary") in seen
+    assert ("endpoint.answered", "backup") in seen
+    assert ("job.finished", "backup") in seen
+    assert ("http.request", "backup") in seen
     # A single endpoint, as before, names itself.
     _, single = await bare_stack.bot_and_key(endpoint="primary", model="fake-model")
     status, _, headers = await bare_stack.chat(single, ASK)
