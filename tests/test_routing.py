@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -26,7 +26,7 @@ HEADER = "x-botline-endpoint"
 
 
 @contextlib.contextmanager
-def captured_logs() -> Iterator[list[dict[str, Any]]]:
+def captured_logs() -> Iterator[list[MutableMapping[str, Any]]]:
     """Log entries as written, request-scoped fields included (``capture_logs`` drops those)."""
     capture = LogCapture()
     processors = structlog.get_config()["processors"]
