@@ -71,8 +71,10 @@ class Registry:
         if bot is None:
             return None
         current = bot.model_dump()
-        # One endpoint replaces the list; a list replaces the one (its first).
-        if "endpoint" in fields and "endpoints" not in fields:
+        # A different endpoint replaces the list; a list replaces the one (its
+        # first). The same endpoint changes nothing: the admin page sends it
+        # back with every save and must not drop the fallbacks.
+        if "endpoints" not in fields and fields.get("endpoint", bot.endpoint) != bot.endpoint:
             current.pop("endpoints")
         elif "endpoints" in fields and "endpoint" not in fields:
             current.pop("endpoint")

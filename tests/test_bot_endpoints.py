@@ -40,7 +40,12 @@ async def test_admin_api_takes_an_ordered_list_or_one_endpoint(admin: Stack) -> 
     assert [e["name"] for e in single["endpoints"]] == ["fake"]
     status, default = await call(admin, "POST", "/bots", {"name": "default"})
     assert (status, default["endpoint"]) == (201, "echo")
-    # PATCH one endpoint: the list becomes it; PATCH a list: endpoint follows its first.
+    # PATCH the same endpoint (the admin page sends every field back): the list stays.
+    status, patched = await call(
+        admin, "PATCH", f"/bots/{bot['id']}", {"endpoint": "primary", "system_prompt": "hi"}
+    )
+    assert (status, [e["name"] for e in patched["endpoints"]]) == (200, ["primary", "backup"])
+    # PATCH another endpoint: the list becomes it; PATCH a list: endpoint follows its first.
     status, patched = await call(admin, "PATCH", f"/bots/{bot['id']}", {"endpoint": "fake"})
     assert (status, [e["name"] for e in patched["endpoints"]]) == (200, ["fake"])
     status, patched = await call(
