@@ -208,6 +208,8 @@ async def test_cooldown_is_shared_by_the_fleet_then_one_probe_brings_it_back(
     assert {(a[0], a[2].get(HEADER)) for a in answers} == {(200, "backup")}
     assert len(primary.requests) == 2
     assert {w.router.stats[("backup", "answered")] > 0 for w in bare_stack.workers} == {True}
+    # One record for the fleet: the endpoint was opened once, by one worker.
+    assert sum(w.router.counts().cooldowns_opened for w in bare_stack.workers) == 1
     await until_state(bare_stack, "primary", "half_open")
     # Half-open: of three callers at once, one probes primary (held), the others go to backup.
     probe = Script(hold_after=0)

@@ -144,6 +144,7 @@ class Budget:
         self._timeout_s = timeout_s
         # For the metrics: reservations that had to wait, and refusals.
         self.waits = 0
+        self.waited_s = 0.0
         self.refusals = 0
         self.redis_errors = 0
 
@@ -178,6 +179,7 @@ class Budget:
             return Refusal(name, int(wait_ms) / 1000, why)
         if wait_ms:
             self.waits += 1
+            self.waited_s += int(wait_ms) / 1000
         return Grant(name, lease, tokens, int(wait_ms) / 1000)
 
     async def settle(self, grant: Grant, config: EndpointConfig, used_tokens: int | None) -> None:

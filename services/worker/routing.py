@@ -78,6 +78,23 @@ def plan(refs: list[EndpointRef], rng: random.Random | None = None) -> list[str]
     return order
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerCounts:
+    """One worker's scheduling counters since it started (for the metrics)."""
+
+    # (endpoint, outcome) -> calls; outcomes: answered, failed, fallback, refused.
+    calls: dict[tuple[str, str], int]
+    # Places in line taken for declared capacity, and the seconds waited in all.
+    budget_waits: int
+    budget_wait_s: float
+    # Jobs refused capacity by the budget script (each refusal, not each job).
+    budget_refusals: int
+    # Cooldowns this worker's failures opened (or re-opened after a probe).
+    cooldowns_opened: int
+    # Redis calls that failed or timed out (the worker then fails open).
+    redis_errors: int
+
+
 @dataclass
 class _Call:
     """An upstream call that produced its first piece: from here on, no fallback."""
@@ -126,6 +143,18 @@ class Router:
                 await self.redis.sadd(self._names.endpoints, *self._configs)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("endpoint.state_unavailable", error=type(exc).__name__)
+
+    def counts(self) -> SchedulerCounts:
+        """This worker's counters, for the metrics (see also :meth:`states`)."""
+        budget, cooldowns = self.budget, self.cooldowns
+        return SchedulerCounts(
+            calls=dict(self.stats),
+            budget_waits=budget.waits,
+            budget_wait_s=budget.waited_s,
+            budget_refusals=budget.refusals,
+            cooldowns_opened=cooldowns.opened,
+            redis_errors=budget.redis_errors + cooldowns.redis_errors,
+        )
 
     async def states(self) -> list[EndpointState]:
         """This worker's endpoints as the fleet sees them (for the metrics); [] if Redis is out."""
