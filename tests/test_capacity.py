@@ -81,6 +81,9 @@ async def test_four_workers_share_one_budget_and_spend_no_429(
         # it took its capacity (measured while the first 60 start at once).
         "BOTLINE_BUDGET_MARGIN_S": "1.0",
         "BOTLINE_ANSWER_RESERVE_S": "0.5",
+        # The budget is under test, not failing open: a starved machine's slow
+        # Redis reply must not turn into a call without capacity.
+        "BOTLINE_REDIS_TIMEOUT_S": "2",
     }
     await asyncio.gather(*(processes("worker", **env) for _ in range(4)))
     await bare_stack.add_gateway(request_deadline_s=DEADLINE_S)
