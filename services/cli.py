@@ -103,6 +103,19 @@ async def _bot_or_fail(registry: Registry, bot_id: str) -> Bot:
     return bot
 
 
+def _endpoint_ref(spec: str) -> dict[str, Any]:
+    """``NAME[:WEIGHT[:TIER]]`` as an entry of a bot's endpoints."""
+    name, *rest = spec.split(":")
+    if not name or len(rest) > 2 or not all(part.isdigit() for part in rest):
+        raise CliError(f"--endpoint {spec!r}: expected NAME[:WEIGHT[:TIER]]")
+    ref: dict[str, Any] = {"name": name}
+    if rest:
+        ref["weight"] = int(rest[0])
+    if len(rest) > 1:
+        ref["tier"] = int(rest[1])
+    return ref
+
+
 def bots_command(args: argparse.Namespace) -> int:
     """botline bots ..."""
 
@@ -111,13 +124,17 @@ def bots_command(args: argparse.Namespace) -> int:
             fields = {
                 k: v
                 for k, v in vars(args).items()
-                if k in Bot.model_fields and k not in ("id", "created_at") and v is not None
+                if k in Bot.model_fields
+                and k not in ("id", "created_at", "endpoint")
+                and v is not None
             }
+            fields["endpoints"] = [_endpoint_ref(e) for e in args.endpoint or ["echo"]]
             bot = await registry.create_bot(**fields)
             _print_json(bot.model_dump())
         elif args.action == "list":
             for bot in await registry.list_bots():
-                print(f"{bot.id}  {bot.name}  endpoint={bot.endpoint}  model={bot.model}")
+                names = ",".join(ref.name for ref in bot.endpoints)
+                print(f"{bot.id}  {bot.name}  endpoint={names}  model={bot.model}")
         elif args.action == "show":
             _print_json((await _bot_or_fail(registry, args.bot_id)).model_dump())
         elif args.action == "delete":
@@ -421,7 +438,13 @@ def _parser() -> argparse.ArgumentParser:
     bots = sub.add_parser("bots", help="manage bots").add_subparsers(dest="action", required=True)
     create = bots.add_parser("create", help="create a bot")
     create.add_argument("--name", required=True)
-    create.add_argument("--endpoint", default="echo", help="a model endpoint the workers know")
+    create.add_argument(
+        "--endpoint",
+        action="append",
+        metavar="NAME[:WEIGHT[:TIER]]",
+        help="a model endpoint the workers know (default echo); repeat for ordered fallbacks,"
+        " WEIGHT splits traffic within a TIER (default: the position)",
+    )
     create.add_argument("--model", default="echo")
     create.add_argument("--system-prompt", dest="system_prompt")
     create.add_argument("--temperature", type=float)

@@ -137,19 +137,46 @@ class DeadlineExceeded(BotlineError):
 
 
 class UpstreamError(BotlineError):
-    """The model endpoint failed or answered an error."""
+    """The model endpoint failed or answered an error.
+
+    ``retryable``: the failure says nothing against another endpoint (no
+    connection, no first byte in time, 429, 5xx), so before the first delta
+    the worker moves on to the bot's next endpoint. ``retry_after_s`` is the
+    upstream's ``Retry-After``; ``rate_limited`` marks its 429.
+    """
 
     status = 502
     code = "upstream_error"
     type = "upstream_error"
 
     def __init__(
-        self, message: str, *, upstream_status: str = "error", param: str | None = None
+        self,
+        message: str,
+        *,
+        upstream_status: str = "error",
+        param: str | None = None,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+        rate_limited: bool = False,
     ) -> None:
         super().__init__(message, param=param)
         # How it failed, for the worker's metrics: the upstream's HTTP status,
         # or timeout, connection, malformed, stream (never sent to the caller).
         self.upstream_status = upstream_status
+        # Whether the next endpoint of the bot may be tried (before any delta).
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.rate_limited = rate_limited
+
+
+class UpstreamUnavailable(BotlineError):
+    """Every endpoint of the bot is cooling down, paused or out of fleet capacity
+    for longer than the request can wait."""
+
+    status = 503
+    code = "upstream_unavailable"
+    type = "server_error"
+    retry_after = 1
 
 
 class UnknownEndpoint(BotlineError):
@@ -248,6 +275,7 @@ _BY_CODE: dict[str, type[BotlineError]] = {
         Overloaded,
         DeadlineExceeded,
         UpstreamError,
+        UpstreamUnavailable,
         UnknownEndpoint,
         WorkerLost,
         JobFailed,

@@ -129,6 +129,19 @@ class Names:
         """
         return f"{self.namespace}:closed:{job_id}"
 
+    def endpoint_health(self, endpoint: str) -> str:
+        """Hash: a model endpoint's fleet-wide state (failures, cooldown, probe, pause)."""
+        return f"{self.namespace}:endpoint:{endpoint}"
+
+    def endpoint_budget(self, endpoint: str, dimension: str) -> str:
+        """Sorted set of a model endpoint's fleet-wide budget (``rpm``, ``tpm``, ``inflight``)."""
+        return f"{self.namespace}:endpoint:{endpoint}:{dimension}"
+
+    @property
+    def endpoints(self) -> str:
+        """Set of the model endpoint names the workers know (for the admin API)."""
+        return f"{self.namespace}:endpoints"
+
     @property
     def invalidate_channel(self) -> str:
         """Pub/sub channel on which key and bot changes reach every gateway."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import secrets
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.wire import EndpointRef
+
+MAX_ENDPOINTS = 16
 
 
 def new_id(prefix: str) -> str:
@@ -47,7 +51,12 @@ class Bot(BaseModel):
 
     id: str
     name: str
-    endpoint: str = Field(min_length=1, description="a model endpoint the workers know")
+    endpoint: str = Field(
+        min_length=1, description="a model endpoint the workers know; the first of `endpoints`"
+    )
+    # Ordered fallbacks (tiers, weights within a tier); a bot stored before
+    # this field existed, or created with one ``endpoint``, gets that one.
+    endpoints: list[EndpointRef] = Field(default_factory=list, max_length=MAX_ENDPOINTS)
     model: str = Field(min_length=1)
     system_prompt: str = ""
     temperature: float = Field(0.7, ge=0, le=2)
@@ -62,6 +71,33 @@ class Bot(BaseModel):
     # Defaults for the bot's keys; each key may set its own.
     limits: Limits = Limits()
     created_at: int = Field(0, description="epoch milliseconds")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, data: Any) -> Any:
+        """``endpoint`` alone, ``endpoints`` alone, or both agreeing on the first."""
+        if not isinstance(data, dict):
+            return data
+        endpoint, endpoints = data.get("endpoint"), data.get("endpoints")
+        if endpoints:
+            first = endpoints[0]
+            name = first.name if isinstance(first, EndpointRef) else first.get("name")
+            if not endpoint:
+                return data | {"endpoint": name}
+            if endpoint != name:
+                raise ValueError("endpoint must be the first of endpoints")
+            return data
+        if endpoint:
+            return data | {"endpoints": [{"name": endpoint}]}
+        return data
+
+    def endpoint_plan(self) -> list[EndpointRef]:
+        """The endpoints in tier order, each with its tier set (its position if none)."""
+        resolved = [
+            ref if ref.tier is not None else ref.model_copy(update={"tier": i})
+            for i, ref in enumerate(self.endpoints)
+        ]
+        return sorted(resolved, key=lambda ref: ref.tier or 0)
 
 
 class KeyRecord(BaseModel):

@@ -70,7 +70,15 @@ class Registry:
         bot = await self.get_bot(bot_id)
         if bot is None:
             return None
-        updated = Bot.model_validate(bot.model_dump() | fields | {"id": bot.id})
+        current = bot.model_dump()
+        # A different endpoint replaces the list; a list replaces the one (its
+        # first). The same endpoint changes nothing: the admin page sends it
+        # back with every save and must not drop the fallbacks.
+        if "endpoints" not in fields and fields.get("endpoint", bot.endpoint) != bot.endpoint:
+            current.pop("endpoints")
+        elif "endpoints" in fields and "endpoint" not in fields:
+            current.pop("endpoint")
+        updated = Bot.model_validate(current | fields | {"id": bot.id})
         await self.put_bot(updated)
         return updated
 

@@ -69,6 +69,22 @@ class Usage(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
 
+class EndpointRef(BaseModel):
+    """One entry of a bot's ordered endpoint list.
+
+    Tiers are tried in ascending order; within a tier the entries are tried
+    in a random order drawn by ``weight`` (so traffic splits by weight), the
+    others after it as fallbacks. A tier left out is the entry's position in
+    the list, so a plain list is a plain order of fallbacks.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str = Field(min_length=1, max_length=200)
+    weight: int = Field(1, ge=1, le=1000)
+    tier: int | None = Field(None, ge=0, le=1000)
+
+
 class ChatJob(_Wire):
     """A chat request, resolved against its bot, for any worker to answer."""
 
@@ -80,6 +96,8 @@ class ChatJob(_Wire):
     reply_to: str
     # Epoch milliseconds after which nobody waits for the answer.
     deadline_ms: int
+    # The first endpoint to try; ``endpoints`` (added in v1, optional) is the
+    # whole ordered list, tiers resolved. A job without it names one endpoint.
     endpoint: str
     model: str
     # System prompt first, then the request's history, already trimmed.
@@ -91,6 +109,11 @@ class ChatJob(_Wire):
     stream: bool = True
     # OpenAI parameters passed to the model as they are (stop, seed, tools, ...).
     params: dict[str, Any] = Field(default_factory=dict)
+    endpoints: list[EndpointRef] = Field(default_factory=list)
+
+    def endpoint_list(self) -> list[EndpointRef]:
+        """The endpoints to try, tiers resolved (a job from an older gateway: its one endpoint)."""
+        return self.endpoints or [EndpointRef(name=self.endpoint, tier=0)]
 
 
 class DeltaEvent(_Wire):
@@ -107,6 +130,8 @@ class DeltaEvent(_Wire):
     seq: int
     text: str = ""
     tool_calls: list[list[dict[str, Any]]] = Field(default_factory=list)
+    # The endpoint that answered: set on an attempt's first delta (added in v1).
+    endpoint: str = ""
 
 
 class EndEvent(_Wire):
@@ -120,6 +145,8 @@ class EndEvent(_Wire):
     text: str = ""
     finish_reason: str = "stop"
     usage: Usage
+    # The endpoint that answered (added in v1).
+    endpoint: str = ""
 
 
 class ErrorEvent(_Wire):

@@ -282,3 +282,30 @@ async def test_standalone_process(session: aiohttp.ClientSession) -> None:
             proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0
+
+
+async def test_retry_after_and_stall(up: FakeOpenAI, session: aiohttp.ClientSession) -> None:
+    up.script(Script(status=429, retry_after=2.5))
+    async with session.post(f"{up.base_url}/chat/completions", json=chat()) as resp:
+        assert (resp.status, resp.headers["Retry-After"]) == (429, "2.5")
+    up.script(Script(stall_s=0.3))
+    started = asyncio.get_running_loop().time()
+    async with session.post(f"{up.base_url}/chat/completions", json=chat(stream=True)) as resp:
+        assert resp.status == 200  # the head itself came only after the stall
+        assert asyncio.get_running_loop().time() - started >= 0.3
+        assert contents(await all_events(resp))
+
+
+async def test_rate_limit_answers_429_past_the_accounts_limit(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with FakeOpenAI(rate_limit=(2, 30.0)) as limited:
+        statuses = []
+        for _ in range(3):
+            async with session.post(f"{limited.base_url}/chat/completions", json=chat()) as resp:
+                statuses.append((resp.status, resp.headers.get("Retry-After")))
+        assert [s for s, _ in statuses] == [200, 200, 429]
+        assert 29 < float(statuses[2][1] or 0) <= 30
+        assert (limited.accepted, limited.rate_limited) == (2, 1)
+        async with session.get(limited.base_url.removesuffix("/v1") + "/stats") as resp:
+            assert await resp.json() == {"accepted": 2, "rate_limited": 1}

@@ -24,6 +24,7 @@ from services.gateway.bodies import invalid, load_object, read_body
 from services.gateway.resources import GATEWAY, Gateway
 from shared import fleet
 from shared.clock import now_ms
+from shared.endpoint_state import EndpointState, endpoint_states, known_endpoints
 from shared.errors import AdminUnauthorized, NotFound
 from shared.records import Bot, KeyRecord
 
@@ -129,7 +130,7 @@ async def create_bot(request: web.Request) -> web.Response:
     """Create a bot."""
     gateway = _require_admin(request)
     fields = await _body(request, BotInput)
-    return _json(await gateway.registry.create_bot(**fields.model_dump()), status=201)
+    return _json(await gateway.registry.create_bot(**fields.fields()), status=201)
 
 
 async def show_bot(request: web.Request) -> web.Response:
@@ -250,6 +251,14 @@ async def list_workers(request: web.Request) -> web.Response:
     return _json([w.model_dump(mode="json") for w in workers])
 
 
+async def list_endpoints(request: web.Request) -> web.Response:
+    """The model endpoints the workers know, each with its fleet-wide state."""
+    gateway = _require_admin(request)
+    redis, names = gateway.registry.redis, gateway.registry.names
+    states = await endpoint_states(redis, names, await known_endpoints(redis, names))
+    return _json([s.model_dump() for s in states])
+
+
 @dataclass(frozen=True)
 class Route:
     """One admin route: how it is served and how the OpenAPI document describes it."""
@@ -281,4 +290,6 @@ ROUTES = [
     Route("DELETE", "/keys/{key_id}", revoke_key, "Revoke a key", status=204),
     Route("GET", "/keys/{key_id}/usage", key_usage, "A key's usage", answer=UsageView),
     Route("GET", "/workers", list_workers, "List live workers", answer=fleet.Heartbeat, many=True),
+    Route("GET", "/endpoints", list_endpoints, "Model endpoints' state", answer=EndpointState,
+          many=True),
 ]  # fmt: skip

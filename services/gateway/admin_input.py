@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.errors import NotFound
-from shared.records import ContentKind, Limits
+from shared.records import MAX_ENDPOINTS, ContentKind, Limits
 
 # Ids as shared.records.new_id makes them; anything else names no record (and must
 # not reach Redis: "bot_x:keys" is another record's key).
@@ -79,13 +79,36 @@ class LimitsInput(BaseModel):
         return Limits(**self.model_dump())
 
 
-class BotInput(BaseModel):
-    """A new bot."""
+class EndpointInput(BaseModel):
+    """One entry of a bot's ordered endpoints."""
 
     model_config = _STRICT
 
     name: str = Field(min_length=1, max_length=200)
-    endpoint: str = Field("echo", min_length=1, max_length=200)
+    weight: int = Field(1, ge=1, le=1000, description="share of traffic within its tier")
+    tier: int | None = Field(
+        None, ge=0, le=1000, description="tried in ascending order; default: the position"
+    )
+
+
+def _endpoints(**constraints: Any) -> Any:
+    return Field(
+        None,
+        min_length=1,
+        max_length=MAX_ENDPOINTS,
+        description="ordered fallbacks, weighted within a tier; the first is `endpoint`",
+        **constraints,
+    )
+
+
+class BotInput(BaseModel):
+    """A new bot: one ``endpoint`` (default ``echo``), or an ordered list ``endpoints``."""
+
+    model_config = _STRICT
+
+    name: str = Field(min_length=1, max_length=200)
+    endpoint: str | None = Field(None, min_length=1, max_length=200)
+    endpoints: list[EndpointInput] | None = _endpoints()
     model: str = Field("echo", min_length=1, max_length=200)
     system_prompt: str = ""
     temperature: float = Field(0.7, ge=0, le=2)
@@ -96,6 +119,18 @@ class BotInput(BaseModel):
         default_factory=list, max_length=3, description="non-text content parts callers may send"
     )
     limits: LimitsInput = LimitsInput()
+
+    @model_validator(mode="after")
+    def _first_endpoint(self) -> BotInput:
+        if self.endpoints and self.endpoint not in (None, self.endpoints[0].name):
+            raise ValueError("endpoint must be the first of endpoints (or leave it out)")
+        if self.endpoint is None and not self.endpoints:
+            self.endpoint = "echo"
+        return self
+
+    def fields(self) -> dict[str, Any]:
+        """The bot's fields as the registry takes them."""
+        return self.model_dump(exclude_none=True)
 
 
 class _Patch(BaseModel):
@@ -117,6 +152,7 @@ class BotPatch(_Patch):
 
     name: str | None = _unchanged(min_length=1, max_length=200)
     endpoint: str | None = _unchanged(min_length=1, max_length=200)
+    endpoints: list[EndpointInput] | None = _endpoints(json_schema_extra=_not_nullable)
     model: str | None = _unchanged(min_length=1, max_length=200)
     system_prompt: str | None = _unchanged()
     temperature: float | None = _unchanged(ge=0, le=2)
@@ -127,6 +163,13 @@ class BotPatch(_Patch):
     limits: LimitsInput | None = _unchanged(
         description="replaces all three limits; a limit left out is none"
     )
+
+    @model_validator(mode="after")
+    def _one_first_endpoint(self) -> BotPatch:
+        # Both given: they must agree, as when a bot is created.
+        if self.endpoints and self.endpoint is not None and self.endpoint != self.endpoints[0].name:
+            raise ValueError("endpoint must be the first of endpoints (or leave it out)")
+        return self
 
 
 class KeyInput(BaseModel):

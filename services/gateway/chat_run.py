@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import structlog
+
 from services.gateway.job_client import (
     DeadJob,
     Incoming,
@@ -38,7 +40,10 @@ from shared.errors import (
     WorkerLost,
     error_from_code,
 )
-from shared.wire import ChatJob, DeltaEvent, EndEvent, Usage
+from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent, Usage
+
+# The model endpoint that answered, on both surfaces' responses.
+ENDPOINT_HEADER = "x-botline-endpoint"
 
 
 def new_job_id() -> str:
@@ -116,6 +121,8 @@ class ChatRun:
         # What the relayed attempt sent before its end: charged if none comes.
         self._sent: list[str] = []
         self._prompt_estimate = prompt_estimate
+        # The model endpoint that answered (``x-botline-endpoint``), once known.
+        self.endpoint = ""
 
     @property
     def prompt_estimate(self) -> int:
@@ -228,6 +235,8 @@ class ChatRun:
             if event.seq != self._seq:
                 raise WorkerLost(f"events out of order (expected {self._seq}, got {event.seq})")
             self._seq += 1
+            if not isinstance(event, ErrorEvent) and event.endpoint:
+                self._answered_by(event.endpoint)
             if isinstance(event, DeltaEvent):
                 if not relayed and not restartable:
                     self._first_token()
@@ -259,6 +268,16 @@ class ChatRun:
         if self._on_first_token is not None:
             self._on_first_token()
             self._on_first_token = None
+
+    def _answered_by(self, endpoint: str) -> None:
+        if endpoint != self.endpoint:
+            self.endpoint = endpoint
+            # On the request's one log line too.
+            structlog.contextvars.bind_contextvars(endpoint=endpoint)
+
+    def headers(self) -> dict[str, str]:
+        """Response headers about the run: the endpoint that answered."""
+        return {ENDPOINT_HEADER: self.endpoint} if self.endpoint else {}
 
     async def complete(self) -> Answer:
         """Wait for the whole answer. A retried job restarts it unseen."""

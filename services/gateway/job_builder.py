@@ -63,4 +63,5 @@ def build_job(
         max_tokens=max_tokens,
         stream=chat.stream,
         params=chat.params,
+        endpoints=bot.endpoint_plan(),
     )

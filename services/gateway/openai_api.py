@@ -29,8 +29,10 @@ def _usage(usage: Usage) -> dict[str, int]:
     }
 
 
-def _json(payload: dict[str, Any]) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+def _json(payload: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(payload), content_type="application/json", headers=headers
+    )
 
 
 def model_object(bot: Bot) -> dict[str, Any]:
@@ -124,7 +126,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             renderer = OpenAIStream(run.job.job_id, created, model, session.input.include_usage)
             return await write_stream(request, run, renderer)
         answer = await run.complete()
-        return _json(render_whole(run.job.job_id, created, model, answer))
+        return _json(render_whole(run.job.job_id, created, model, answer), run.headers())
 
 
 async def list_models(request: web.Request) -> web.Response:

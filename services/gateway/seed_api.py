@@ -126,4 +126,5 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return web.Response(
             body=orjson.dumps(render_whole(session.run.job.job_id, answer)),
             content_type="application/json",
+            headers=session.run.headers(),
         )

@@ -61,7 +61,7 @@ async def write_stream(
     async with contextlib.aclosing(run.stream()) as events:
         # Errors up to the first event are still real HTTP errors.
         first = await anext(events)
-        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        response = web.StreamResponse(status=200, headers=SSE_HEADERS | run.headers())
         await response.prepare(request)
         streams_open = request.config_dict[GATEWAY].metrics.streams_open
         streams_open.inc()

@@ -9,9 +9,12 @@ connection, which is how a caller who went away stops the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import os
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -133,8 +136,13 @@ class OpenAIModel:
                 self._url, data=self._payload(job), headers=self._headers
             ) as response:
                 if response.status != 200:
+                    status = response.status
                     raise UpstreamError(
-                        await _error_message(response), upstream_status=str(response.status)
+                        await _error_message(response),
+                        upstream_status=str(status),
+                        retryable=status == 429 or status >= 500,
+                        retry_after_s=retry_after(response.headers),
+                        rate_limited=status == 429,
                     )
                 if job.stream:
                     async for piece in _parse_stream(response, job):
@@ -144,11 +152,13 @@ class OpenAIModel:
                         yield piece
         except aiohttp.ClientError as exc:
             raise UpstreamError(
-                f"the model endpoint failed: {type(exc).__name__}", upstream_status="connection"
+                f"the model endpoint failed: {type(exc).__name__}",
+                upstream_status="connection",
+                retryable=True,
             ) from exc
         except TimeoutError as exc:
             raise UpstreamError(
-                "the model endpoint stopped answering", upstream_status="timeout"
+                "the model endpoint stopped answering", upstream_status="timeout", retryable=True
             ) from exc
 
     async def close(self) -> None:
@@ -181,6 +191,23 @@ def caller_message(status: int) -> str:
     if 400 <= status < 500:
         return f"{_REFUSED} ({status})"
     return f"the model endpoint failed ({status})"
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """The upstream's ``Retry-After`` (or ``retry-after-ms``) in seconds, if it sent one."""
+    millis = headers.get("retry-after-ms")
+    with contextlib.suppress(ValueError):
+        if millis is not None:
+            return max(0.0, float(millis) / 1000)
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    return None
 
 
 async def _error_message(response: aiohttp.ClientResponse) -> str:

@@ -35,6 +35,8 @@ class JobEvents:
         self._on_first_delta = on_first_delta
         # The answer's usage, once its end was sent.
         self.usage: Usage | None = None
+        # The endpoint that answered, once known: on the first delta and the end.
+        self.endpoint = ""
 
     async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent, *, wait: bool = False) -> None:
         job = self._job
@@ -69,6 +71,10 @@ class JobEvents:
             message_type=beat.type,
         )
 
+    def answered_by(self, endpoint: str) -> None:
+        """Name the endpoint that answered on the events still to come."""
+        self.endpoint = endpoint
+
     async def delta(self, text: str, tool_calls: list[list[dict[str, Any]]]) -> None:
         """A piece of the answer (text and/or tool-call fragments)."""
         job = self._job
@@ -82,6 +88,7 @@ class JobEvents:
                 seq=self._seq,
                 text=text,
                 tool_calls=tool_calls,
+                endpoint=self.endpoint if self._seq == 0 else "",
             )
         )
 
@@ -97,6 +104,7 @@ class JobEvents:
                 text=text,
                 finish_reason=finish.finish_reason,
                 usage=finish.usage,
+                endpoint=self.endpoint,
             ),
             wait=True,
         )

@@ -78,6 +78,26 @@ class EndpointConfig(BaseModel):
     # echo only: the pause before each word, to look like a model thinking.
     delay_ms: float = Field(20.0, ge=0)
 
+    # A stream whose first piece takes longer than this moves to the bot's next
+    # endpoint (a whole answer's first piece is the whole answer: timeout_s).
+    first_byte_timeout_s: float = Field(30.0, gt=0)
+    # Fleet-wide cooldown: this many failures within the window cool the
+    # endpoint down for cooldown_s on every worker; then one probe request
+    # decides whether traffic returns.
+    cooldown_failures: int = Field(5, ge=1)
+    cooldown_window_s: float = Field(30.0, gt=0)
+    cooldown_s: float = Field(30.0, gt=0)
+    # The provider's limits for the whole fleet (its account's, not a process's);
+    # None: not declared. rpm and tpm count over WorkerSettings.budget_window_s.
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_in_flight: int | None = Field(None, ge=1)
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether the endpoint declares any fleet-wide capacity."""
+        return bool(self.rpm or self.tpm or self.max_in_flight)
+
 
 class WorkerSettings(CommonSettings):
     """Everything a worker needs to know."""
@@ -112,8 +132,29 @@ class WorkerSettings(CommonSettings):
     # gateway is gone the beat bounces and the job stops (a stream's deltas
     # do that already). Cheap: a few hundred bytes a job every beat.
     beat_ms: float = Field(150.0, gt=0)
-    # The one Redis read a worker makes (before running a job again) waits this long at most.
-    redis_timeout_s: float = Field(1.0, gt=0)
+
+    # Redis holds closed-job markers, read before a job runs again, and the
+    # fleet's endpoint state (cooldowns, pauses, budgets). It must answer fast:
+    # past this the worker goes on without it (fail open: a job run once too
+    # often, an endpoint called without its fleet-wide check).
+    redis_timeout_s: float = Field(0.5, gt=0)
+    # Before the first delta, a failed call moves to the next endpoint after
+    # this pause (doubled per failure, jittered, at most 2 s); a job makes at
+    # most endpoint_attempts calls that fail.
+    fallback_backoff_ms: float = Field(50.0, ge=0)
+    endpoint_attempts: int = Field(4, ge=1)
+    # A 429 without Retry-After pauses the endpoint this long; a Retry-After
+    # is honoured up to retry_after_max_s.
+    pause_default_s: float = Field(1.0, ge=0)
+    retry_after_max_s: float = Field(600.0, gt=0)
+    # Declared rpm/tpm count over this window (providers count per minute;
+    # tests shorten it), widened by the margin against the jitter between
+    # taking capacity and the provider counting the call.
+    budget_window_s: float = Field(60.0, gt=0)
+    budget_margin_s: float = Field(1.0, ge=0)
+    # A job waits for capacity only while this much of its deadline would be
+    # left for the answer; otherwise it is refused at once.
+    answer_reserve_s: float = Field(1.0, ge=0)
 
     # On SIGTERM: stop taking jobs, give running ones this long, then cancel.
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -72,6 +72,7 @@ from services.worker.endpoints import Model, make_model
 from services.worker.job_events import JobEvents, JobStats
 from services.worker.metrics import UNKNOWN, WorkerMetrics
 from services.worker.probes import serve_probes
+from services.worker.routing import Router
 from services.worker.settings import WorkerSettings
 from shared import fleet
 from shared.amqp import (
@@ -89,7 +90,6 @@ from shared.errors import (
     BotlineError,
     DeadlineExceeded,
     InternalError,
-    UnknownEndpoint,
     UpstreamError,
 )
 from shared.loop import watch_lag
@@ -152,9 +152,8 @@ class Worker:
         self.worker_id = settings.worker_id or secrets.token_hex(6)
         endpoints = settings.all_endpoints()
         self._models: dict[str, Model] = {name: make_model(cfg) for name, cfg in endpoints.items()}
-        self._limits = {
-            name: asyncio.Semaphore(cfg.max_concurrency) for name, cfg in endpoints.items()
-        }
+        # Which endpoint answers each job: fallbacks, fleet cooldowns and budgets.
+        self.router = Router(settings, self._models, endpoints)
         self._running: dict[str, asyncio.Task[object]] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._link = AmqpLink(
@@ -242,6 +241,7 @@ class Worker:
         await suspects_channel.set_qos(prefetch_count=1)
         self._suspects = await declare_suspects(suspects_channel, settings)
         self._suspects_tag = await self._suspects.consume(self._on_suspect)
+        await self.router.start()
         self._consumer_tag = await self._jobs.consume(self._on_job)
 
     def heartbeat(self) -> fleet.Heartbeat:
@@ -295,8 +295,7 @@ class Worker:
             async with asyncio.timeout(2.0):
                 await fleet.leave(self._redis, self.settings.names, self.worker_id)
         await self._redis.aclose()
-        for model in self._models.values():
-            await model.close()
+        await self.router.close()
         await self._link.close()
         log.info("worker.stopped", jobs=self.stats.total)
 
@@ -470,23 +469,19 @@ class Worker:
 
     async def _run(self, job: ChatJob, attempt: int) -> None:
         assert self._events is not None
-        metrics = self.metrics
-        model = self._models.get(job.endpoint)
-        if model is None:
-            events = JobEvents(self._events, self._replies_exchange, job, attempt)
-            await events.error(UnknownEndpoint(f"no model endpoint named {job.endpoint!r}"))
-            metrics.of(UNKNOWN).job(UnknownEndpoint.code)
-            return
-        in_flight = metrics.of(job.endpoint).in_flight
+        # Counted under the endpoint the bot names first (a fallback that answered
+        # is in the logs and the upstream error series).
+        label = job.endpoint if job.endpoint in self._models else UNKNOWN
+        in_flight = self.metrics.of(label).in_flight
         in_flight.inc()
         try:
-            await self._call(job, attempt, model)
+            await self._call(job, attempt, label)
         finally:
             in_flight.dec()
 
-    async def _call(self, job: ChatJob, attempt: int, model: Model) -> None:
+    async def _call(self, job: ChatJob, attempt: int, label: str) -> None:
         assert self._events is not None
-        series = self.metrics.of(job.endpoint)
+        series = self.metrics.of(label)
         started = time.perf_counter()
 
         def first_delta() -> None:
@@ -504,10 +499,10 @@ class Worker:
         outcome = "done"
         beat = None if job.stream else asyncio.create_task(self._beat(events))
         try:
-            async with asyncio.timeout_at(deadline) as window, self._limits[job.endpoint]:
+            async with asyncio.timeout_at(deadline) as window:
                 settings = self.settings
                 await coalesce(
-                    model.stream(job),
+                    self.router.stream(job, events.answered_by),
                     events.delta,
                     events.end,
                     window_s=self._stream_window if job.stream else settings.whole_window_ms / 1000,
@@ -522,7 +517,9 @@ class Worker:
         except BotlineError as exc:
             outcome = exc.code
             if isinstance(exc, UpstreamError):
-                self.metrics.upstream_errors.labels(job.endpoint, exc.upstream_status).inc()
+                self.metrics.upstream_errors.labels(
+                    events.endpoint or label, exc.upstream_status
+                ).inc()
             await events.error(exc)
         except (AMQPError, ChannelInvalidStateError):
             raise
@@ -541,7 +538,10 @@ class Worker:
             series.used(events.usage)
         await self.stats.add(outcome)
         log.info(
-            "job.finished", outcome=outcome, endpoint=job.endpoint, ms=round(elapsed * 1000, 2)
+            "job.finished",
+            outcome=outcome,
+            endpoint=events.endpoint or job.endpoint,
+            ms=round(elapsed * 1000, 2),
         )
 
     async def _beat(self, events: JobEvents) -> None:

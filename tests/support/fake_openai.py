@@ -5,9 +5,11 @@ how each request is answered by pushing :class:`Script` objects, and inspect wha
 sent through :attr:`FakeOpenAI.requests`. Without a script the reply is
 ``"fake reply to: " + <last user message>``, one chunk per space-separated token.
 
-Standalone: ``python -m tests.support.fake_openai --port 9999 [--delay-ms 5] [--tokens N]``
-serves the default behaviour until SIGINT/SIGTERM; with ``--tokens N`` every reply is exactly
-N tokens, ``"tok0 tok1 ... tok<N-1>"`` (benchmarks want a fixed reply length).
+Standalone: ``python -m tests.support.fake_openai --port 9999 [--delay-ms 5] [--tokens N]
+[--rate-limit N/SECONDS]`` serves the default behaviour until SIGINT/SIGTERM; with
+``--tokens N`` every reply is exactly N tokens, ``"tok0 tok1 ... tok<N-1>"`` (benchmarks want a
+fixed reply length); with ``--rate-limit`` it refuses calls over an account limit, and
+``GET /stats`` says how many it accepted and refused.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ _ERRORS: dict[int, tuple[str, str | None]] = {
 
 @dataclass
 class Script:
-    """How to answer one request; every field is optional (see the module docstring)."""
+    """How to answer one request; every field is optional (see the module docstring).
+
+    ``status`` answers that error (with ``retry_after`` as its ``Retry-After``
+    header, in seconds); ``stall_s`` holds the response before its first byte
+    (headers included) that long. A refused connection is a closed server
+    (:meth:`FakeOpenAI.close`).
+    """
 
     tokens: list[str] | None = None
     delay_s: float = 0.0
@@ -47,6 +55,8 @@ class Script:
     status: int | None = None
     # The upstream's own error text with ``status`` (else a generic one).
     error_message: str | None = None
+    retry_after: float | None = None
+    stall_s: float = 0.0
     include_usage: bool = True
     tool_calls: list[dict[str, Any]] | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -58,6 +68,8 @@ class Recorded:
 
     body: dict[str, Any]
     headers: dict[str, str]
+    # time.monotonic() when the request arrived.
+    arrived: float = field(default_factory=time.monotonic)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -119,10 +131,15 @@ class FakeOpenAI:
         delay_s: float = 0.0,
         record: bool = True,
         tokens: list[str] | None = None,
+        rate_limit: tuple[int, float] | None = None,
     ) -> None:
         """``delay_s`` paces unscripted replies; ``record=False`` keeps no history (benchmarks).
 
         ``tokens``, when given, is every unscripted reply instead of the default one.
+        ``rate_limit=(n, window_s)`` behaves like a provider's account limit: a
+        request that finds ``n`` others accepted within the last ``window_s``
+        (a sliding window) is answered 429 with ``Retry-After``; they are
+        counted in :attr:`rate_limited`.
         """
         self._host, self._port = host, port
         self._delay_s = delay_s
@@ -134,6 +151,14 @@ class FakeOpenAI:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._closing = False
         self.requests: list[Recorded] = []
+        self._rate_limit = rate_limit
+        self._accepted: deque[float] = deque()
+        # Calls answered within the rate limit, and those refused 429 (rate_limit only).
+        self.accepted = 0
+        self.rate_limited = 0
+        # Requests being answered now, and the most there ever were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     @property
     def base_url(self) -> str:
@@ -157,6 +182,7 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/stats", self._stats)
         # handler_cancellation: a client going away cancels the handler, which is how
         # ``disconnected`` is detected even while we sleep or hold between tokens.
         runner = web.AppRunner(
@@ -192,6 +218,10 @@ class FakeOpenAI:
     ) -> None:
         await self.close()
 
+    async def _stats(self, request: web.Request) -> web.Response:
+        """What a test in another process needs to know: calls answered and refused."""
+        return web.json_response({"accepted": self.accepted, "rate_limited": self.rate_limited})
+
     async def _models(self, request: web.Request) -> web.Response:
         model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "botline-tests"}
         return web.json_response({"object": "list", "data": [model]})
@@ -214,11 +244,15 @@ class FakeOpenAI:
             if self._scripts
             else Script(tokens=self._tokens, delay_s=self._delay_s)
         )
+        if script.status is None and self._over_rate_limit():
+            script = Script(status=429, retry_after=self._retry_after())
         resp: web.StreamResponse
         if script.status is not None:
             resp = web.json_response(
                 error_body(script.status, script.error_message), status=script.status
             )
+            if script.retry_after is not None:
+                resp.headers["Retry-After"] = f"{script.retry_after:g}"
         elif body.get("stream") is True:
             resp = web.StreamResponse(headers=_SSE_HEADERS)
         else:
@@ -226,7 +260,11 @@ class FakeOpenAI:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            if script.stall_s:
+                await asyncio.sleep(script.stall_s)
             if script.status is None:
                 await self._generate(request, resp, body, script)
             # Write everything here rather than after returning, so `finished` means sent.
@@ -243,8 +281,27 @@ class FakeOpenAI:
             # instead of logging "Error handling request".
             rec.disconnected.set()
         finally:
+            self.in_flight -= 1
             self._handlers.discard(task)
         return resp
+
+    def _over_rate_limit(self) -> bool:
+        if self._rate_limit is None:
+            return False
+        limit, window = self._rate_limit
+        now = time.monotonic()
+        while self._accepted and self._accepted[0] <= now - window:
+            self._accepted.popleft()
+        if len(self._accepted) >= limit:
+            self.rate_limited += 1
+            return True
+        self._accepted.append(now)
+        self.accepted += 1
+        return False
+
+    def _retry_after(self) -> float:
+        assert self._rate_limit is not None
+        return max(0.001, round(self._accepted[0] + self._rate_limit[1] - time.monotonic(), 3))
 
     async def _generate(
         self, request: web.Request, resp: web.StreamResponse, body: dict[str, Any], script: Script
@@ -311,13 +368,21 @@ def numbered_tokens(n: int) -> list[str]:
     return [w + " " for w in words[:-1]] + words[-1:]
 
 
-async def _serve(host: str, port: int, delay_s: float, tokens: list[str] | None) -> None:
+async def _serve(
+    host: str,
+    port: int,
+    delay_s: float,
+    tokens: list[str] | None,
+    rate_limit: tuple[int, float] | None = None,
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # record=False: a long benchmark run must not keep every request body in memory.
-    async with FakeOpenAI(host=host, port=port, delay_s=delay_s, record=False, tokens=tokens) as up:
+    async with FakeOpenAI(
+        host=host, port=port, delay_s=delay_s, record=False, tokens=tokens, rate_limit=rate_limit
+    ) as up:
         print(f"fake OpenAI serving on {up.base_url}", flush=True)
         await stop.wait()
 
@@ -337,11 +402,21 @@ def main(argv: list[str] | None = None) -> None:
         metavar="N",
         help='every reply is exactly N tokens, "tok0 tok1 ..." (default: echo the user)',
     )
+    parser.add_argument(
+        "--rate-limit",
+        default=None,
+        metavar="N/SECONDS",
+        help="answer 429 (with Retry-After) to a call that finds N others in the last SECONDS",
+    )
     args = parser.parse_args(argv)
+    rate_limit = None
+    if args.rate_limit is not None:
+        count, _, window = args.rate_limit.partition("/")
+        rate_limit = (int(count), float(window))
     if args.tokens is not None and args.tokens < 1:
         parser.error("--tokens must be at least 1")
     tokens = numbered_tokens(args.tokens) if args.tokens is not None else None
-    asyncio.run(_serve(args.host, args.port, args.delay_ms / 1000, tokens))
+    asyncio.run(_serve(args.host, args.port, args.delay_ms / 1000, tokens, rate_limit))
 
 
 if __name__ == "__main__":

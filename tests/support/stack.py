@@ -119,9 +119,10 @@ class Stack:
 
     async def bot_and_key(self, **fields: Any) -> tuple[Bot, str]:
         """A new bot (echo unless told) and a key for it."""
-        bot = await self.registry.create_bot(
-            **({"name": "test", "endpoint": "echo", "model": "m"} | fields)
-        )
+        defaults = {"name": "test", "model": "m"}
+        if "endpoints" not in fields:
+            defaults["endpoint"] = "echo"
+        bot = await self.registry.create_bot(**(defaults | fields))
         key, _ = await self.registry.create_key(bot.id, "test")
         return bot, key
 
