@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from services.gateway.admin import ROUTES
 from services.gateway.settings import GatewaySettings
+from tests.support.client import raw_request
 from tests.support.stack import ROOT, Stack, free_port, process_env
 
 REAL = "real-token-0123456789"
@@ -35,19 +36,6 @@ def test_a_short_token_is_refused(raw: str) -> None:
         GatewaySettings(admin_tokens=raw)
     assert "BOTLINE_ADMIN_TOKENS" in str(caught.value)
     assert "at least 16" in str(caught.value)
-
-
-async def raw_request(url: str, request: bytes) -> bytes:
-    """Send bytes as they are (clients refuse to send some headers) and read the answer."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(request)
-        await writer.drain()
-        async with asyncio.timeout(10):
-            return await reader.read()
-    finally:
-        writer.close()
 
 
 @pytest.mark.integration

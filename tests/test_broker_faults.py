@@ -20,7 +20,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.support.client import auth, chat, sse_events
+from tests.support.client import auth, chat, sse_events, until_status
 from tests.support.fake_openai import Script
 from tests.support.private_servers import PrivateRabbit
 from tests.support.stack import ProcessFactory, Stack
@@ -49,25 +49,6 @@ async def until_ready(
     async with asyncio.timeout(timeout):
         while await ready_status(http, url) != want:  # noqa: ASYNC110 -- a probe, polled with a deadline
             await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
-async def until_status(
-    http: aiohttp.ClientSession,
-    url: str,
-    key: str,
-    want: int,
-    *,
-    timeout: float,  # noqa: ASYNC109 -- a bound, passed on
-) -> float:
-    """Retry a whole answer until it has status ``want``; returns the seconds it took.
-
-    Polling: nothing tells a caller that a broker came back but asking again.
-    """
-    started = time.monotonic()
-    async with asyncio.timeout(timeout):
-        while (await chat(http, url, key, ASK))[0] != want:  # noqa: ASYNC110 -- polled with a deadline
-            await asyncio.sleep(0.05)
     return time.monotonic() - started
 
 

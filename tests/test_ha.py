@@ -11,38 +11,18 @@ import sys
 import time
 
 import aio_pika
-import aiohttp
 import pytest
 
 from shared.redis_client import redis_client
 from shared.registry import Registry
 from shared.settings import CommonSettings
-from tests.support.client import chat
+from tests.support.client import chat, until_status
 from tests.support.private_servers import PrivateRabbit, RedisSentinelGroup
 from tests.support.stack import Stack, process_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 ASK = {"messages": [{"role": "user", "content": "still there?"}]}
-
-
-async def until_status(
-    http: aiohttp.ClientSession,
-    url: str,
-    key: str,
-    want: int,
-    *,
-    timeout: float,  # noqa: ASYNC109 -- a bound, passed on
-) -> float:
-    """Retry a whole answer until it has status ``want``; returns the seconds it took.
-
-    Polling: nothing tells a caller that a backend came back but asking again.
-    """
-    started = time.monotonic()
-    async with asyncio.timeout(timeout):
-        while (await chat(http, url, key, ASK))[0] != want:  # noqa: ASYNC110 -- polled with a deadline
-            await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from shared.keys import hash_key
-from tests.support.client import auth, chat, sse_events, stream_chat
+from tests.support.client import auth, chat, raw_request, sse_events, stream_chat
 from tests.support.fake_openai import Script
 from tests.support.stack import ProcessFactory, Stack, free_port, run_cli
 
@@ -73,18 +73,6 @@ async def test_logs_hold_no_key_and_no_message_content(
         assert secret not in logs, f"{secret[:8]}… leaked into a log"
 
 
-async def raw_exchange(port: int, request: bytes) -> bytes:
-    """Send bytes no client library would send; the whole answer (the server closes)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        async with asyncio.timeout(10):
-            return await reader.read()
-    finally:
-        writer.close()
-
-
 async def test_malformed_and_oversized_requests_echo_and_log_no_key(
     bare_stack: Stack, processes: ProcessFactory, tmp_path: Path
 ) -> None:
@@ -104,7 +92,7 @@ async def test_malformed_and_oversized_requests_echo_and_log_no_key(
         head + bearer + b"\r\nContent-Length: 5\r\n" + tail,  # two lengths
     ]
     for request in malformed:
-        answer = await raw_exchange(port, request)
+        answer = await raw_request(f"http://127.0.0.1:{port}", request)
         status_line, _, rest = answer.partition(b"\r\n")
         headers, _, payload = rest.partition(b"\r\n\r\n")
         assert status_line.split()[1] == b"400", status_line

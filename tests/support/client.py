@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -65,3 +67,41 @@ async def stream_chat(
         assert resp.status == 200, await resp.text()
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         return [event async for event in sse_events(resp)]
+
+
+async def until_status(
+    http: aiohttp.ClientSession,
+    url: str,
+    key: str,
+    want: int,
+    *,
+    timeout: float,  # noqa: ASYNC109 -- a bound, passed on
+    body: dict[str, Any] | None = None,
+) -> float:
+    """Retry a whole answer until it has status ``want``; returns the seconds it took.
+
+    Polling: nothing tells a caller that a backend came back but asking again.
+    """
+    ask = body or {"messages": [{"role": "user", "content": "still there?"}]}
+    started = time.monotonic()
+    async with asyncio.timeout(timeout):
+        while (await chat(http, url, key, ask))[0] != want:  # noqa: ASYNC110 -- polled with a deadline
+            await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def raw_request(url: str, request: bytes) -> bytes:
+    """Send bytes as they are (clients refuse to send some headers); the whole answer.
+
+    The request should ask the server to close (``Connection: close``, or bytes it
+    cannot parse), since the answer is read until the connection ends.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
