@@ -73,6 +73,10 @@ def _close_all() -> None:
 atexit.register(_close_all)
 
 
+# Ports this process gave out: a group of servers picks all its ports before any binds.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A loopback TCP port nobody listens on, below the ephemeral range.
 
@@ -81,11 +85,14 @@ def free_port() -> int:
     """
     for _ in range(200):
         port = random.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue  # free now, but promised to a server that has not bound it yet
         with socket.socket() as sock:
             try:
                 sock.bind((HOST, port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free loopback port in 20000-32000")
 
