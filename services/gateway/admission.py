@@ -132,6 +132,12 @@ async def _admitted(
         request[RATE_HEADERS] = exc.headers
         raise
     request[RATE_HEADERS] = grant.headers
+    try:
+        # The key's class, a step lower over its fair share: no Redis call.
+        priority = gateway.fair_share.place(ticket.key_hash, record.priority or bot.priority)
+    except BaseException:
+        gateway.limiter.settle(grant, 0)
+        raise
     metrics = gateway.metrics
     started = request.get(STARTED, time.perf_counter())
 
@@ -146,6 +152,7 @@ async def _admitted(
         prompt_estimate=prompt_estimate,
         metrics=metrics,
         on_first_token=first_token if chat.stream else None,
+        priority=priority,
     )
     # No await in the finally blocks: they run even when the caller went away.
     charged = Usage()

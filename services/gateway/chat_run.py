@@ -40,6 +40,7 @@ from shared.errors import (
     WorkerLost,
     error_from_code,
 )
+from shared.priority import class_of
 from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent, Usage
 
 # The model endpoint that answered, on both surfaces' responses.
@@ -98,8 +99,11 @@ class ChatRun:
         prompt_estimate: int | None = None,
         metrics: GatewayMetrics | None = None,
         on_first_token: Callable[[], None] | None = None,
+        priority: int | None = None,
     ):
         self.job = job
+        # The job's message priority on the queue (shared/priority.py).
+        self.priority = priority
         self._metrics = metrics
         # Called once, when a stream's first piece is handed to the caller.
         self._on_first_token = on_first_token
@@ -165,7 +169,7 @@ class ChatRun:
             self._queue.put_nowait(Interrupted(self._interrupt))
         self._published = time.perf_counter()
         try:
-            await self._client.submit(self.job)
+            await self._client.submit(self.job, priority=self.priority)
         except BaseException:
             self._client.forget(self.job.job_id)
             raise
@@ -224,7 +228,9 @@ class ChatRun:
                 raise BackendUnavailable("the connection to the job queue was lost")
             if self._attempt is None and self._metrics is not None:
                 # A worker's first word on this job: the end of its wait in the queue.
-                self._metrics.queue_wait.observe(time.perf_counter() - self._published)
+                waited = time.perf_counter() - self._published
+                self._metrics.queue_wait.observe(waited)
+                self._metrics.queue_wait_by_priority.labels(class_of(self.priority)).observe(waited)
             if self._attempt is None or event.attempt > self._attempt:
                 if relayed and not restartable:
                     raise WorkerLost("the worker answering this request was lost")

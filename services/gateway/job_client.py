@@ -148,8 +148,11 @@ class JobClient:
         """Stop routing a job's events; later ones are dropped."""
         self._pending.pop(job_id, None)
 
-    async def submit(self, job: ChatJob) -> None:
-        """Publish a job and wait for the broker's confirm; refused at once while disconnected."""
+    async def submit(self, job: ChatJob, priority: int | None = None) -> None:
+        """Publish a job and wait for the broker's confirm; refused at once while disconnected.
+
+        ``priority`` is its message priority (shared/priority.py).
+        """
         channel = self._publish
         if channel is None or not self._link.up:
             raise BackendUnavailable("the job queue is unreachable")
@@ -167,6 +170,7 @@ class JobClient:
                     mandatory=True,
                     # Past its deadline nobody waits for it: the broker drops it.
                     expiration_ms=job.deadline_ms - now_ms(),
+                    priority=priority,
                 )
         except PublishError as exc:
             raise BackendUnavailable("the job queue does not exist") from exc

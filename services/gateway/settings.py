@@ -67,6 +67,12 @@ class GatewaySettings(CommonSettings):
 
     publish_timeout_s: float = Field(5.0, gt=0)
 
+    # Fair share (services/gateway/fair_share.py): how often the fleet's
+    # capacity is read from the workers' heartbeats, and the part of the jobs
+    # queue that keys over their share may fill together before they are refused.
+    fair_refresh_s: float = Field(2.0, gt=0)
+    fair_queue_share: float = Field(0.5, ge=0, le=1)
+
     # Idle connections close after this; so does one whose request head is not
     # complete by then (aiohttp arms the timer when the connection opens).
     keepalive_timeout_s: float = Field(75.0, gt=0)

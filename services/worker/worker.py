@@ -438,6 +438,8 @@ class Worker:
                     mandatory=retry,
                     # A copy nobody waits for must leave the queue by itself too.
                     expiration_ms=disposition.deadline_ms - now_ms() if retry else None,
+                    # A retried job keeps its place among the priorities.
+                    priority=message.priority,
                 )
             except (AMQPError, ChannelInvalidStateError) as exc:
                 if retry:
