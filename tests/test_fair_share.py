@@ -18,14 +18,17 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
 
 from services.worker.settings import EndpointConfig
 from shared import keys
 from tests.support import stack as stack_support
-from tests.support.client import chat
+from tests.support.client import auth, chat
 from tests.support.fake_openai import FakeOpenAI
-from tests.support.stack import Stack
+from tests.support.stack import Stack, run_cli
+
+pytestmark = pytest.mark.integration
 
 ASK = {"messages": [{"role": "user", "content": "hi"}]}
 # The fleet: one worker with this many job slots; a small jobs queue.
@@ -137,3 +140,84 @@ async def test_a_flooding_key_does_not_slow_another_key(
     assert set(refused) <= {503}
     # What kept it fair: the flood's jobs past its share went a step lower.
     assert lowered > 0
+
+
+async def test_a_high_job_goes_before_a_backlog_of_low_ones(
+    bare_stack: Stack, slow: FakeOpenAI, brisk: FakeOpenAI
+) -> None:
+    stack = bare_stack
+    endpoints = stack_support.test_endpoints(stack.upstream_url) | {
+        "brisk": EndpointConfig(kind="openai", base_url=brisk.base_url, timeout_s=30),
+    }
+    await stack.add_worker(concurrency=2, endpoints=endpoints)
+    await stack.add_gateway(fair_refresh_s=0.2)
+    # A low bot (its keys' class) and a key of a normal bot that is high itself.
+    low_bot = await stack.registry.create_bot(
+        name="low", model="m", endpoint="brisk", priority="low"
+    )
+    normal_bot = await stack.registry.create_bot(name="normal", model="m", endpoint="brisk")
+    high_key, record = await stack.registry.create_key(normal_bot.id, "vip", priority="high")
+    assert record.priority == "high"
+    # One request each from 30 low keys: each within its share, so only the
+    # class orders them. Two slots at ~0.2 s a job: a backlog of ~3 s.
+    low_keys = [(await stack.registry.create_key(low_bot.id, f"l{i}"))[0] for i in range(30)]
+    lows = [asyncio.create_task(_timed(stack.http, stack.url, key)) for key in low_keys]
+    async with asyncio.timeout(10):
+        while brisk.in_flight < 2:  # noqa: ASYNC110 -- a counter, polled with a deadline
+            await asyncio.sleep(0.02)
+    status, high_s = await _timed(stack.http, stack.url, high_key)
+    low_results = await asyncio.gather(*lows)
+    low_times = sorted(t for _, t in low_results)
+    print(f"high {high_s:.3f}s lows {low_times[0]:.2f}..{low_times[-1]:.2f}s")
+    assert status == 200
+    assert all(s == 200 for s, _ in low_results)
+    # The high job waited for one slot at most: about one job, not the backlog.
+    assert high_s < 0.2 + 0.5, high_s
+    assert low_times[-1] > 2.0  # the backlog was one
+    gateway = stack.gateway()
+    waited = gateway.metrics.queue_wait_by_priority.labels("high")._sum.get()
+    assert waited < 0.5, waited
+
+
+async def test_priority_is_set_by_the_admin_api_and_the_cli(bare_stack: Stack) -> None:
+    stack = bare_stack
+    token = "fair-share-admin-token"
+    await stack.add_gateway(admin_tokens=[token])
+    admin = f"{stack.url}/admin/api"
+    async with stack.http.post(
+        f"{admin}/bots", json={"name": "b", "priority": "low"}, headers=auth(token)
+    ) as resp:
+        assert resp.status == 201
+        bot = await resp.json()
+    assert bot["priority"] == "low"
+    async with stack.http.post(
+        f"{admin}/bots", json={"name": "b", "priority": "urgent"}, headers=auth(token)
+    ) as resp:
+        assert resp.status == 400
+    async with stack.http.post(
+        f"{admin}/bots/{bot['id']}/keys", json={"priority": "high"}, headers=auth(token)
+    ) as resp:
+        assert resp.status == 201
+        created = await resp.json()
+    assert created["record"]["priority"] == "high"
+    key_id = created["record"]["key_id"]
+    async with stack.http.patch(
+        f"{admin}/keys/{key_id}", json={"priority": None}, headers=auth(token)
+    ) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["priority"] is None  # the bot's, from now on
+    async with stack.http.patch(
+        f"{admin}/bots/{bot['id']}", json={"priority": "high"}, headers=auth(token)
+    ) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["priority"] == "high"
+    async with stack.http.get(f"{admin}/openapi.json", headers=auth(token)) as resp:
+        spec = await resp.text()
+    assert '"priority"' in spec
+
+    out, _ = await run_cli(stack.namespace, "bots", "create", "--name", "c", "--priority", "low")
+    bot_id = orjson.loads(out)["id"]
+    assert (await stack.registry.get_bot(bot_id)).priority == "low"  # type: ignore[union-attr]
+    await run_cli(stack.namespace, "keys", "create", "--bot", bot_id, "--priority", "high")
+    (record,) = await stack.registry.list_keys(bot_id)
+    assert record.priority == "high"
