@@ -172,6 +172,7 @@ class Worker:
         self._confirmed: AbstractChannel | None = None
         self.stats = JobStats()
         self.metrics = WorkerMetrics(sorted(self._models))
+        self.metrics.watch_scheduler(self.router.counts, self.router.states)
         self.started_at = now_ms()
         # For its heartbeat, and read before a job runs again (the module docstring).
         self._redis: Redis = redis_client(
