@@ -116,6 +116,11 @@ async def _admitted(
         request_id=request[REQUEST_ID],
         reply_to=gateway.job_client.reply_queue_name,
         deadline_s=settings.request_deadline_s,
+        queue_wait_s=(
+            settings.request_deadline_s * settings.queue_wait_share
+            if settings.queue_wait_share < 1
+            else None
+        ),
     )
     structlog.contextvars.bind_contextvars(job_id=job.job_id, stream=chat.stream)
     limits = record.limits.over(bot.limits)

@@ -29,14 +29,17 @@ from services.gateway.job_client import (
     Interrupted,
     JobClient,
     LostConnection,
+    Started,
 )
 from services.gateway.metrics import GatewayMetrics
 from shared import tokens
+from shared.clock import now_ms
 from shared.errors import (
     BackendUnavailable,
     BotlineError,
     DeadlineExceeded,
     JobFailed,
+    Overloaded,
     WorkerLost,
     error_from_code,
 )
@@ -120,6 +123,14 @@ class ChatRun:
         # An error the gateway ends the run with before its queue exists.
         self._interrupt: BotlineError | None = None
         self._queued = False
+        # Whether a worker took the job from the queue (its first beat or event).
+        self._began = False
+        # Until when (loop time) the job may wait in the queue; None: its deadline.
+        self._wait_until = (
+            None
+            if job.wait_until_ms is None
+            else asyncio.get_running_loop().time() + (job.wait_until_ms - now_ms()) / 1000
+        )
         # The answer's usage, once its end event arrived.
         self.usage: Usage | None = None
         # What the relayed attempt sent before its end: charged if none comes.
@@ -204,10 +215,23 @@ class ChatRun:
         # deadline applies. After it, a silent worker is a stuck worker.
         started = self._attempt is not None
         wait = min(remaining, self._event_timeout_s) if started else remaining
+        queued = not self._began and self._wait_until is not None
+        if queued:
+            assert self._wait_until is not None
+            wait = min(wait, self._wait_until - asyncio.get_running_loop().time())
         try:
             async with asyncio.timeout(max(wait, 0.0)):
                 return await self._queue.get()
         except TimeoutError:
+            if queued and wait < remaining:
+                # Every worker stayed busy for the job's share of the deadline.
+                client = self._client
+                assert self._wait_until is not None
+                error = Overloaded("every worker is busy; try again later")
+                error.retry_after = client.drain.retry_after(
+                    client.waiting, self._deadline - self._wait_until
+                )
+                raise error from None
             if started and wait < remaining:
                 raise DeadlineExceeded(
                     f"the worker sent nothing for {self._event_timeout_s:g} s"
@@ -226,11 +250,16 @@ class ChatRun:
                 raise JobFailed("the job failed on several workers and was given up")
             if isinstance(event, LostConnection):
                 raise BackendUnavailable("the connection to the job queue was lost")
-            if self._attempt is None and self._metrics is not None:
-                # A worker's first word on this job: the end of its wait in the queue.
-                waited = time.perf_counter() - self._published
-                self._metrics.queue_wait.observe(waited)
-                self._metrics.queue_wait_by_priority.labels(class_of(self.priority)).observe(waited)
+            if isinstance(event, Started):
+                if not self._began and self._metrics is not None:
+                    # A worker's first word on this job: the end of its wait in the queue.
+                    waited = time.perf_counter() - self._published
+                    self._metrics.queue_wait.observe(waited)
+                    self._metrics.queue_wait_by_priority.labels(class_of(self.priority)).observe(
+                        waited
+                    )
+                self._began = True
+                continue
             if self._attempt is None or event.attempt > self._attempt:
                 if relayed and not restartable:
                     raise WorkerLost("the worker answering this request was lost")

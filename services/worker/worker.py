@@ -500,6 +500,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (job.deadline_ms - now_ms()) / 1000
         outcome = "done"
+        if job.wait_until_ms is not None:
+            # Its gateway bounds its wait in the queue: tell it the job left it.
+            with contextlib.suppress(AMQPError, ChannelInvalidStateError):
+                await events.beat()
         beat = None if job.stream else asyncio.create_task(self._beat(events))
         try:
             async with asyncio.timeout_at(deadline) as window:
