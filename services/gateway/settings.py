@@ -74,8 +74,9 @@ class GatewaySettings(CommonSettings):
     fair_queue_share: float = Field(0.5, ge=0, le=1)
     # The part of its deadline a job may wait in the queue for a free worker
     # before it is refused 503 overloaded (Retry-After from the measured
-    # drain rate); 1: the whole deadline, and no start beat from the worker.
-    queue_wait_share: float = Field(0.5, gt=0, le=1)
+    # drain rate); 1 (the default): the whole deadline, as before, and no
+    # start beat from the worker.
+    queue_wait_share: float = Field(1.0, gt=0, le=1)
 
     # Idle connections close after this; so does one whose request head is not
     # complete by then (aiohttp arms the timer when the connection opens).
