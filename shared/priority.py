@@ -39,3 +39,7 @@ def class_of(level: int | None) -> Priority:
     if level >= _LEVEL["normal"] - 1:
         return "normal"
     return "low"
+
+
+# A low job's copies as it ages (services/gateway/chat_run.py): normal, then high.
+AGED_LEVELS: Final = (message_priority("normal", False), message_priority("high", False))

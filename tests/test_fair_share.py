@@ -221,3 +221,50 @@ async def test_priority_is_set_by_the_admin_api_and_the_cli(bare_stack: Stack) -
     await run_cli(stack.namespace, "keys", "create", "--bot", bot_id, "--priority", "high")
     (record,) = await stack.registry.list_keys(bot_id)
     assert record.priority == "high"
+
+
+async def test_a_low_job_ages_past_a_stream_of_high_ones(
+    bare_stack: Stack, brisk: FakeOpenAI
+) -> None:
+    stack = bare_stack
+    endpoints = stack_support.test_endpoints(stack.upstream_url) | {
+        "brisk": EndpointConfig(kind="openai", base_url=brisk.base_url, timeout_s=30),
+    }
+    worker = await stack.add_worker(concurrency=1, endpoints=endpoints)
+    await stack.add_gateway(fair_refresh_s=0.2, priority_aging_s=0.5)
+    _, high_key = await stack.bot_and_key(endpoint="brisk", priority="high")
+    _, low_key = await stack.bot_and_key(endpoint="brisk", priority="low")
+    stop = asyncio.Event()
+    highs: list[int] = []
+
+    async def high_caller() -> None:
+        # One slot, eight callers: high jobs always wait in the queue.
+        while not stop.is_set():
+            highs.append((await chat(stack.http, stack.url, high_key, ASK))[0])
+
+    callers = [asyncio.create_task(high_caller()) for _ in range(8)]
+    try:
+        async with asyncio.timeout(10):
+            while len(highs) < 8:  # noqa: ASYNC110 -- a counter, polled with a deadline
+                await asyncio.sleep(0.02)
+        low_ask = {"messages": [{"role": "user", "content": "the low one"}]}
+        started = time.perf_counter()
+        status, _, _ = await chat(stack.http, stack.url, low_key, low_ask)
+        low_s = time.perf_counter() - started
+        still_going = not stop.is_set() and all(not c.done() for c in callers)
+    finally:
+        stop.set()
+        await asyncio.gather(*callers)
+    print(f"low answered in {low_s:.2f}s; highs answered {len(highs)}")
+    assert status == 200
+    assert still_going  # it went while the highs kept coming, not after them
+    # Normal after 0.5 s, high after 1 s, then behind at most 8 highs of ~0.2 s.
+    assert low_s < 4.0, low_s
+    assert stack.gateway().metrics.jobs_aged._value.get() == 2
+    # Three copies were queued; the model was asked once.
+    asked = [r for r in brisk.requests if "the low one" in str(r.body["messages"])]
+    assert len(asked) == 1
+    # The copies left behind are dropped by the worker, not run.
+    async with asyncio.timeout(10):
+        while worker.stats.counts["dropped"] < 2:  # noqa: ASYNC110 -- a counter, polled
+            await asyncio.sleep(0.05)

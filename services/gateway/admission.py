@@ -139,10 +139,14 @@ async def _admitted(
     request[RATE_HEADERS] = grant.headers
     try:
         # The key's class, a step lower over its fair share: no Redis call.
-        priority = gateway.fair_share.place(ticket.key_hash, record.priority or bot.priority)
+        klass = record.priority or bot.priority
+        priority = gateway.fair_share.place(ticket.key_hash, klass)
     except BaseException:
         gateway.limiter.settle(grant, 0)
         raise
+    if klass == "low" and settings.priority_aging_s:
+        # Copies of it may be queued as it ages: the first one taken runs.
+        job = job.model_copy(update={"once": True})
     metrics = gateway.metrics
     started = request.get(STARTED, time.perf_counter())
 
@@ -158,6 +162,7 @@ async def _admitted(
         metrics=metrics,
         on_first_token=first_token if chat.stream else None,
         priority=priority,
+        aging_s=settings.priority_aging_s,
     )
     # No await in the finally blocks: they run even when the caller went away.
     charged = Usage()

@@ -43,11 +43,14 @@ from shared.errors import (
     WorkerLost,
     error_from_code,
 )
-from shared.priority import class_of
+from shared.priority import AGED_LEVELS, class_of
 from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent, Usage
 
 # The model endpoint that answered, on both surfaces' responses.
 ENDPOINT_HEADER = "x-botline-endpoint"
+
+
+log = structlog.get_logger("botline.gateway.chat_run")
 
 
 def new_job_id() -> str:
@@ -103,6 +106,7 @@ class ChatRun:
         metrics: GatewayMetrics | None = None,
         on_first_token: Callable[[], None] | None = None,
         priority: int | None = None,
+        aging_s: float | None = None,
     ):
         self.job = job
         # The job's message priority on the queue (shared/priority.py).
@@ -125,6 +129,14 @@ class ChatRun:
         self._queued = False
         # Whether a worker took the job from the queue (its first beat or event).
         self._began = False
+        # A job with copies allowed (``ChatJob.once``) is published again a
+        # class higher each ``aging_s`` it waits: aging, so a low job is not
+        # starved by a stream of higher ones (shared/priority.py).
+        self._aging = list(AGED_LEVELS) if job.once and aging_s else []
+        self._next_age = (
+            asyncio.get_running_loop().time() + aging_s if self._aging and aging_s else None
+        )
+        self._aging_s = aging_s or 0.0
         # Until when (loop time) the job may wait in the queue; None: its deadline.
         self._wait_until = (
             None
@@ -210,6 +222,36 @@ class ChatRun:
 
     async def _next(self) -> Incoming:
         assert self._queue is not None, "use ChatRun as an async context manager"
+        while self._next_age is not None and not self._began:
+            # Waiting in the queue: until the next aging step, then publish a copy.
+            loop = asyncio.get_running_loop()
+            if self._next_age >= min(self._deadline, self._wait_until or self._deadline):
+                break  # the job's wait ends first
+            pause = self._next_age - loop.time()
+            if pause > 0:
+                try:
+                    async with asyncio.timeout(pause):
+                        return await self._queue.get()
+                except TimeoutError:
+                    pass
+            await self._age()
+        return await self._wait_next()
+
+    async def _age(self) -> None:
+        """Publish the waiting job again, one class higher (the first copy taken runs)."""
+        level = self._aging.pop(0)
+        self._next_age = asyncio.get_running_loop().time() + self._aging_s if self._aging else None
+        try:
+            await self._client.submit(self.job, priority=level)
+        except BotlineError as exc:
+            log.info("job.aging_failed", code=exc.code)  # the first copy still waits
+            return
+        log.info("job.aged", priority=level)
+        if self._metrics is not None:
+            self._metrics.jobs_aged.inc()
+
+    async def _wait_next(self) -> Incoming:
+        assert self._queue is not None
         remaining = self._deadline - asyncio.get_running_loop().time()
         # Before the first event the job may be waiting in the queue: only the
         # deadline applies. After it, a silent worker is a stuck worker.

@@ -78,6 +78,11 @@ class GatewayMetrics:
             ("action",),
             registry=reg,
         )
+        self.jobs_aged = Counter(
+            "botline_jobs_aged",
+            "Low jobs published again a class higher after waiting PRIORITY_AGING_S",
+            registry=reg,
+        )
         self.queue_wait_by_priority = Histogram(
             "botline_queue_wait_by_priority_seconds",
             "Time from a job's publish to its first event, by the job's priority class",

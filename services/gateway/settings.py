@@ -77,6 +77,10 @@ class GatewaySettings(CommonSettings):
     # drain rate); 1 (the default): the whole deadline, as before, and no
     # start beat from the worker.
     queue_wait_share: float = Field(1.0, gt=0, le=1)
+    # A low job still waiting in the queue after this is published again as
+    # normal, after twice this as high (the first copy a worker takes runs;
+    # low jobs cost their worker one Redis call for that); 0: no aging.
+    priority_aging_s: float = Field(30.0, ge=0)
 
     # Idle connections close after this; so does one whose request head is not
     # complete by then (aiohttp arms the timer when the connection opens).

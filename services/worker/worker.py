@@ -338,6 +338,22 @@ class Worker:
             log.warning("job.closed_check_failed", error=type(exc).__name__)
             return False
 
+    async def _claim(self, job: ChatJob) -> bool:
+        """Whether this worker is the first to take a job that has copies (fails open)."""
+        try:
+            async with asyncio.timeout(self.settings.redis_timeout_s):
+                return bool(
+                    await self._redis.set(
+                        self.settings.names.taken_job(job.job_id),
+                        self.worker_id,
+                        nx=True,
+                        px=max(job.deadline_ms - now_ms(), 1),
+                    )
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("job.claim_failed", error=type(exc).__name__)
+            return True
+
     async def _handle(self, message: AbstractIncomingMessage, *, suspect: bool) -> Disposition:
         """Run a job, or decide not to; returns what becomes of its message.
 
@@ -366,6 +382,8 @@ class Worker:
         again = suspect or message.redelivered or attempt > 1
         if dropped is None and again and await self._closed(job.job_id):
             dropped = "closed"
+        if dropped is None and job.once and not again and not await self._claim(job):
+            dropped = "copy"  # another copy of it (an aged low job) runs elsewhere
         if message.redelivered and dropped is None:
             # Its holder died during this attempt (the attempt counts the deaths).
             if suspect and attempt > self.settings.jobs_delivery_limit:
@@ -500,7 +518,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (job.deadline_ms - now_ms()) / 1000
         outcome = "done"
-        if job.wait_until_ms is not None:
+        if job.wait_until_ms is not None or job.once:
             # Its gateway bounds its wait in the queue: tell it the job left it.
             with contextlib.suppress(AMQPError, ChannelInvalidStateError):
                 await events.beat()
