@@ -268,3 +268,15 @@ async def test_a_low_job_ages_past_a_stream_of_high_ones(
     async with asyncio.timeout(10):
         while worker.stats.counts["dropped"] < 2:  # noqa: ASYNC110 -- a counter, polled
             await asyncio.sleep(0.05)
+
+
+async def test_a_quorum_job_queue_takes_prioritised_jobs(bare_stack: Stack) -> None:
+    """RabbitMQ 3.10's quorum queues have no priorities: no x-max-priority is
+    declared for them, and jobs with a priority still run (first come, first served)."""
+    stack = bare_stack
+    await stack.add_worker(jobs_queue_type="quorum")
+    await stack.add_gateway(jobs_queue_type="quorum")
+    _, high_key = await stack.bot_and_key(priority="high")
+    _, low_key = await stack.bot_and_key(priority="low")
+    assert (await stack.chat(high_key, ASK))[0] == 200
+    assert (await stack.chat(low_key, ASK))[0] == 200
