@@ -280,3 +280,37 @@ async def test_a_quorum_job_queue_takes_prioritised_jobs(bare_stack: Stack) -> N
     _, low_key = await stack.bot_and_key(priority="low")
     assert (await stack.chat(high_key, ASK))[0] == 200
     assert (await stack.chat(low_key, ASK))[0] == 200
+
+
+async def test_on_a_small_queue_only_the_flooding_key_is_refused(
+    bare_stack: Stack, slow: FakeOpenAI, brisk: FakeOpenAI
+) -> None:
+    stack = bare_stack
+    endpoints = stack_support.test_endpoints(stack.upstream_url) | {
+        "slow": EndpointConfig(kind="openai", base_url=slow.base_url, timeout_s=30),
+        "brisk": EndpointConfig(kind="openai", base_url=brisk.base_url, timeout_s=30),
+    }
+    # Four slots and room for 40 jobs: the flood alone would fill the queue.
+    await stack.add_worker(concurrency=4, endpoints=endpoints, jobs_max_length=40)
+    await stack.add_gateway(jobs_max_length=40, fair_refresh_s=0.2)
+    await stack.gateway().fair_share.refresh()
+    _, hog_key = await stack.bot_and_key(endpoint="slow")
+    _, calm_key = await stack.bot_and_key(endpoint="brisk")
+    hogs = [asyncio.create_task(chat(stack.http, stack.url, hog_key, ASK)) for _ in range(60)]
+    try:
+        # The flood's extra requests are refused at once: the first 24 (its
+        # share of 4 slots, then 20 of the queue's 40 places) stay.
+        refused = []
+        for done in asyncio.as_completed(hogs):
+            status, body, headers = await done
+            refused.append((status, body["error"]["code"], int(headers["Retry-After"])))
+            if len(refused) == 36:
+                break
+        assert {(s, c) for s, c, _ in refused} == {(503, "overloaded")}
+        assert all(r >= 1 for _, _, r in refused)
+        calm = [await chat(stack.http, stack.url, calm_key, ASK) for _ in range(3)]
+        assert [status for status, _, _ in calm] == [200, 200, 200]
+    finally:
+        for task in hogs:
+            task.cancel()
+        await asyncio.gather(*hogs, return_exceptions=True)

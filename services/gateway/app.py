@@ -118,6 +118,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
             metrics=metrics,
         ),
     )
+    gateway = app[GATEWAY]
+    gateway.fair_share.drain = gateway.job_client.drain
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)
     app.on_response_prepare.append(security_headers)

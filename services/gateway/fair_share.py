@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.gateway.inflight import InFlight
+from services.gateway.job_client import Drain
 from services.gateway.metrics import GatewayMetrics
 from shared.errors import Overloaded
 from shared.fleet import live_workers
@@ -56,6 +57,8 @@ class FairShare:
         self._metrics = metrics
         # The fleet's job slots; 0 until the first read (then no key is over).
         self.capacity = 0
+        # This gateway's measured drain rate, for a refusal's Retry-After.
+        self.drain: Drain | None = None
 
     async def refresh(self) -> None:
         """Read the fleet's capacity once from the workers' heartbeats."""
@@ -93,7 +96,11 @@ class FairShare:
             if held > share + queued_part:
                 if self._metrics is not None:
                     self._metrics.fair_share.labels("refused").inc()
-                raise Overloaded("this key has its share of the queue waiting; try again shortly")
+                error = Overloaded("this key has its share of the queue waiting; try again shortly")
+                if self.drain is not None:
+                    # When the key's jobs beyond its share will have drained.
+                    error.retry_after = self.drain.retry_after(held - share, 1.0)
+                raise error
         if over and self._metrics is not None:
             self._metrics.fair_share.labels("lowered").inc()
         return message_priority(priority, over)
