@@ -33,6 +33,7 @@ from services.processes import child_ids, supervise, tag_logs
 from shared.clock import now_ms
 from shared.logging import configure_logging
 from shared.loop import new_event_loop
+from shared.priority import PRIORITIES
 from shared.records import Bot, KeyRecord, Limits
 from shared.redis_client import redis_client
 from shared.registry import Registry
@@ -154,7 +155,7 @@ def keys_command(args: argparse.Namespace) -> int:
             await _bot_or_fail(registry, args.bot)
             limits = Limits(rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency)
             key, record = await registry.create_key(
-                args.bot, args.name, _expiry(args.expires), limits
+                args.bot, args.name, _expiry(args.expires), limits, args.priority
             )
             print(key)
             print(
@@ -458,6 +459,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=["image", "audio", "file"],
         help="non-text content parts callers may send (repeat for several)",
     )
+    create.add_argument(
+        "--priority", choices=PRIORITIES, help="its keys' jobs under a backlog (default normal)"
+    )
     bots.add_parser("list", help="list bots")
     for action in ("show", "delete"):
         bots.add_parser(action, help=f"{action} a bot").add_argument("bot_id")
@@ -473,6 +477,7 @@ def _parser() -> argparse.ArgumentParser:
     kc.add_argument("--rpm", type=int, help="requests per minute (default: the bot's)")
     kc.add_argument("--tpm", type=int, help="tokens per minute (default: the bot's)")
     kc.add_argument("--concurrency", type=int, help="requests in flight (default: the bot's)")
+    kc.add_argument("--priority", choices=PRIORITIES, help="its jobs' class (default: the bot's)")
     keys.add_parser("list", help="list a bot's keys").add_argument("--bot", required=True)
     for action in ("disable", "enable", "revoke"):
         keys.add_parser(action, help=f"{action} a key").add_argument("key_id")

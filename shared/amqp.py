@@ -49,6 +49,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp.commands import Basic
 
+from shared.priority import MAX_PRIORITY
 from shared.settings import CommonSettings
 
 log = structlog.get_logger("botline.amqp")
@@ -246,6 +247,7 @@ async def publish(
     mandatory: bool = False,
     wait: bool = False,
     expiration_ms: int | None = None,
+    priority: int | None = None,
 ) -> None:
     """Publish one transient JSON message on the channel's own connection.
 
@@ -264,7 +266,8 @@ async def publish(
     ``wait=True`` is backpressure: the writer's queue is bounded, and a
     waiting publish makes the writer drain the socket first.
     ``expiration_ms`` is the per-message TTL: the broker discards the message
-    unconsumed once it has waited that long.
+    unconsumed once it has waited that long. ``priority`` is the message's
+    place on a priority queue (shared/priority.py).
     """
     # The concrete channel: ``wait`` is missing from aiormq's abstract one.
     raw = cast(aiormq.Channel, await channel.get_underlay_channel())
@@ -276,6 +279,7 @@ async def publish(
         message_type=message_type,
         headers=headers,
         expiration=None if expiration_ms is None else str(max(expiration_ms, 1)),
+        priority=priority,
     )
     await raw.basic_publish(
         body,
@@ -312,6 +316,8 @@ async def declare_jobs(channel: AbstractChannel, settings: CommonSettings) -> Ab
         # its caller told; this limit is only a backstop for the same job
         # returned again and again without any worker re-publishing it.
         arguments["x-delivery-limit"] = settings.jobs_delivery_limit + 2
+    elif settings.jobs_priorities:
+        arguments["x-max-priority"] = MAX_PRIORITY
     await declare_suspects(channel, settings)
     return await channel.declare_queue(names.jobs_queue, durable=True, arguments=arguments)
 

@@ -121,6 +121,10 @@ class Names:
         """Marks a usage batch as applied, so that a retried flush is not counted twice."""
         return f"{self.namespace}:usage_batch:{batch_id}"
 
+    def taken_job(self, job_id: str) -> str:
+        """Set by the worker that runs a job of which copies may be queued (``ChatJob.once``)."""
+        return f"{self.namespace}:taken:{job_id}"
+
     def closed_job(self, job_id: str) -> str:
         """Set (with the job's remaining deadline as TTL) once its gateway stopped waiting for it.
 

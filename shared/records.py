@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.priority import Priority
 from shared.wire import EndpointRef
 
 MAX_ENDPOINTS = 16
@@ -70,6 +71,8 @@ class Bot(BaseModel):
     )
     # Defaults for the bot's keys; each key may set its own.
     limits: Limits = Limits()
+    # The class of its keys' jobs under a backlog (a key may set its own).
+    priority: Priority = Field("normal", description="high, normal or low: who goes first")
     created_at: int = Field(0, description="epoch milliseconds")
 
     @model_validator(mode="before")
@@ -113,6 +116,8 @@ class KeyRecord(BaseModel):
     expires_at: int | None = None
     disabled: bool = False
     limits: Limits = Limits()
+    # None: the bot's priority.
+    priority: Priority | None = None
     last_used_at: int | None = None
 
     def expired(self, now_ms: int) -> bool:

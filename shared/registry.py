@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.clock import now_ms
 from shared.names import Names
+from shared.priority import Priority
 from shared.records import Bot, KeyRecord, Limits, new_id
 
 # One round trip per cache miss: the key's record and its bot together.
@@ -112,6 +113,7 @@ class Registry:
         name: str = "",
         expires_at: int | None = None,
         limits: Limits | None = None,
+        priority: Priority | None = None,
     ) -> tuple[str, KeyRecord]:
         """Create a key for a bot; returns the key (shown once) and its record."""
         key = keys.generate()
@@ -124,6 +126,7 @@ class Registry:
             created_at=now_ms(),
             expires_at=expires_at,
             limits=limits or Limits(),
+            priority=priority,
         )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.names.key(key_hash), record.model_dump_json())

@@ -43,6 +43,10 @@ class CommonSettings(BaseSettings):
     # nodes, so queued jobs survive a node loss, at a CPU cost
     # (docs/performance.md). Changing it needs the queue deleted first.
     jobs_queue_type: Literal["classic", "quorum"] = "classic"
+    # A priority queue (x-max-priority, classic queues only: RabbitMQ 3.10's
+    # quorum queues have no priorities and refuse the argument). Changing it
+    # needs the jobs queue deleted first (docs/architecture.md, Scheduling).
+    jobs_priorities: bool = True
 
     amqp_heartbeat_s: int = Field(10, ge=1)
     # One connect attempt (TCP, AMQP handshake, then declaring the topology).

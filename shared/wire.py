@@ -110,6 +110,16 @@ class ChatJob(_Wire):
     # OpenAI parameters passed to the model as they are (stop, seed, tools, ...).
     params: dict[str, Any] = Field(default_factory=dict)
     endpoints: list[EndpointRef] = Field(default_factory=list)
+    # Epoch ms until which the job may wait in the queue (added in v1,
+    # optional): its gateway then refuses it 503 overloaded. A worker that
+    # takes a job carrying it says so at once (a beat), so its gateway knows
+    # the job left the queue.
+    wait_until_ms: int | None = None
+    # Copies of this job may be queued (a low job re-published at a higher
+    # priority as it ages, shared/priority.py): the first worker to claim it
+    # (``Names.taken_job``) runs it, the others drop their copy. Such a job's
+    # worker says at once that it took it (a beat), like ``wait_until_ms``.
+    once: bool = False
 
     def endpoint_list(self) -> list[EndpointRef]:
         """The endpoints to try, tiers resolved (a job from an older gateway: its one endpoint)."""

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Dialog, async_playwright, expect
 
+from services.worker.settings import EndpointConfig
 from shared import keys
+from tests.support import stack as stack_support
 from tests.support.client import chat
+from tests.support.fake_openai import Script
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -162,3 +165,27 @@ async def test_the_page_lists_workers_and_warns_of_an_endpoint_none_serves(
     saved = await bare_stack.registry.get_bot(bot.id)
     assert saved is not None
     assert saved.endpoint == "echo"
+
+
+async def test_the_page_shows_each_endpoints_state(bare_stack: Stack, browser: Browser) -> None:
+    endpoints = stack_support.test_endpoints(bare_stack.upstream_url) | {
+        "flaky": EndpointConfig(
+            kind="openai", base_url=bare_stack.upstream_url, cooldown_failures=1, cooldown_s=60
+        ),
+    }
+    await bare_stack.add_worker(endpoints=endpoints)
+    url = await bare_stack.add_gateway(admin_tokens=[TOKEN])
+    _, key = await bare_stack.bot_and_key(endpoint="flaky", model="m")
+    bare_stack.upstream.script(Script(status=500))
+    status, _, _ = await chat(bare_stack.http, url, key, HELLO)
+    assert status == 502
+    page = await browser.new_page()
+    await page.goto(f"{url}/admin/#/workers")
+    await page.get_by_label("Admin token").fill(TOKEN)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.get_by_role("link", name="Workers").click()
+    flaky = page.locator('#endpoint-rows tr[data-endpoint="flaky"]')
+    await expect(flaky).to_contain_text("open")
+    await expect(flaky.locator("td").nth(3)).to_contain_text(" s")
+    echo = page.locator('#endpoint-rows tr[data-endpoint="echo"]')
+    await expect(echo).to_contain_text("closed")

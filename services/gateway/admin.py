@@ -173,7 +173,7 @@ async def create_key(request: web.Request) -> web.Response:
     fields = await _body(request, KeyInput)
     bot = await _bot(gateway, request)
     key, record = await gateway.registry.create_key(
-        bot.id, fields.name, fields.expires_at, fields.limits.limits()
+        bot.id, fields.name, fields.expires_at, fields.limits.limits(), fields.priority
     )
     (view,) = await _views(gateway, [record])
     return _json(CreatedKey(key=key, record=view), status=201)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.errors import NotFound
+from shared.priority import Priority
 from shared.records import MAX_ENDPOINTS, ContentKind, Limits
 
 # Ids as shared.records.new_id makes them; anything else names no record (and must
@@ -119,6 +120,7 @@ class BotInput(BaseModel):
         default_factory=list, max_length=3, description="non-text content parts callers may send"
     )
     limits: LimitsInput = LimitsInput()
+    priority: Priority = Field("normal", description="high, normal or low: who goes first")
 
     @model_validator(mode="after")
     def _first_endpoint(self) -> BotInput:
@@ -163,6 +165,7 @@ class BotPatch(_Patch):
     limits: LimitsInput | None = _unchanged(
         description="replaces all three limits; a limit left out is none"
     )
+    priority: Priority | None = _unchanged()
 
     @model_validator(mode="after")
     def _one_first_endpoint(self) -> BotPatch:
@@ -180,12 +183,13 @@ class KeyInput(BaseModel):
     name: str = Field("", max_length=200)
     expires_at: int | None = Field(None, ge=0, le=MAX_MS, description="epoch milliseconds")
     limits: LimitsInput = LimitsInput()
+    priority: Priority | None = Field(None, description="high, normal or low; none: the bot's")
 
 
 class KeyPatch(_Patch):
     """Changes to a key; ``expires_at: null`` clears the expiry."""
 
-    nullable: ClassVar[frozenset[str]] = frozenset({"expires_at"})
+    nullable: ClassVar[frozenset[str]] = frozenset({"expires_at", "priority"})
 
     name: str | None = _unchanged(max_length=200)
     disabled: bool | None = _unchanged()
@@ -195,3 +199,4 @@ class KeyPatch(_Patch):
     limits: LimitsInput | None = _unchanged(
         description="replaces all three limits; a limit left out is none"
     )
+    priority: Priority | None = Field(None, description="high, normal or low; null: the bot's")

@@ -116,6 +116,11 @@ async def _admitted(
         request_id=request[REQUEST_ID],
         reply_to=gateway.job_client.reply_queue_name,
         deadline_s=settings.request_deadline_s,
+        queue_wait_s=(
+            settings.request_deadline_s * settings.queue_wait_share
+            if settings.queue_wait_share < 1
+            else None
+        ),
     )
     structlog.contextvars.bind_contextvars(job_id=job.job_id, stream=chat.stream)
     limits = record.limits.over(bot.limits)
@@ -132,6 +137,16 @@ async def _admitted(
         request[RATE_HEADERS] = exc.headers
         raise
     request[RATE_HEADERS] = grant.headers
+    try:
+        # The key's class, a step lower over its fair share: no Redis call.
+        klass = record.priority or bot.priority
+        priority = gateway.fair_share.place(ticket.key_hash, klass)
+    except BaseException:
+        gateway.limiter.settle(grant, 0)
+        raise
+    if klass == "low" and settings.priority_aging_s:
+        # Copies of it may be queued as it ages: the first one taken runs.
+        job = job.model_copy(update={"once": True})
     metrics = gateway.metrics
     started = request.get(STARTED, time.perf_counter())
 
@@ -146,6 +161,8 @@ async def _admitted(
         prompt_estimate=prompt_estimate,
         metrics=metrics,
         on_first_token=first_token if chat.stream else None,
+        priority=priority,
+        aging_s=settings.priority_aging_s,
     )
     # No await in the finally blocks: they run even when the caller went away.
     charged = Usage()

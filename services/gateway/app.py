@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from services.gateway.auth_failures import AuthFailures
 from services.gateway.closed_jobs import ClosedJobs
+from services.gateway.fair_share import FairShare
 from services.gateway.http_server import GatewayRunner
 from services.gateway.inflight import InFlight
 from services.gateway.job_client import JobClient
@@ -53,6 +54,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(gateway.usage.run(settings.usage_flush_s)),
         asyncio.create_task(gateway.limiter.renew_leases()),
         asyncio.create_task(watch_lag(gateway.metrics.loop_lag.set)),
+        asyncio.create_task(gateway.fair_share.run()),
     ]
     try:
         await gateway.job_client.start()
@@ -106,7 +108,18 @@ def create_app(settings: GatewaySettings) -> web.Application:
         auth_failures=AuthFailures(settings.auth_failures_per_minute),
         metrics=metrics,
         closed_jobs=ClosedJobs(redis, settings.names, timeout_s=settings.redis_timeout_s),
+        fair_share=FairShare(
+            redis,
+            settings.names,
+            inflight,
+            refresh_s=settings.fair_refresh_s,
+            queue_slots=int(settings.jobs_max_length * settings.fair_queue_share),
+            timeout_s=settings.redis_timeout_s,
+            metrics=metrics,
+        ),
     )
+    gateway = app[GATEWAY]
+    gateway.fair_share.drain = gateway.job_client.drain
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(stamp_headers)
     app.on_response_prepare.append(security_headers)

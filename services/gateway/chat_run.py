@@ -29,21 +29,28 @@ from services.gateway.job_client import (
     Interrupted,
     JobClient,
     LostConnection,
+    Started,
 )
 from services.gateway.metrics import GatewayMetrics
 from shared import tokens
+from shared.clock import now_ms
 from shared.errors import (
     BackendUnavailable,
     BotlineError,
     DeadlineExceeded,
     JobFailed,
+    Overloaded,
     WorkerLost,
     error_from_code,
 )
+from shared.priority import AGED_LEVELS, class_of
 from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent, Usage
 
 # The model endpoint that answered, on both surfaces' responses.
 ENDPOINT_HEADER = "x-botline-endpoint"
+
+
+log = structlog.get_logger("botline.gateway.chat_run")
 
 
 def new_job_id() -> str:
@@ -98,8 +105,12 @@ class ChatRun:
         prompt_estimate: int | None = None,
         metrics: GatewayMetrics | None = None,
         on_first_token: Callable[[], None] | None = None,
+        priority: int | None = None,
+        aging_s: float | None = None,
     ):
         self.job = job
+        # The job's message priority on the queue (shared/priority.py).
+        self.priority = priority
         self._metrics = metrics
         # Called once, when a stream's first piece is handed to the caller.
         self._on_first_token = on_first_token
@@ -116,6 +127,22 @@ class ChatRun:
         # An error the gateway ends the run with before its queue exists.
         self._interrupt: BotlineError | None = None
         self._queued = False
+        # Whether a worker took the job from the queue (its first beat or event).
+        self._began = False
+        # A job with copies allowed (``ChatJob.once``) is published again a
+        # class higher each ``aging_s`` it waits: aging, so a low job is not
+        # starved by a stream of higher ones (shared/priority.py).
+        self._aging = list(AGED_LEVELS) if job.once and aging_s else []
+        self._next_age = (
+            asyncio.get_running_loop().time() + aging_s if self._aging and aging_s else None
+        )
+        self._aging_s = aging_s or 0.0
+        # Until when (loop time) the job may wait in the queue; None: its deadline.
+        self._wait_until = (
+            None
+            if job.wait_until_ms is None
+            else asyncio.get_running_loop().time() + (job.wait_until_ms - now_ms()) / 1000
+        )
         # The answer's usage, once its end event arrived.
         self.usage: Usage | None = None
         # What the relayed attempt sent before its end: charged if none comes.
@@ -165,7 +192,7 @@ class ChatRun:
             self._queue.put_nowait(Interrupted(self._interrupt))
         self._published = time.perf_counter()
         try:
-            await self._client.submit(self.job)
+            await self._client.submit(self.job, priority=self.priority)
         except BaseException:
             self._client.forget(self.job.job_id)
             raise
@@ -195,15 +222,58 @@ class ChatRun:
 
     async def _next(self) -> Incoming:
         assert self._queue is not None, "use ChatRun as an async context manager"
+        while self._next_age is not None and not self._began:
+            # Waiting in the queue: until the next aging step, then publish a copy.
+            loop = asyncio.get_running_loop()
+            if self._next_age >= min(self._deadline, self._wait_until or self._deadline):
+                break  # the job's wait ends first
+            pause = self._next_age - loop.time()
+            if pause > 0:
+                try:
+                    async with asyncio.timeout(pause):
+                        return await self._queue.get()
+                except TimeoutError:
+                    pass
+            await self._age()
+        return await self._wait_next()
+
+    async def _age(self) -> None:
+        """Publish the waiting job again, one class higher (the first copy taken runs)."""
+        level = self._aging.pop(0)
+        self._next_age = asyncio.get_running_loop().time() + self._aging_s if self._aging else None
+        try:
+            await self._client.submit(self.job, priority=level)
+        except BotlineError as exc:
+            log.info("job.aging_failed", code=exc.code)  # the first copy still waits
+            return
+        log.info("job.aged", priority=level)
+        if self._metrics is not None:
+            self._metrics.jobs_aged.inc()
+
+    async def _wait_next(self) -> Incoming:
+        assert self._queue is not None
         remaining = self._deadline - asyncio.get_running_loop().time()
         # Before the first event the job may be waiting in the queue: only the
         # deadline applies. After it, a silent worker is a stuck worker.
         started = self._attempt is not None
         wait = min(remaining, self._event_timeout_s) if started else remaining
+        queued = not self._began and self._wait_until is not None
+        if queued:
+            assert self._wait_until is not None
+            wait = min(wait, self._wait_until - asyncio.get_running_loop().time())
         try:
             async with asyncio.timeout(max(wait, 0.0)):
                 return await self._queue.get()
         except TimeoutError:
+            if queued and wait < remaining:
+                # Every worker stayed busy for the job's share of the deadline.
+                client = self._client
+                assert self._wait_until is not None
+                error = Overloaded("every worker is busy; try again later")
+                error.retry_after = client.drain.retry_after(
+                    client.waiting, self._deadline - self._wait_until
+                )
+                raise error from None
             if started and wait < remaining:
                 raise DeadlineExceeded(
                     f"the worker sent nothing for {self._event_timeout_s:g} s"
@@ -222,9 +292,16 @@ class ChatRun:
                 raise JobFailed("the job failed on several workers and was given up")
             if isinstance(event, LostConnection):
                 raise BackendUnavailable("the connection to the job queue was lost")
-            if self._attempt is None and self._metrics is not None:
-                # A worker's first word on this job: the end of its wait in the queue.
-                self._metrics.queue_wait.observe(time.perf_counter() - self._published)
+            if isinstance(event, Started):
+                if not self._began and self._metrics is not None:
+                    # A worker's first word on this job: the end of its wait in the queue.
+                    waited = time.perf_counter() - self._published
+                    self._metrics.queue_wait.observe(waited)
+                    self._metrics.queue_wait_by_priority.labels(class_of(self.priority)).observe(
+                        waited
+                    )
+                self._began = True
+                continue
             if self._attempt is None or event.attempt > self._attempt:
                 if relayed and not restartable:
                     raise WorkerLost("the worker answering this request was lost")

@@ -102,6 +102,15 @@ class InFlight:
             if not tickets and self._by_hash.get(key_hash) is tickets:
                 del self._by_hash[key_hash]
 
+    def count(self, key_hash: str) -> int:
+        """This key's requests in flight here."""
+        return len(self._by_hash.get(key_hash, ()))
+
+    @property
+    def active_keys(self) -> int:
+        """Keys with requests in flight here."""
+        return len(self._by_hash)
+
     def changed(self, message: str) -> None:
         """An invalidation heard by the key cache (``key:<hash>``, ``bot:<id>``, or anything
         else: everything may have changed); checks the keys of requests it concerns."""

@@ -45,16 +45,19 @@ def build_job(
     request_id: str,
     reply_to: str,
     deadline_s: float,
+    queue_wait_s: float | None = None,
 ) -> ChatJob:
     """The job for a request: the bot's prompt first, its history limit, its caps."""
     messages = [ChatMessage(role="system", content=bot.system_prompt)] if bot.system_prompt else []
     messages += _history(chat.messages, bot.max_history_messages)
     max_tokens = min(chat.max_tokens or bot.max_reply_tokens, bot.max_reply_tokens)
+    now = now_ms()
     return ChatJob(
+        wait_until_ms=None if queue_wait_s is None else now + int(queue_wait_s * 1000),
         job_id=job_id,
         request_id=request_id,
         reply_to=reply_to,
-        deadline_ms=now_ms() + int(deadline_s * 1000),
+        deadline_ms=now + int(deadline_s * 1000),
         endpoint=bot.endpoint,
         model=bot.model,
         messages=messages,

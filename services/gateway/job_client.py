@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -65,8 +68,16 @@ class LostConnection:
     """Marks a job whose events can no longer come: the broker connection was lost."""
 
 
+class Started:
+    """Marks a job a worker took from the queue (its first beat or event)."""
+
+
 DEAD: Final = DeadJob()
 LOST: Final = LostConnection()
+STARTED: Final = Started()
+# The drain rate is measured over this window.
+DRAIN_WINDOW_S: Final = 10.0
+RETRY_AFTER_MAX_S: Final = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +88,39 @@ class Interrupted:
 
 
 _BEAT: Final = BeatEvent.model_fields["type"].default
-Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob | LostConnection | Interrupted
+Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob | LostConnection | Interrupted | Started
+
+
+class Drain:
+    """How fast this gateway's jobs leave the queue: starts per second over a window."""
+
+    def __init__(self, window_s: float = DRAIN_WINDOW_S) -> None:
+        self._window_s = window_s
+        self._starts: deque[float] = deque()
+
+    def started(self) -> None:
+        """A job of ours was taken by a worker now."""
+        now = time.monotonic()
+        self._starts.append(now)
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._starts and self._starts[0] < now - self._window_s:
+            self._starts.popleft()
+
+    def rate(self) -> float:
+        """Jobs started per second, over the last window."""
+        self._trim(time.monotonic())
+        return len(self._starts) / self._window_s
+
+    def retry_after(self, waiting: int, default_s: float) -> int:
+        """Seconds until ``waiting`` jobs have drained at the measured rate.
+
+        ``default_s`` when nothing drained in the window (no rate to go by).
+        """
+        rate = self.rate()
+        seconds = waiting / rate if rate > 0 else default_s
+        return max(1, min(math.ceil(seconds), RETRY_AFTER_MAX_S))
 
 
 class JobClient:
@@ -88,6 +131,9 @@ class JobClient:
         self.gateway_id = settings.gateway_id or secrets.token_hex(6)
         self.reply_queue_name = settings.names.reply_queue(self.gateway_id)
         self._pending: dict[str, asyncio.Queue[Incoming]] = {}
+        # Pending jobs a worker has taken; the others wait in the queue.
+        self._started: set[str] = set()
+        self.drain = Drain()
         self._tasks = TaskSet()
         self._link = AmqpLink(
             settings, f"gateway-{self.gateway_id}", setup=self._setup, on_lost=self._fail_pending
@@ -147,9 +193,24 @@ class JobClient:
     def forget(self, job_id: str) -> None:
         """Stop routing a job's events; later ones are dropped."""
         self._pending.pop(job_id, None)
+        self._started.discard(job_id)
 
-    async def submit(self, job: ChatJob) -> None:
-        """Publish a job and wait for the broker's confirm; refused at once while disconnected."""
+    @property
+    def waiting(self) -> int:
+        """This gateway's jobs still waiting in the queue for a worker."""
+        return len(self._pending) - len(self._started)
+
+    def _start(self, job_id: str, queue: asyncio.Queue[Incoming]) -> None:
+        if job_id not in self._started:
+            self._started.add(job_id)
+            self.drain.started()
+            queue.put_nowait(STARTED)
+
+    async def submit(self, job: ChatJob, priority: int | None = None) -> None:
+        """Publish a job and wait for the broker's confirm; refused at once while disconnected.
+
+        ``priority`` is its message priority (shared/priority.py).
+        """
         channel = self._publish
         if channel is None or not self._link.up:
             raise BackendUnavailable("the job queue is unreachable")
@@ -166,7 +227,10 @@ class JobClient:
                     headers={GATEWAY_HEADER: self.gateway_id},
                     mandatory=True,
                     # Past its deadline nobody waits for it: the broker drops it.
-                    expiration_ms=job.deadline_ms - now_ms(),
+                    # Past its wait in the queue, its gateway refuses it.
+                    expiration_ms=min(job.deadline_ms, job.wait_until_ms or job.deadline_ms)
+                    - now_ms(),
+                    priority=priority,
                 )
         except PublishError as exc:
             raise BackendUnavailable("the job queue does not exist") from exc
@@ -197,11 +261,17 @@ class JobClient:
                 )
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        if message.type == _BEAT:
-            return  # a whole answer's sign of life, for the worker's sake (shared/wire.py)
-        queue = self._pending.get(message.correlation_id or "")
+        job_id = message.correlation_id or ""
+        queue = self._pending.get(job_id)
         if queue is None:
             return  # the caller is gone; late events are expected
+        if message.type == _BEAT:
+            # A whole answer's sign of life (for the worker's sake, shared/wire.py),
+            # and a job's first word: it has left the queue.
+            self._start(job_id, queue)
+            return
+        if job_id not in self._started and not message.headers.get(DEAD_HEADER):
+            self._start(job_id, queue)
         if message.headers.get(DEAD_HEADER):
             queue.put_nowait(DEAD)
             return

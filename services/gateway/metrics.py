@@ -71,6 +71,25 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
+        self.fair_share = Counter(
+            "botline_fair_share_jobs",
+            "Jobs of a key over its fair share of the fleet: queued a priority step lower "
+            "(lowered) or refused because the key also held its part of the queue (refused)",
+            ("action",),
+            registry=reg,
+        )
+        self.jobs_aged = Counter(
+            "botline_jobs_aged",
+            "Low jobs published again a class higher after waiting PRIORITY_AGING_S",
+            registry=reg,
+        )
+        self.queue_wait_by_priority = Histogram(
+            "botline_queue_wait_by_priority_seconds",
+            "Time from a job's publish to its first event, by the job's priority class",
+            ("priority",),
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         self.ttft = Histogram(
             "botline_time_to_first_token_seconds",
             "Streams: time from the request's arrival to its first piece of answer",

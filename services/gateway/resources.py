@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from services.gateway.auth_failures import AuthFailures
 from services.gateway.closed_jobs import ClosedJobs
+from services.gateway.fair_share import FairShare
 from services.gateway.inflight import InFlight
 from services.gateway.job_client import JobClient
 from services.gateway.key_cache import KeyCache
@@ -49,6 +50,7 @@ class Gateway:
     auth_failures: AuthFailures
     metrics: GatewayMetrics
     closed_jobs: ClosedJobs
+    fair_share: FairShare
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

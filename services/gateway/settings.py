@@ -67,6 +67,21 @@ class GatewaySettings(CommonSettings):
 
     publish_timeout_s: float = Field(5.0, gt=0)
 
+    # Fair share (services/gateway/fair_share.py): how often the fleet's
+    # capacity is read from the workers' heartbeats, and the part of the jobs
+    # queue that keys over their share may fill together before they are refused.
+    fair_refresh_s: float = Field(2.0, gt=0)
+    fair_queue_share: float = Field(0.5, ge=0, le=1)
+    # The part of its deadline a job may wait in the queue for a free worker
+    # before it is refused 503 overloaded (Retry-After from the measured
+    # drain rate); 1 (the default): the whole deadline, as before, and no
+    # start beat from the worker.
+    queue_wait_share: float = Field(1.0, gt=0, le=1)
+    # A low job still waiting in the queue after this is published again as
+    # normal, after twice this as high (the first copy a worker takes runs;
+    # low jobs cost their worker one Redis call for that); 0: no aging.
+    priority_aging_s: float = Field(30.0, ge=0)
+
     # Idle connections close after this; so does one whose request head is not
     # complete by then (aiohttp arms the timer when the connection opens).
     keepalive_timeout_s: float = Field(75.0, gt=0)

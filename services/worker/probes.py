@@ -57,7 +57,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus' text format of the worker's series."""
-    body = request.config_dict[METRICS].render()
+    metrics = request.config_dict[METRICS]
+    await metrics.refresh()  # the fleet's endpoint states: one Redis read, failing open
+    body = metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -172,6 +172,7 @@ class Worker:
         self._confirmed: AbstractChannel | None = None
         self.stats = JobStats()
         self.metrics = WorkerMetrics(sorted(self._models))
+        self.metrics.watch_scheduler(self.router.counts, self.router.states)
         self.started_at = now_ms()
         # For its heartbeat, and read before a job runs again (the module docstring).
         self._redis: Redis = redis_client(
@@ -337,6 +338,22 @@ class Worker:
             log.warning("job.closed_check_failed", error=type(exc).__name__)
             return False
 
+    async def _claim(self, job: ChatJob) -> bool:
+        """Whether this worker is the first to take a job that has copies (fails open)."""
+        try:
+            async with asyncio.timeout(self.settings.redis_timeout_s):
+                return bool(
+                    await self._redis.set(
+                        self.settings.names.taken_job(job.job_id),
+                        self.worker_id,
+                        nx=True,
+                        px=max(job.deadline_ms - now_ms(), 1),
+                    )
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("job.claim_failed", error=type(exc).__name__)
+            return True
+
     async def _handle(self, message: AbstractIncomingMessage, *, suspect: bool) -> Disposition:
         """Run a job, or decide not to; returns what becomes of its message.
 
@@ -365,6 +382,8 @@ class Worker:
         again = suspect or message.redelivered or attempt > 1
         if dropped is None and again and await self._closed(job.job_id):
             dropped = "closed"
+        if dropped is None and job.once and not again and not await self._claim(job):
+            dropped = "copy"  # another copy of it (an aged low job) runs elsewhere
         if message.redelivered and dropped is None:
             # Its holder died during this attempt (the attempt counts the deaths).
             if suspect and attempt > self.settings.jobs_delivery_limit:
@@ -438,6 +457,8 @@ class Worker:
                     mandatory=retry,
                     # A copy nobody waits for must leave the queue by itself too.
                     expiration_ms=disposition.deadline_ms - now_ms() if retry else None,
+                    # A retried job keeps its place among the priorities.
+                    priority=message.priority,
                 )
             except (AMQPError, ChannelInvalidStateError) as exc:
                 if retry:
@@ -497,6 +518,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (job.deadline_ms - now_ms()) / 1000
         outcome = "done"
+        if job.wait_until_ms is not None or job.once:
+            # Its gateway bounds its wait in the queue: tell it the job left it.
+            with contextlib.suppress(AMQPError, ChannelInvalidStateError):
+                await events.beat()
         beat = None if job.stream else asyncio.create_task(self._beat(events))
         try:
             async with asyncio.timeout_at(deadline) as window:

@@ -32,7 +32,7 @@ class ScriptedJobClient:
     def forget(self, job_id: str) -> None:
         pass
 
-    async def submit(self, job: ChatJob) -> None:
+    async def submit(self, job: ChatJob, priority: int | None = None) -> None:
         self.submitted.append(job)
 
     def cancel(self, job_id: str) -> None:

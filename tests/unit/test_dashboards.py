@@ -1,4 +1,4 @@
-"""The dashboard and alert rules query exactly the metrics issue 12 names."""
+"""The dashboard and alert rules query exactly the metrics issues 12 and 14 name."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ ISSUE_METRICS = {
     "botline_worker_redeliveries_total",
     "botline_worker_dead_letters_total",
     "botline_event_loop_lag_seconds",
+    # Issue 14's scheduler series.
+    "botline_endpoint_state",
+    "botline_queue_wait_by_priority_seconds",
 }
 
 

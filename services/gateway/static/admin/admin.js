@@ -119,6 +119,21 @@ async function renderWorkers() {
       return row;
     }));
     document.getElementById("no-workers").hidden = workers.length > 0;
+    const endpoints = await api("GET", "/endpoints");
+    const seconds = (ms) => (ms > 0 ? `${Math.ceil(ms / 1000)} s` : "—");
+    document.getElementById("endpoint-rows").replaceChildren(...endpoints.map((e) => {
+      const row = el("tr", {},
+        el("td", { className: "mono", textContent: e.name }),
+        el("td", { className: `state state-${e.state}`, textContent: e.state.replace("_", " ") }),
+        el("td", { className: "num", textContent: number(e.failures) }),
+        el("td", { className: "num", textContent: seconds(e.cooldown_ms) }),
+        el("td", { className: "num", textContent: seconds(e.paused_ms) }),
+        el("td", { className: "num", textContent: number(e.in_flight) }),
+        el("td", { className: "num", textContent: number(e.recent_calls) }));
+      row.dataset.endpoint = e.name;
+      return row;
+    }));
+    document.getElementById("no-endpoints").hidden = endpoints.length > 0;
   };
   document.getElementById("refresh-workers").addEventListener("click", fill);
   await fill();
