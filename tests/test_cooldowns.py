@@ -110,10 +110,10 @@ async def test_checks_asked_at_once_make_one_redis_call_but_one_probe(
     calls = 0
     script = one._script
 
-    async def counted(**kwargs: object) -> object:
+    async def counted(keys: list[str], args: list[str | int]) -> object:
         nonlocal calls
         calls += 1
-        return await script(**kwargs)
+        return await script(keys=keys, args=args)
 
     one._script = counted  # type: ignore[assignment]
     verdicts = await asyncio.gather(*(one.check("ep", CONFIG) for _ in range(20)))
