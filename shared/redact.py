@@ -29,8 +29,18 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
 ]
 
 
+# Every pattern above needs one of these words (any case) or ``bl-``/``sk-``: a
+# string without any of them is returned as it is, after one scan of its
+# lowercased copy instead of four case-insensitive ones (most log values:
+# event names, ids, numbers as text). Only for ASCII text, whose lowercase maps
+# letter to letter; any other text takes the four patterns.
+_CANDIDATE = re.compile(r"bl-|sk-|authorization|bearer|basic|api[-_]?key|token|secret|password")
+
+
 def redact(text: str) -> str:
     """``text`` with every key-like word replaced by ``[redacted]``."""
+    if text.isascii() and _CANDIDATE.search(text.lower()) is None:
+        return text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text

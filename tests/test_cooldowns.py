@@ -101,3 +101,30 @@ async def test_redis_down_fails_open() -> None:
         assert cooldowns.redis_errors == 2
     finally:
         await dead.aclose()
+
+
+async def test_checks_asked_at_once_make_one_redis_call_but_one_probe(
+    redis: Redis, namespace: str
+) -> None:
+    one, _ = two_workers(redis, namespace)
+    calls = 0
+    script = one._script
+
+    async def counted(keys: list[str], args: list[str | int]) -> object:
+        nonlocal calls
+        calls += 1
+        return await script(keys=keys, args=args)
+
+    one._script = counted  # type: ignore[assignment]
+    verdicts = await asyncio.gather(*(one.check("ep", CONFIG) for _ in range(20)))
+    assert {v.health for v in verdicts} == {Health.CLOSED}
+    assert calls == 1
+    for _ in range(CONFIG.cooldown_failures):
+        await one.failed("ep", CONFIG, probe=False)
+    calls = 0
+    verdicts = await asyncio.gather(*(one.check("ep", CONFIG) for _ in range(20)))
+    assert {v.health for v in verdicts} == {Health.OPEN}
+    assert calls == 1
+    await until_state(redis, namespace, "half_open")
+    verdicts = await asyncio.gather(*(one.check("ep", CONFIG) for _ in range(5)))
+    assert sorted(v.health.value for v in verdicts) == ["probe"] + ["probing"] * 4

@@ -23,15 +23,13 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
+import aiormq
 import structlog
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractIncomingMessage,
-)
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
+from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
 from services.gateway.settings import GatewaySettings
@@ -162,7 +160,12 @@ class JobClient:
             self.settings.names.dead_exchange,
             arguments={"x-match": "all", GATEWAY_HEADER: self.gateway_id},
         )
-        await reply_queue.consume(self._on_reply, no_ack=True)
+        # Consumed through aiormq itself: aio-pika's consumer wraps each event in
+        # an IncomingMessage and runs the callback in a second task, a large part
+        # of an event's CPU here (docs/performance.md). The link reruns this
+        # setup on every new connection, so the consumer is made again there.
+        raw = cast(aiormq.Channel, await replies.get_underlay_channel())
+        await raw.basic_consume(self.reply_queue_name, self._on_reply, no_ack=True)
         self._publish = publish
         log.info("amqp.ready", reply_queue=self.reply_queue_name, node=self._link.node)
 
@@ -260,24 +263,26 @@ class JobClient:
                     message_type=cancel.type,
                 )
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        job_id = message.correlation_id or ""
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        properties = message.header.properties
+        job_id = properties.correlation_id or ""
         queue = self._pending.get(job_id)
         if queue is None:
             return  # the caller is gone; late events are expected
-        if message.type == _BEAT:
+        dead = bool(properties.headers and properties.headers.get(DEAD_HEADER))
+        if properties.message_type == _BEAT:
             # A whole answer's sign of life (for the worker's sake, shared/wire.py),
             # and a job's first word: it has left the queue.
             self._start(job_id, queue)
             return
-        if job_id not in self._started and not message.headers.get(DEAD_HEADER):
+        if job_id not in self._started and not dead:
             self._start(job_id, queue)
-        if message.headers.get(DEAD_HEADER):
+        if dead:
             queue.put_nowait(DEAD)
             return
         try:
             event = decode_event(message.body)
         except ValidationError:
-            log.warning("wire.invalid_event", message_type=message.type)
+            log.warning("wire.invalid_event", message_type=properties.message_type)
             return
         queue.put_nowait(event)

@@ -131,6 +131,9 @@ class Cooldowns:
         # Opens and probes seen by this worker, for the metrics.
         self.opened = 0
         self.redis_errors = 0
+        # The check in flight for each endpoint: jobs asking meanwhile share its
+        # answer (None: it was cancelled, ask again).
+        self._checking: dict[str, asyncio.Future[Verdict | None]] = {}
 
     async def _call(
         self, op: str, name: str, config: EndpointConfig, *, probe: bool = False, ms: int = 0
@@ -156,7 +159,31 @@ class Cooldowns:
         return (state.decode() if isinstance(state, bytes) else str(state)), int(value)
 
     async def check(self, name: str, config: EndpointConfig) -> Verdict:
-        """May the endpoint be called? Takes the probe when it is half-open and free."""
+        """May the endpoint be called? Takes the probe when it is half-open and free.
+
+        At most one check per endpoint is in flight in this worker: jobs that
+        ask while one is on its way to Redis take its answer, as if they had
+        asked a round trip sooner, instead of a Redis call each (a burst of
+        jobs made one call per job). The probe is not shared: it belongs to
+        the job whose check took it, and the others ask for themselves.
+        """
+        pending = self._checking.get(name)
+        if pending is not None:
+            shared = await asyncio.shield(pending)
+            if shared is not None and shared.health is not Health.PROBE:
+                return shared
+            return await self._check(name, config)
+        pending = asyncio.get_running_loop().create_future()
+        self._checking[name] = pending
+        verdict: Verdict | None = None
+        try:
+            verdict = await self._check(name, config)
+            return verdict
+        finally:
+            del self._checking[name]
+            pending.set_result(verdict)
+
+    async def _check(self, name: str, config: EndpointConfig) -> Verdict:
         found = await self._call("check", name, config)
         if found is None:
             return Verdict(Health.CLOSED)  # fail open

@@ -10,7 +10,7 @@ import structlog
 
 from shared import keys
 from shared.logging import configure_logging
-from shared.redact import redact
+from shared.redact import _PATTERNS, redact
 
 
 def test_key_like_words_are_masked() -> None:
@@ -44,3 +44,29 @@ def test_aiohttp_and_asyncio_records_are_json_events_without_the_key() -> None:
     assert "ValueError" in lines[0]["exception"]  # the traceback is kept, inside the event
     assert key not in out.getvalue()
     assert key[3:15] not in out.getvalue()
+
+
+def test_the_quick_path_masks_what_the_patterns_mask() -> None:
+    # redact() skips the patterns for text without a candidate word: whatever the
+    # case and wherever the word sits, its answer is the patterns' answer.
+    key = keys.generate()
+    texts = [
+        f"AUTHORIZATION: BEARER {key}",
+        f"Proxy-Authorization = Basic {key[3:]}",
+        f"X-API-KEY: {key[3:]}",
+        "Api_Key='abcd1234'",
+        "SECRET: s3cr3t-value",
+        "PassWord=hunter22",
+        "ToKeN: abcdefgh",
+        f"trailing {key}",
+        # Not ASCII: the patterns alone decide.
+        f"\u00fcn\u00efc\u00f6d\u00e9 \u017fecret=abcdefgh {key}",
+        "job.finished",
+        "chatcmpl-abc123def456",
+    ]
+    for text in texts:
+        expected = text
+        for pattern, replacement in _PATTERNS:
+            expected = pattern.sub(replacement, expected)
+        assert redact(text) == expected, text
+    assert key not in redact(f"\u00fcn\u00efc {key}")
