@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -121,6 +122,12 @@ class Verdict:
         return self.health in (Health.CLOSED, Health.PROBE)
 
 
+# How long a healthy verdict is trusted by the worker that heard it: another
+# worker's cooldown reaches this one at most this late.
+_FRESH_S = 0.25
+_HEALTHY = Verdict(Health.CLOSED)
+
+
 class Cooldowns:
     """The fleet's view of each endpoint's health, in Redis."""
 
@@ -134,6 +141,10 @@ class Cooldowns:
         # The check in flight for each endpoint: jobs asking meanwhile share its
         # answer (None: it was cancelled, ask again).
         self._checking: dict[str, asyncio.Future[Verdict | None]] = {}
+        # When each endpoint was last seen healthy: for _FRESH_S after that, jobs
+        # call it without asking Redis (a call per job was most of the worker's
+        # Redis traffic). A failure or pause heard here forgets it at once.
+        self._healthy_at: dict[str, float] = {}
 
     async def _call(
         self, op: str, name: str, config: EndpointConfig, *, probe: bool = False, ms: int = 0
@@ -167,6 +178,9 @@ class Cooldowns:
         jobs made one call per job). The probe is not shared: it belongs to
         the job whose check took it, and the others ask for themselves.
         """
+        seen = self._healthy_at.get(name)
+        if seen is not None and time.monotonic() - seen < _FRESH_S:
+            return _HEALTHY
         pending = self._checking.get(name)
         if pending is not None:
             shared = await asyncio.shield(pending)
@@ -188,10 +202,16 @@ class Cooldowns:
         if found is None:
             return Verdict(Health.CLOSED)  # fail open
         state, ms = found
-        return Verdict(Health(state), ms / 1000)
+        verdict = Verdict(Health(state), ms / 1000)
+        if verdict.health is Health.CLOSED:
+            self._healthy_at[name] = time.monotonic()
+        else:
+            self._healthy_at.pop(name, None)
+        return verdict
 
     async def failed(self, name: str, config: EndpointConfig, *, probe: bool) -> None:
         """Count a failure; the one that crosses the threshold opens the endpoint for everyone."""
+        self._healthy_at.pop(name, None)
         found = await self._call("fail", name, config, probe=probe)
         if found is not None and found[0] in ("opened", "reopened"):
             self.opened += 1
@@ -209,6 +229,7 @@ class Cooldowns:
 
     async def pause(self, name: str, config: EndpointConfig, seconds: float) -> None:
         """Nobody calls the endpoint for ``seconds`` (the provider's Retry-After)."""
+        self._healthy_at.pop(name, None)
         ms = max(1, int(seconds * 1000))
         if await self._call("pause", name, config, ms=ms) is not None:
             log.info("endpoint.paused", endpoint=name, ms=ms)
