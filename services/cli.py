@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from services.processes import child_ids, supervise, tag_logs
+from shared.amqp import TopologyMismatch
 from shared.clock import now_ms
 from shared.logging import configure_logging
 from shared.loop import new_event_loop
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except CliError as exc:
+    except (CliError, TopologyMismatch) as exc:
         print(f"botline: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # pydantic's ValidationError is one

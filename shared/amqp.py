@@ -46,7 +46,7 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractQueue,
 )
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
 from pamqp.commands import Basic
 
 from shared.priority import MAX_PRIORITY
@@ -60,6 +60,18 @@ GATEWAY_HEADER = "x-botline-gateway"
 ATTEMPT_HEADER = "x-botline-attempt"
 # Set on a dead-lettered job: why it was given up.
 DEAD_HEADER = "x-botline-dead"
+
+
+_MISMATCH = (
+    "RabbitMQ refused a declaration: a queue of this namespace exists with other "
+    "arguments (after an upgrade, or another JOBS_MAX_LENGTH, JOBS_QUEUE_TYPE or "
+    "JOBS_PRIORITIES): give every process the same settings, or stop them and delete "
+    "the queue (rabbitmqctl delete_queue <namespace>.jobs)"
+)
+
+
+class TopologyMismatch(RuntimeError):
+    """The broker refused our queues' arguments; retrying cannot help."""
 
 
 class AmqpLink:
@@ -93,6 +105,9 @@ class AmqpLink:
         self._connection: AbstractConnection | None = None
         self._node = 0  # index in _urls of the node connected to (or tried next)
         self._up = asyncio.Event()
+        # Set when the broker refused our topology before we were ever up: retrying
+        # cannot help, so start() fails at once with it.
+        self._refused: TopologyMismatch | None = None
         self._lost: asyncio.Event = asyncio.Event()
         self._closing = False
         # Counts connections opened; callbacks carry theirs (see _live).
@@ -102,7 +117,7 @@ class AmqpLink:
     @property
     def up(self) -> bool:
         """Connected, with the owner's setup done on this connection."""
-        return self._up.is_set()
+        return self._up.is_set() and self._refused is None
 
     @property
     def node(self) -> int:
@@ -118,6 +133,8 @@ class AmqpLink:
         try:
             async with asyncio.timeout(self._settings.startup_timeout_s):
                 await self._up.wait()
+            if self._refused is not None:
+                raise self._refused
         except BaseException:
             await self.close()
             raise
@@ -193,6 +210,12 @@ class AmqpLink:
             try:
                 connection = await self._open(url)
             except (AMQPError, ChannelInvalidStateError, OSError, TimeoutError) as exc:
+                if isinstance(exc, ChannelPreconditionFailed) and not self._up.is_set():
+                    # A queue or exchange exists with other arguments: nothing to wait for.
+                    log.error("amqp.topology_mismatch", link=self._name, hint=_MISMATCH)
+                    self._refused = TopologyMismatch(_MISMATCH)
+                    self._up.set()
+                    return
                 if failures % 10 == 0:  # the first of an outage, then every tenth
                     log.warning(
                         "amqp.connect_failed",
