@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Dialog, async_playwright, expect
+from playwright.async_api import Browser, Dialog, Route, async_playwright, expect
 
 from services.worker.settings import EndpointConfig
 from shared import keys
@@ -107,9 +108,17 @@ async def test_the_seed_flow_in_a_browser(
     await context.close()
 
 
+async def slow_workers_list(route: Route) -> None:
+    """The list of live workers answers late, as it may on a busy fleet."""
+    await asyncio.sleep(1.5)
+    await route.continue_()
+
+
 async def test_a_bot_can_be_made_and_set_in_the_page(bare_stack: Stack, browser: Browser) -> None:
     url = await bare_stack.add_gateway(admin_tokens=[TOKEN])
     page = await browser.new_page()
+    # The page's buttons work while its lists are still loading.
+    await page.route("**/admin/api/workers", slow_workers_list)
     await page.goto(f"{url}/admin/")
     await page.get_by_label("Admin token").fill(TOKEN)
     await page.get_by_role("button", name="Sign in").click()

@@ -143,20 +143,8 @@ async function renderWorkers() {
 
 async function renderBots() {
   mount("tpl-bots");
-  const bots = await api("GET", "/bots");
-  const rows = document.getElementById("bot-rows");
-  for (const bot of bots) {
-    rows.append(el("tr", {},
-      el("td", {}, el("a", { href: `#/bots/${bot.id}`, textContent: bot.name })),
-      el("td", { className: "mono", textContent: bot.id }),
-      el("td", { textContent: bot.endpoint }),
-      el("td", { textContent: bot.model })));
-  }
-  document.getElementById("no-bots").hidden = bots.length > 0;
+  // The buttons work as soon as they are on the page; the lists fill in behind them.
   const dialog = document.getElementById("bot-dialog");
-  const served = await liveEndpoints();
-  watchEndpoint(dialog.querySelector("[name=endpoint]"),
-    document.getElementById("new-endpoint-warning"), served);
   document.getElementById("new-bot").addEventListener("click", () => dialog.showModal());
   document.getElementById("bot-form").addEventListener("submit", async (event) => {
     if (event.submitter && event.submitter.value !== "create") return;
@@ -170,6 +158,19 @@ async function renderBots() {
       showError(document.getElementById("bot-error"), err);
     }
   });
+  const bots = await api("GET", "/bots");
+  const rows = document.getElementById("bot-rows");
+  for (const bot of bots) {
+    rows.append(el("tr", {},
+      el("td", {}, el("a", { href: `#/bots/${bot.id}`, textContent: bot.name })),
+      el("td", { className: "mono", textContent: bot.id }),
+      el("td", { textContent: bot.endpoint }),
+      el("td", { textContent: bot.model })));
+  }
+  document.getElementById("no-bots").hidden = bots.length > 0;
+  const served = await liveEndpoints();
+  watchEndpoint(dialog.querySelector("[name=endpoint]"),
+    document.getElementById("new-endpoint-warning"), served);
 }
 
 // --- one bot: settings and API keys ----------------------------------------------
@@ -189,8 +190,7 @@ async function renderBot(botId) {
   const form = document.getElementById("settings-form");
   for (const name of SETTINGS) form.elements[name].value = bot[name];
   for (const name of LIMITS) form.elements[`limit_${name}`].value = bot.limits[name] ?? "";
-  watchEndpoint(form.elements.endpoint, document.getElementById("endpoint-warning"),
-    await liveEndpoints());
+  // Every control works as soon as the bot is on the page; the lists fill in behind them.
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const patch = { limits: {} };
@@ -240,7 +240,8 @@ async function renderBot(botId) {
     document.getElementById("new-key").textContent = ""; // not kept on the page
     document.getElementById("copy-key").textContent = "Copy";
   });
-  await renderKeys(botId);
+  const [served] = await Promise.all([liveEndpoints(), renderKeys(botId)]);
+  watchEndpoint(form.elements.endpoint, document.getElementById("endpoint-warning"), served);
 }
 
 async function renderKeys(botId) {
