@@ -17,6 +17,7 @@ from shared.settings import CommonSettings
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.stack import (
     AMQP_URL,
+    CLEANUP_LIMIT_S,
     REDIS_URL,
     Process,
     ProcessFactory,
@@ -24,6 +25,7 @@ from tests.support.stack import (
     kill_all,
     process_env,
     process_id,
+    within,
 )
 
 # Private Redis / Sentinel / RabbitMQ servers that tests kill and freeze.
@@ -52,12 +54,16 @@ async def redis(namespace: str) -> AsyncIterator[Redis]:
 async def amqp_cleanup(namespace: str, request: pytest.FixtureRequest) -> AsyncIterator[None]:
     """Deletes the namespace's queues and exchanges after the test."""
     yield
-    connection = await aio_pika.connect(
-        AMQP_URL, client_properties={"connection_name": f"cleanup-{request.node.name}"[:200]}
-    )
-    async with connection:
-        channel = await connection.channel()
-        await delete_namespace(channel, CommonSettings(namespace=namespace))
+
+    async def clean() -> None:
+        connection = await aio_pika.connect(
+            AMQP_URL, client_properties={"connection_name": f"cleanup-{request.node.name}"[:200]}
+        )
+        async with connection:
+            channel = await connection.channel()
+            await delete_namespace(channel, CommonSettings(namespace=namespace))
+
+    await within(CLEANUP_LIMIT_S, "deleting the test's queues", clean())
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ the real Redis and RabbitMQ, isolated by a namespace of their own.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import signal
@@ -35,6 +36,24 @@ from tests.support.fake_openai import FakeOpenAI
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("BOTLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("BOTLINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+# A clean-up that takes longer than this is a hang: it fails with every task's stack.
+CLEANUP_LIMIT_S = 30.0
+
+
+async def within(seconds: float, what: str, awaitable: Awaitable[Any]) -> Any:
+    """Await ``awaitable``; past ``seconds``, fail naming ``what`` and where each task waits."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    except TimeoutError:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=12, file=stacks)
+        raise AssertionError(
+            f"{what} did not finish within {seconds} s; the tasks:\n{stacks.getvalue()}"
+        ) from None
 
 
 async def start_gateway(settings: GatewaySettings) -> tuple[web.AppRunner, str]:
@@ -140,9 +159,9 @@ class Stack:
     async def close(self) -> None:
         """Stop everything this stack started."""
         for worker in self.workers:
-            await worker.stop()
+            await within(CLEANUP_LIMIT_S, "stopping an in-process worker", worker.stop())
         for runner in self._runners:
-            await runner.cleanup()
+            await within(CLEANUP_LIMIT_S, "stopping an in-process gateway", runner.cleanup())
 
 
 class Process:
@@ -203,7 +222,7 @@ class Process:
         async with asyncio.timeout(timeout):
             code = await self.proc.wait()
         if self._reader is not None:
-            await self._reader
+            await within(CLEANUP_LIMIT_S, f"reading the output of {self.args}", self._reader)
         return code
 
     async def stop(self) -> None:
