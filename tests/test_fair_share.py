@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import orjson
@@ -319,7 +319,64 @@ async def test_on_a_small_queue_only_the_flooding_key_is_refused(
         assert all(r >= 1 for _, _, r in refused)
         calm = [await chat(stack.http, stack.url, calm_key, ASK) for _ in range(3)]
         assert [status for status, _, _ in calm] == [200, 200, 200]
+        # Four slots keep no reserve (FAIR_RESERVE_SHARE 0.05): nothing waits in the gateway.
+        assert stack.gateway().fair_share.reserve == 0
+        assert stack.gateway().metrics.fair_share.labels("held")._value.get() == 0
     finally:
         for task in hogs:
             task.cancel()
         await asyncio.gather(*hogs, return_exceptions=True)
+
+
+async def test_a_job_over_the_share_waits_in_the_gateway_for_a_job_to_end(
+    bare_stack: Stack, slow: FakeOpenAI, brisk: FakeOpenAI
+) -> None:
+    stack = bare_stack
+    endpoints = stack_support.test_endpoints(stack.upstream_url) | {
+        "slow": EndpointConfig(kind="openai", base_url=slow.base_url, timeout_s=30),
+        "brisk": EndpointConfig(kind="openai", base_url=brisk.base_url, timeout_s=30),
+    }
+    # Four slots, one of them the reserve: a key alone has a share of three.
+    await stack.add_worker(concurrency=4, endpoints=endpoints)
+    await stack.add_gateway(fair_refresh_s=0.2, fair_reserve_share=0.25)
+    gateway = stack.gateway()
+    await gateway.fair_share.refresh()
+    assert (gateway.fair_share.capacity, gateway.fair_share.reserve) == (4, 1)
+    _, hog_key = await stack.bot_and_key(endpoint="slow")
+    _, calm_key = await stack.bot_and_key(endpoint="brisk")
+    hog_hash = keys.hash_key(hog_key)
+    slots = gateway.fair_share.slots
+
+    async def until(done: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not done():  # noqa: ASYNC110 -- counters, polled with a deadline
+                await asyncio.sleep(0.02)
+
+    hogs = [asyncio.create_task(chat(stack.http, stack.url, hog_key, ASK)) for _ in range(4)]
+    leaving = {"messages": [{"role": "user", "content": "the one that left"}]}
+    leaver = asyncio.create_task(chat(stack.http, stack.url, hog_key, leaving))
+    try:
+        # Three jobs run; the fourth and fifth wait in the gateway, not the queue.
+        await until(lambda: slots.held == 2 and slow.in_flight == 3)
+        # The fifth's caller hangs up while held: it is let go, nothing published.
+        leaver.cancel()
+        await asyncio.gather(leaver, return_exceptions=True)
+        await until(lambda: slots.held == 1 and gateway.inflight.count(hog_hash) == 4)
+        # The reserve answers the other key at once.
+        status, _, _ = await chat(stack.http, stack.url, calm_key, ASK)
+        assert status == 200
+        assert slow.in_flight == 3
+        # The held job is published as soon as one of the three ends.
+        results = await asyncio.gather(*hogs)
+    finally:
+        for task in hogs:
+            task.cancel()
+        await asyncio.gather(*hogs, return_exceptions=True)
+    assert [status for status, _, _ in results] == [200] * 4
+    assert slow.max_in_flight == 3
+    assert len(slow.requests) == 4
+    assert not any("the one that left" in str(r.body["messages"]) for r in slow.requests)
+    assert (slots.taken, slots.held) == (0, 0)
+    fair = gateway.metrics.fair_share
+    assert fair.labels("held")._value.get() == 2
+    assert fair.labels("lowered")._value.get() == 2
