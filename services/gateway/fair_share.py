@@ -95,7 +95,8 @@ class FairShare:
     @property
     def reserve(self) -> int:
         """The fleet's slots kept for keys within their share (0: none)."""
-        return int(self._capacity * self._reserve_share)
+        # Rounded down; the epsilon keeps 100 x 0.29 at 29, not 28.999...
+        return int(self._capacity * self._reserve_share + 1e-9)
 
     async def refresh(self) -> None:
         """Read the fleet's capacity once from the workers' heartbeats."""

@@ -106,6 +106,7 @@ def test_the_reserve_is_a_share_of_the_capacity_rounded_down() -> None:
     assert fair(100, 0.05, {}).reserve == 5
     assert fair(19, 0.05, {}).reserve == 0  # small fleets keep none
     assert fair(20, 0.05, {}).reserve == 1
+    assert fair(100, 0.29, {}).reserve == 29  # not 28: 100 x 0.29 is 28.999... in floats
     assert fair(100, 0.0, {}).reserve == 0
     assert fair(0, 0.05, {}).reserve == 0
 
