@@ -140,7 +140,7 @@ async def _admitted(
     try:
         # The key's class, a step lower over its fair share: no Redis call.
         klass = record.priority or bot.priority
-        priority = gateway.fair_share.place(ticket.key_hash, klass)
+        placed = gateway.fair_share.place(ticket.key_hash, klass)
     except BaseException:
         gateway.limiter.settle(grant, 0)
         raise
@@ -161,14 +161,18 @@ async def _admitted(
         prompt_estimate=prompt_estimate,
         metrics=metrics,
         on_first_token=first_token if chat.stream else None,
-        priority=priority,
+        priority=placed.priority,
         aging_s=settings.priority_aging_s,
+        # Over its share, the job may wait here for a slot outside the reserve.
+        slots=gateway.fair_share.slots,
+        lowered=placed.lowered,
     )
     # No await in the finally blocks: they run even when the caller went away.
     charged = Usage()
+    # Attached before the run starts: a revoke ends a job held for a slot too.
+    ticket.attach(run)
     try:
         async with run:
-            ticket.attach(run)
             try:
                 yield ChatSession(chat, bot, run)
             finally:

@@ -115,6 +115,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             refresh_s=settings.fair_refresh_s,
             queue_slots=int(settings.jobs_max_length * settings.fair_queue_share),
             timeout_s=settings.redis_timeout_s,
+            reserve_share=settings.fair_reserve_share,
             metrics=metrics,
         ),
     )

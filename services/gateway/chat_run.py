@@ -32,6 +32,7 @@ from services.gateway.job_client import (
     Started,
 )
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.slots import Slots
 from shared import tokens
 from shared.clock import now_ms
 from shared.errors import (
@@ -107,6 +108,8 @@ class ChatRun:
         on_first_token: Callable[[], None] | None = None,
         priority: int | None = None,
         aging_s: float | None = None,
+        slots: Slots | None = None,
+        lowered: bool = False,
     ):
         self.job = job
         # The job's message priority on the queue (shared/priority.py).
@@ -116,6 +119,11 @@ class ChatRun:
         self._on_first_token = on_first_token
         self._published = 0.0
         self._in_flight = False
+        # This gateway's slots (services/gateway/slots.py): a lowered job (its
+        # key over its share) may be held there before it is published.
+        self._slots = slots
+        self._lowered = lowered
+        self._slot = False
         self._client = job_client
         self._deadline = asyncio.get_running_loop().time() + deadline_s
         self._deadline_s = deadline_s
@@ -190,11 +198,15 @@ class ChatRun:
         self._queue = self._client.register(self.job.job_id)
         if self._interrupt is not None:
             self._queue.put_nowait(Interrupted(self._interrupt))
+        # A wait in the gateway for a slot is a wait in the queue, for the metrics too.
         self._published = time.perf_counter()
         try:
+            if self._slots is not None:
+                await self._take_slot(self._slots)
             await self._client.submit(self.job, priority=self.priority)
         except BaseException:
             self._client.forget(self.job.job_id)
+            self._give_slot()
             raise
         if self._metrics is not None:
             self._metrics.jobs_in_flight.inc()
@@ -211,9 +223,63 @@ class ChatRun:
         self._client.forget(self.job.job_id)
         if not self._done:
             self._client.cancel(self.job.job_id)
+        self._give_slot()
         if self._in_flight and self._metrics is not None:
             self._metrics.jobs_in_flight.dec()
             self._in_flight = False
+
+    async def _take_slot(self, slots: Slots) -> None:
+        """Take a slot; a lowered job may wait for one, within the bounds of its wait in the queue.
+
+        Nothing is published meanwhile: a timeout gives the error the queue
+        would have given, a revoked key its error, a caller who left is gone.
+        """
+        assert self._queue is not None
+        held = slots.take(self._lowered, self.priority or 0)
+        if held is None:
+            self._slot = True
+            return
+        if self._metrics is not None:
+            self._metrics.fair_share.labels("held").inc()
+        loop = asyncio.get_running_loop()
+        until = min(self._deadline, self._wait_until or self._deadline)
+        # Before the publish, only the gateway's own events can come: Interrupted, LOST.
+        event = asyncio.ensure_future(self._queue.get())
+        try:
+            await asyncio.wait(
+                (held, event),
+                timeout=max(until - loop.time(), 0.0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            self._slot = slots.leave(held)
+            came = event.result() if event.done() and not event.cancelled() else None
+            event.cancel()
+        if isinstance(came, Interrupted):
+            raise came.error
+        if isinstance(came, LostConnection):
+            raise BackendUnavailable("the connection to the job queue was lost")
+        if came is not None:  # pragma: no cover -- nothing else comes before the publish
+            self._queue.put_nowait(came)
+        if not self._slot:
+            raise self._timed_out_waiting()
+
+    def _give_slot(self) -> None:
+        if self._slot and self._slots is not None:
+            self._slot = False
+            self._slots.give()
+
+    def _timed_out_waiting(self) -> BotlineError:
+        """The error of a job still waiting for a worker at the end of its wait."""
+        if self._wait_until is not None and self._wait_until < self._deadline:
+            # Every worker stayed busy for the job's share of the deadline.
+            client = self._client
+            error = Overloaded("every worker is busy; try again later")
+            error.retry_after = client.drain.retry_after(
+                client.waiting, self._deadline - self._wait_until
+            )
+            return error
+        return DeadlineExceeded(f"no answer within {self._deadline_s:g} s")
 
     @property
     def abandoned(self) -> bool:
@@ -266,14 +332,7 @@ class ChatRun:
                 return await self._queue.get()
         except TimeoutError:
             if queued and wait < remaining:
-                # Every worker stayed busy for the job's share of the deadline.
-                client = self._client
-                assert self._wait_until is not None
-                error = Overloaded("every worker is busy; try again later")
-                error.retry_after = client.drain.retry_after(
-                    client.waiting, self._deadline - self._wait_until
-                )
-                raise error from None
+                raise self._timed_out_waiting() from None
             if started and wait < remaining:
                 raise DeadlineExceeded(
                     f"the worker sent nothing for {self._event_timeout_s:g} s"

@@ -13,11 +13,19 @@ Only a key that also holds more than its part of the queue itself
 (``fair_queue_share`` of ``jobs_max_length``, split between the active
 keys) is refused 503 ``overloaded``: the queue's room is kept for the
 others, who would otherwise be refused by a full queue.
+
+A priority only orders jobs that wait, and slots taken together by a flood
+free together. So a reserve of the fleet's slots (``fair_reserve_share`` of
+the capacity, rounded down) is kept for keys within their share: the shares
+are parts of the slots outside it, and a lowered job waits in this gateway
+while its jobs in flight leave no more than the reserve free
+(:class:`~services.gateway.slots.Slots`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import NamedTuple
 
 import structlog
 from redis.asyncio import Redis
@@ -26,12 +34,20 @@ from redis.exceptions import RedisError
 from services.gateway.inflight import InFlight
 from services.gateway.job_client import Drain
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.slots import Slots
 from shared.errors import Overloaded
 from shared.fleet import live_workers
 from shared.names import Names
 from shared.priority import Priority, message_priority
 
 log = structlog.get_logger("botline.gateway.fair_share")
+
+
+class Placement(NamedTuple):
+    """Where a job goes: its message priority, and whether its key is over its share."""
+
+    priority: int
+    lowered: bool
 
 
 class FairShare:
@@ -46,6 +62,7 @@ class FairShare:
         refresh_s: float,
         queue_slots: int,
         timeout_s: float,
+        reserve_share: float = 0.0,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self._redis = redis
@@ -54,11 +71,32 @@ class FairShare:
         self._refresh_s = refresh_s
         self._queue_slots = queue_slots
         self._timeout_s = timeout_s
+        self._reserve_share = reserve_share
         self._metrics = metrics
+        # This gateway's jobs in flight, and the lowered ones held for the reserve.
+        self.slots = Slots()
         # The fleet's job slots; 0 until the first read (then no key is over).
-        self.capacity = 0
+        self._capacity = 0
         # This gateway's measured drain rate, for a refusal's Retry-After.
         self.drain: Drain | None = None
+
+    @property
+    def capacity(self) -> int:
+        """The fleet's job slots (0: not known yet)."""
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, capacity: int) -> None:
+        self._capacity = capacity
+        reserve = self.reserve
+        # Lowered jobs wait only while there is a reserve to keep.
+        self.slots.set_limit(capacity - reserve if reserve else None)
+
+    @property
+    def reserve(self) -> int:
+        """The fleet's slots kept for keys within their share (0: none)."""
+        # Rounded down; the epsilon keeps 100 x 0.29 at 29, not 28.999...
+        return int(self._capacity * self._reserve_share + 1e-9)
 
     async def refresh(self) -> None:
         """Read the fleet's capacity once from the workers' heartbeats."""
@@ -77,13 +115,13 @@ class FairShare:
             await asyncio.sleep(self._refresh_s)
 
     def share(self) -> int:
-        """Each active key's part of the fleet's slots (0: not known yet)."""
+        """Each active key's part of the fleet's slots outside the reserve (0: not known yet)."""
         if not self.capacity:
             return 0
-        return max(1, self.capacity // max(self._inflight.active_keys, 1))
+        return max(1, (self.capacity - self.reserve) // max(self._inflight.active_keys, 1))
 
-    def place(self, key_hash: str, priority: Priority) -> int:
-        """The message priority of a new job of this key (already tracked in flight).
+    def place(self, key_hash: str, priority: Priority) -> Placement:
+        """Where a new job of this key goes (the key's request already tracked in flight).
 
         Raises :class:`Overloaded` when the key holds its share of the slots
         and its part of the queue too.
@@ -103,4 +141,4 @@ class FairShare:
                 raise error
         if over and self._metrics is not None:
             self._metrics.fair_share.labels("lowered").inc()
-        return message_priority(priority, over)
+        return Placement(message_priority(priority, over), over)

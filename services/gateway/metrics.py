@@ -74,7 +74,8 @@ class GatewayMetrics:
         self.fair_share = Counter(
             "botline_fair_share_jobs",
             "Jobs of a key over its fair share of the fleet: queued a priority step lower "
-            "(lowered) or refused because the key also held its part of the queue (refused)",
+            "(lowered), refused because the key also held its part of the queue (refused), "
+            "or held in the gateway while only the reserve of slots was free (held)",
             ("action",),
             registry=reg,
         )

@@ -72,6 +72,11 @@ class GatewaySettings(CommonSettings):
     # queue that keys over their share may fill together before they are refused.
     fair_refresh_s: float = Field(2.0, gt=0)
     fair_queue_share: float = Field(0.5, ge=0, le=1)
+    # The part of the fleet's job slots (rounded down: none below 20 slots at
+    # 0.05) kept free for keys within their share: a job of a key over its
+    # share waits in the gateway while this gateway's jobs in flight would
+    # leave less free; 0: no reserve (such jobs are only queued lower).
+    fair_reserve_share: float = Field(0.05, ge=0, le=0.5)
     # The part of its deadline a job may wait in the queue for a free worker
     # before it is refused 503 overloaded (Retry-After from the measured
     # drain rate); 1 (the default): the whole deadline, as before, and no
