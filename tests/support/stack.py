@@ -8,7 +8,6 @@ the real Redis and RabbitMQ, isolated by a namespace of their own.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import re
 import signal
@@ -44,16 +43,38 @@ CLEANUP_LIMIT_S = 30.0
 
 async def within(seconds: float, what: str, awaitable: Awaitable[Any]) -> Any:
     """Await ``awaitable``; past ``seconds``, fail naming ``what`` and where each task waits."""
+    task = asyncio.ensure_future(awaitable)
     try:
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    except TimeoutError:
-        stacks = io.StringIO()
-        for task in asyncio.all_tasks():
-            task.print_stack(limit=12, file=stacks)
-        raise AssertionError(
-            f"{what} did not finish within {seconds} s; the tasks:\n{stacks.getvalue()}"
-        ) from None
+        await asyncio.wait({task}, timeout=seconds)
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    # Where everything waits, taken before the cancellation unwinds it.
+    stacks = "\n".join(_awaiting(t) for t in asyncio.all_tasks())
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise AssertionError(f"{what} did not finish within {seconds} s; the tasks:\n{stacks}")
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """Where ``task`` waits: its whole chain of awaits (``print_stack`` shows one frame)."""
+    lines = [repr(task)]
+    step: Any = task.get_coro()
+    while step is not None:
+        frame = getattr(step, "cr_frame", None) or getattr(step, "gi_frame", None)
+        frame = frame or getattr(step, "ag_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        else:
+            lines.append(f"  {step!r}")
+        step = (
+            getattr(step, "cr_await", None)
+            or getattr(step, "gi_yieldfrom", None)
+            or getattr(step, "ag_await", None)
+        )
+    return "\n".join(lines)
 
 
 async def start_gateway(settings: GatewaySettings) -> tuple[web.AppRunner, str]:
