@@ -43,7 +43,10 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line: PrintLogger's print() wrote the line and its newline
+        # separately, two system calls per line on unbuffered stderr
+        # (docs/performance.md).
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     # Libraries (aiohttp.server, aiohttp.access, aiohttp.web, asyncio, aio-pika) log
