@@ -443,11 +443,15 @@ class Worker:
         try:
             await self._run(job, attempt)
         except asyncio.CancelledError:
-            if job.job_id in self._lost:
+            cancelled = job.job_id in self._cancelled
+            # Lost with its connection: cancelled by _on_lost, or by aiormq itself
+            # as it closes the channel the job came on (its consumer task), which
+            # may come first; nothing else cancels a job but a stop or a cancel.
+            if job.job_id in self._lost or not (cancelled or self._stopping):
                 task.uncancel()
                 log.info("job.abandoned", reason="connection_lost")
                 return Disposition(Action.LEAVE, count="abandoned")
-            if job.job_id not in self._cancelled:
+            if not cancelled:
                 raise  # shutting down: leave it unacked, another worker takes it
             task.uncancel()
             log.info("job.cancelled")
@@ -559,7 +563,7 @@ class Worker:
             # Its gateway bounds its wait in the queue: tell it the job left it.
             with contextlib.suppress(AMQPError, ChannelInvalidStateError):
                 await events.beat()
-        beat = None if job.stream else asyncio.create_task(self._beat(events))
+        beat = None if job.stream else _Beats(events, self.settings.beat_ms / 1000)
         try:
             async with asyncio.timeout_at(deadline) as window:
                 settings = self.settings
@@ -591,8 +595,7 @@ class Worker:
             await events.error(InternalError("the worker failed on this request"))
         finally:
             if beat is not None:
-                beat.cancel()
-                await asyncio.gather(beat, return_exceptions=True)
+                await beat.stop()
         elapsed = time.perf_counter() - started
         series.duration.observe(elapsed)
         series.job(outcome)
@@ -606,13 +609,49 @@ class Worker:
             ms=round(elapsed * 1000, 2),
         )
 
-    async def _beat(self, events: JobEvents) -> None:
-        """A whole answer's sign of life, until cancelled (see the module docstring)."""
-        interval = self.settings.beat_ms / 1000
-        with contextlib.suppress(AMQPError, ChannelInvalidStateError):
-            while True:
-                await asyncio.sleep(interval)
-                await events.beat()
+
+class _Beats:
+    """A whole answer's sign of life every ``interval_s`` until stopped (the module docstring).
+
+    A timer, and a task only to publish a beat that is due: most whole answers
+    end before their first beat, and a task per job that only slept was a
+    measurable part of a job's CPU (docs/performance.md). Each job has its
+    own, so a lost connection touches no job but through its own publishes.
+    """
+
+    __slots__ = ("_events", "_interval_s", "_loop", "_stopped", "_task", "_timer")
+
+    def __init__(self, events: JobEvents, interval_s: float) -> None:
+        self._events = events
+        self._interval_s = interval_s
+        self._loop = asyncio.get_running_loop()
+        self._stopped = False
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval_s, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if not self._stopped:
+            self._task = self._loop.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        try:
+            await self._events.beat()
+        except (AMQPError, ChannelInvalidStateError):
+            return  # no more beats: the connection is going, or gone
+        if not self._stopped:
+            self._timer = self._loop.call_later(self._interval_s, self._due)
+
+    async def stop(self) -> None:
+        """No more beats; waits for one being published."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _consume(
