@@ -32,6 +32,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    writer = structlog.WriteLogger(out)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -43,7 +44,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line: PrintLogger's print() wrote the line and its newline
+        # separately, two system calls per line on unbuffered stderr. And one
+        # logger for every line: the factory is called for each of them
+        # (docs/performance.md).
+        logger_factory=lambda *args: writer,
         cache_logger_on_first_use=False,
     )
     # Libraries (aiohttp.server, aiohttp.access, aiohttp.web, asyncio, aio-pika) log

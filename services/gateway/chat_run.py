@@ -355,10 +355,7 @@ class ChatRun:
                 if not self._began and self._metrics is not None:
                     # A worker's first word on this job: the end of its wait in the queue.
                     waited = time.perf_counter() - self._published
-                    self._metrics.queue_wait.observe(waited)
-                    self._metrics.queue_wait_by_priority.labels(class_of(self.priority)).observe(
-                        waited
-                    )
+                    self._metrics.queued(class_of(self.priority), waited)
                 self._began = True
                 continue
             if self._attempt is None or event.attempt > self._attempt:

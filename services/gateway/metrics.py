@@ -144,6 +144,7 @@ class GatewayMetrics:
         # several microseconds (validation, a lock), a dict lookup a tenth of that.
         # Bounded like the labels: surfaces x statuses x codes (x bots if asked).
         self._ttft: dict[tuple[str, str], Histogram] = {}
+        self._queue_wait: dict[str, Histogram] = {}
         self._children: dict[tuple[str, int, str | None, bool, str], tuple[Counter, Histogram]] = {}
         self._lookup = {
             result: self.key_lookups.labels(result) for result in (HIT, MISS, JOINED, MALFORMED)
@@ -178,6 +179,16 @@ class GatewayMetrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def queued(self, priority_class: str, seconds: float) -> None:
+        """A job's wait in the queue, until a worker's first word on it."""
+        self.queue_wait.observe(seconds)
+        child = self._queue_wait.get(priority_class)
+        if child is None:
+            child = self._queue_wait[priority_class] = self.queue_wait_by_priority.labels(
+                priority_class
+            )
+        child.observe(seconds)
 
     def first_token(self, surface: str, seconds: float, bot_id: str) -> None:
         """A stream's time to its first piece."""

@@ -178,9 +178,9 @@ class Cooldowns:
         jobs made one call per job). The probe is not shared: it belongs to
         the job whose check took it, and the others ask for themselves.
         """
-        seen = self._healthy_at.get(name)
-        if seen is not None and time.monotonic() - seen < _FRESH_S:
-            return _HEALTHY
+        fresh = self.fresh(name)
+        if fresh is not None:
+            return fresh
         pending = self._checking.get(name)
         if pending is not None:
             shared = await asyncio.shield(pending)
@@ -196,6 +196,13 @@ class Cooldowns:
         finally:
             del self._checking[name]
             pending.set_result(verdict)
+
+    def fresh(self, name: str) -> Verdict | None:
+        """Healthy, if this worker heard so within ``_FRESH_S``; None: ask (:meth:`check`)."""
+        seen = self._healthy_at.get(name)
+        if seen is not None and time.monotonic() - seen < _FRESH_S:
+            return _HEALTHY
+        return None
 
     async def _check(self, name: str, config: EndpointConfig) -> Verdict:
         found = await self._call("check", name, config)

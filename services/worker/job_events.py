@@ -129,18 +129,30 @@ class JobStats:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
-        self._changed = asyncio.Condition()
+        # Those waiting for a count to change (tests, mostly): a job that ends
+        # with nobody waiting costs a dict update, no lock.
+        self._waiters: set[asyncio.Future[None]] = set()
 
     async def add(self, outcome: str) -> None:
         """Count one job."""
-        async with self._changed:
-            self.counts[outcome] += 1
-            self._changed.notify_all()
+        self.counts[outcome] += 1
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters.clear()
 
     async def wait_for(self, outcome: str, count: int, timeout_s: float = 10.0) -> None:
         """Until ``count`` jobs ended with ``outcome``."""
-        async with asyncio.timeout(timeout_s), self._changed:
-            await self._changed.wait_for(lambda: self.counts[outcome] >= count)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout_s):
+            while self.counts[outcome] < count:
+                waiter = loop.create_future()
+                self._waiters.add(waiter)
+                try:
+                    await waiter
+                finally:
+                    self._waiters.discard(waiter)
 
     @property
     def total(self) -> int:

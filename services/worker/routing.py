@@ -67,6 +67,8 @@ def plan(refs: list[EndpointRef], rng: random.Random | None = None) -> list[str]
     ``u ** (1 / weight)``), so an entry comes first in proportion to its
     weight and the others follow as fallbacks.
     """
+    if len(refs) == 1:
+        return [refs[0].name]  # most bots: nothing to order
     draw = rng or random
     tiers: dict[int, list[EndpointRef]] = {}
     for position, ref in enumerate(refs):
@@ -218,7 +220,7 @@ class Router:
             skipped: list[tuple[float, str, str]] = []
             for name in candidates:
                 config = self._configs[name]
-                verdict = await self._health(name, config)
+                verdict = self._fresh(name, config) or await self._health(name, config)
                 if not verdict.usable:
                     # A probe's outcome is not announced: look again shortly.
                     wait = verdict.wait_s
@@ -227,7 +229,11 @@ class Router:
                     skipped.append((wait, name, verdict.health.value))
                     continue
                 probe = verdict.health is Health.PROBE
-                taken = await self._take(job, name, config, deadline, max_wait_s=0.0)
+                taken = (
+                    await self._take(job, name, config, deadline, max_wait_s=0.0)
+                    if config.budgeted
+                    else None
+                )
                 if isinstance(taken, Refusal):
                     if probe:
                         await self.cooldowns.give_back_probe(name, config)
@@ -261,6 +267,12 @@ class Router:
             else:
                 # A pause, cooldown or probe that ends within the deadline.
                 await asyncio.sleep(wait_s + random.uniform(0, 0.02))
+
+    def _fresh(self, name: str, config: EndpointConfig) -> Verdict | None:
+        """A healthy verdict known without a call (the echo model; a recent check), else None."""
+        if config.kind == "echo":
+            return _HEALTHY
+        return self.cooldowns.fresh(name)
 
     async def _health(self, name: str, config: EndpointConfig) -> Verdict:
         # The built-in echo model has no network to fail: no Redis call per job.
@@ -342,8 +354,11 @@ class Router:
         first_byte_s = config.first_byte_timeout_s if job.stream else None
         try:
             try:
-                async with asyncio.timeout(first_byte_s):
+                if first_byte_s is None:
                     first = await anext(pieces)
+                else:
+                    async with asyncio.timeout(first_byte_s):
+                        first = await anext(pieces)
             except TimeoutError:
                 raise UpstreamError(
                     f"the model endpoint sent nothing for {config.first_byte_timeout_s:g} s",
@@ -366,7 +381,8 @@ class Router:
             if probe:
                 await self.cooldowns.give_back_probe(name, config)
             raise
-        await self.cooldowns.succeeded(name, config, probe=probe)
+        if probe:
+            await self.cooldowns.succeeded(name, config, probe=probe)
         self.stats[(name, "answered")] += 1
         log.info("endpoint.answered", endpoint=name, probe=probe)
         return _Call(name, pieces, first, grant)

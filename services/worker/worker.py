@@ -53,8 +53,11 @@ import signal
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, cast
 
+import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -63,6 +66,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -142,6 +146,36 @@ class Disposition:
     deadline_ms: int = 0  # RETRY: the job's deadline, the copy's expiry as the original's
     count: str | None = None  # an outcome to count once the message is settled
     endpoint: str = UNKNOWN  # with count: the endpoint label it is counted under
+
+
+class JobMessage:
+    """A job message as delivered, and its settlement: aiormq's message, read once.
+
+    The job queues are consumed through aiormq itself: aio-pika's consumer wraps
+    each message in an ``IncomingMessage`` (every property copied) and runs the
+    callback in a second task, a measurable part of a job's CPU
+    (docs/performance.md), as on the gateway's reply queue.
+    """
+
+    __slots__ = ("_channel", "_tag", "body", "headers", "properties", "redelivered")
+
+    def __init__(self, delivered: DeliveredMessage) -> None:
+        properties = delivered.header.properties
+        self.body = delivered.body
+        self.properties = properties
+        self.headers: dict[str, Any] = properties.headers or {}
+        delivery = delivered.delivery
+        self.redelivered = bool(getattr(delivery, "redelivered", False))
+        self._tag: int = getattr(delivery, "delivery_tag", 0) or 0
+        self._channel = cast(aiormq.Channel, delivered.channel)
+
+    async def ack(self) -> None:
+        """Settle it: queued for the connection's writer, in order, not waited for."""
+        await self._channel.basic_ack(self._tag, wait=False)
+
+    async def nack(self, *, requeue: bool) -> None:
+        """Give it back (``requeue``) or drop it."""
+        await self._channel.basic_nack(self._tag, requeue=requeue, wait=False)
 
 
 class Worker:
@@ -241,9 +275,9 @@ class Worker:
         suspects_channel = watch(await connection.channel())
         await suspects_channel.set_qos(prefetch_count=1)
         self._suspects = await declare_suspects(suspects_channel, settings)
-        self._suspects_tag = await self._suspects.consume(self._on_suspect)
+        self._suspects_tag = await _consume(suspects_channel, self._suspects, self._on_suspect)
         await self.router.start()
-        self._consumer_tag = await self._jobs.consume(self._on_job)
+        self._consumer_tag = await _consume(jobs_channel, self._jobs, self._on_job)
 
     def heartbeat(self) -> fleet.Heartbeat:
         """What this worker tells the fleet view about itself now."""
@@ -320,11 +354,13 @@ class Worker:
         if task is not None:
             task.cancel()
 
-    async def _on_job(self, message: AbstractIncomingMessage) -> None:
+    async def _on_job(self, delivered: DeliveredMessage) -> None:
+        message = JobMessage(delivered)
         disposition = await self._handle(message, suspect=False)
         await self._dispose(message, disposition)
 
-    async def _on_suspect(self, message: AbstractIncomingMessage) -> None:
+    async def _on_suspect(self, delivered: DeliveredMessage) -> None:
+        message = JobMessage(delivered)
         disposition = await self._handle(message, suspect=True)
         await self._dispose(message, disposition)
 
@@ -354,7 +390,7 @@ class Worker:
             log.warning("job.claim_failed", error=type(exc).__name__)
             return True
 
-    async def _handle(self, message: AbstractIncomingMessage, *, suspect: bool) -> Disposition:
+    async def _handle(self, message: JobMessage, *, suspect: bool) -> Disposition:
         """Run a job, or decide not to; returns what becomes of its message.
 
         Raises (leaving the message unacked, so another worker takes it) only
@@ -407,11 +443,15 @@ class Worker:
         try:
             await self._run(job, attempt)
         except asyncio.CancelledError:
-            if job.job_id in self._lost:
+            cancelled = job.job_id in self._cancelled
+            # Lost with its connection: cancelled by _on_lost, or by aiormq itself
+            # as it closes the channel the job came on (its consumer task), which
+            # may come first; nothing else cancels a job but a stop or a cancel.
+            if job.job_id in self._lost or not (cancelled or self._stopping):
                 task.uncancel()
                 log.info("job.abandoned", reason="connection_lost")
                 return Disposition(Action.LEAVE, count="abandoned")
-            if job.job_id not in self._cancelled:
+            if not cancelled:
                 raise  # shutting down: leave it unacked, another worker takes it
             task.uncancel()
             log.info("job.cancelled")
@@ -422,7 +462,7 @@ class Worker:
             self._lost.discard(job.job_id)
         return Disposition(Action.ACK)
 
-    async def _dispose(self, message: AbstractIncomingMessage, disposition: Disposition) -> None:
+    async def _dispose(self, message: JobMessage, disposition: Disposition) -> None:
         """The one place a job message is settled with RabbitMQ."""
         if disposition.action is Action.LEAVE:
             if disposition.count is not None:
@@ -440,6 +480,7 @@ class Worker:
                 else {DEAD_HEADER: disposition.reason}
             )
             assert self._confirmed is not None
+            properties = message.properties
             try:
                 await publish(
                     self._confirmed,
@@ -450,15 +491,15 @@ class Worker:
                         if retry
                         else ""
                     ),
-                    message_id=message.message_id,
-                    correlation_id=message.correlation_id,
-                    content_type=message.content_type,
+                    message_id=properties.message_id,
+                    correlation_id=properties.correlation_id,
+                    content_type=properties.content_type,
                     headers={**message.headers, **mark},
                     mandatory=retry,
                     # A copy nobody waits for must leave the queue by itself too.
                     expiration_ms=disposition.deadline_ms - now_ms() if retry else None,
                     # A retried job keeps its place among the priorities.
-                    priority=message.priority,
+                    priority=properties.priority,
                 )
             except (AMQPError, ChannelInvalidStateError) as exc:
                 if retry:
@@ -522,7 +563,7 @@ class Worker:
             # Its gateway bounds its wait in the queue: tell it the job left it.
             with contextlib.suppress(AMQPError, ChannelInvalidStateError):
                 await events.beat()
-        beat = None if job.stream else asyncio.create_task(self._beat(events))
+        beat = None if job.stream else _Beats(events, self.settings.beat_ms / 1000)
         try:
             async with asyncio.timeout_at(deadline) as window:
                 settings = self.settings
@@ -554,8 +595,7 @@ class Worker:
             await events.error(InternalError("the worker failed on this request"))
         finally:
             if beat is not None:
-                beat.cancel()
-                await asyncio.gather(beat, return_exceptions=True)
+                await beat.stop()
         elapsed = time.perf_counter() - started
         series.duration.observe(elapsed)
         series.job(outcome)
@@ -569,13 +609,63 @@ class Worker:
             ms=round(elapsed * 1000, 2),
         )
 
-    async def _beat(self, events: JobEvents) -> None:
-        """A whole answer's sign of life, until cancelled (see the module docstring)."""
-        interval = self.settings.beat_ms / 1000
-        with contextlib.suppress(AMQPError, ChannelInvalidStateError):
-            while True:
-                await asyncio.sleep(interval)
-                await events.beat()
+
+class _Beats:
+    """A whole answer's sign of life every ``interval_s`` until stopped (the module docstring).
+
+    A timer, and a task only to publish a beat that is due: most whole answers
+    end before their first beat, and a task per job that only slept was a
+    measurable part of a job's CPU (docs/performance.md). Each job has its
+    own, so a lost connection touches no job but through its own publishes.
+    """
+
+    __slots__ = ("_events", "_interval_s", "_loop", "_stopped", "_task", "_timer")
+
+    def __init__(self, events: JobEvents, interval_s: float) -> None:
+        self._events = events
+        self._interval_s = interval_s
+        self._loop = asyncio.get_running_loop()
+        self._stopped = False
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval_s, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if not self._stopped:
+            self._task = self._loop.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        try:
+            await self._events.beat()
+        except (AMQPError, ChannelInvalidStateError):
+            return  # no more beats: the connection is going, or gone
+        if not self._stopped:
+            self._timer = self._loop.call_later(self._interval_s, self._due)
+
+    async def stop(self) -> None:
+        """No more beats; waits for one being published."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _consume(
+    channel: AbstractChannel,
+    queue: AbstractQueue,
+    callback: Callable[[DeliveredMessage], Coroutine[Any, Any, None]],
+) -> str:
+    """Consume ``queue`` on ``channel`` through aiormq itself (see :class:`JobMessage`);
+    returns the consumer tag. Run by the link's setup on every connection, so a
+    new connection consumes again."""
+    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+    ok = await raw.basic_consume(queue.name, callback)
+    assert ok.consumer_tag is not None
+    return ok.consumer_tag
 
 
 async def serve(settings: WorkerSettings) -> None:
