@@ -55,11 +55,16 @@ async def brisk() -> AsyncIterator[FakeOpenAI]:
         yield server
 
 
-async def _fleet(stack: Stack, slow: FakeOpenAI, brisk: FakeOpenAI) -> None:
-    endpoints = stack_support.test_endpoints(stack.upstream_url) | {
-        "slow": EndpointConfig(kind="openai", base_url=slow.base_url, timeout_s=30),
-        "brisk": EndpointConfig(kind="openai", base_url=brisk.base_url, timeout_s=30),
+def _endpoints(stack: Stack, **fakes: FakeOpenAI) -> dict[str, EndpointConfig]:
+    """The test endpoints, and one endpoint per fake provider, named as given."""
+    return stack_support.test_endpoints(stack.upstream_url) | {
+        name: EndpointConfig(kind="openai", base_url=fake.base_url, timeout_s=30)
+        for name, fake in fakes.items()
     }
+
+
+async def _fleet(stack: Stack, slow: FakeOpenAI, brisk: FakeOpenAI) -> None:
+    endpoints = _endpoints(stack, slow=slow, brisk=brisk)
     await stack.add_worker(concurrency=SLOTS, endpoints=endpoints, jobs_max_length=QUEUE)
     await stack.add_gateway(jobs_max_length=QUEUE, fair_refresh_s=0.2)
     # The gateway knows the fleet's slots once it has read the heartbeats.
@@ -155,9 +160,7 @@ async def test_a_high_job_goes_before_a_backlog_of_low_ones(
     bare_stack: Stack, slow: FakeOpenAI, brisk: FakeOpenAI
 ) -> None:
     stack = bare_stack
-    endpoints = stack_support.test_endpoints(stack.upstream_url) | {
-        "brisk": EndpointConfig(kind="openai", base_url=brisk.base_url, timeout_s=30),
-    }
+    endpoints = _endpoints(stack, brisk=brisk)
     await stack.add_worker(concurrency=2, endpoints=endpoints)
     await stack.add_gateway(fair_refresh_s=0.2)
     # A low bot (its keys' class) and a key of a normal bot that is high itself.
@@ -236,9 +239,7 @@ async def test_a_low_job_ages_past_a_stream_of_high_ones(
     bare_stack: Stack, brisk: FakeOpenAI
 ) -> None:
     stack = bare_stack
-    endpoints = stack_support.test_endpoints(stack.upstream_url) | {
-        "brisk": EndpointConfig(kind="openai", base_url=brisk.base_url, timeout_s=30),
-    }
+    endpoints = _endpoints(stack, brisk=brisk)
     worker = await stack.add_worker(concurrency=1, endpoints=endpoints)
     await stack.add_gateway(fair_refresh_s=0.2, priority_aging_s=0.5)
     _, high_key = await stack.bot_and_key(endpoint="brisk", priority="high")
@@ -295,10 +296,7 @@ async def test_on_a_small_queue_only_the_flooding_key_is_refused(
     bare_stack: Stack, slow: FakeOpenAI, brisk: FakeOpenAI
 ) -> None:
     stack = bare_stack
-    endpoints = stack_support.test_endpoints(stack.upstream_url) | {
-        "slow": EndpointConfig(kind="openai", base_url=slow.base_url, timeout_s=30),
-        "brisk": EndpointConfig(kind="openai", base_url=brisk.base_url, timeout_s=30),
-    }
+    endpoints = _endpoints(stack, slow=slow, brisk=brisk)
     # Four slots and room for 40 jobs: the flood alone would fill the queue.
     await stack.add_worker(concurrency=4, endpoints=endpoints, jobs_max_length=40)
     await stack.add_gateway(jobs_max_length=40, fair_refresh_s=0.2)
@@ -332,10 +330,7 @@ async def test_a_job_over_the_share_waits_in_the_gateway_for_a_job_to_end(
     bare_stack: Stack, slow: FakeOpenAI, brisk: FakeOpenAI
 ) -> None:
     stack = bare_stack
-    endpoints = stack_support.test_endpoints(stack.upstream_url) | {
-        "slow": EndpointConfig(kind="openai", base_url=slow.base_url, timeout_s=30),
-        "brisk": EndpointConfig(kind="openai", base_url=brisk.base_url, timeout_s=30),
-    }
+    endpoints = _endpoints(stack, slow=slow, brisk=brisk)
     # Four slots, one of them the reserve: a key alone has a share of three.
     await stack.add_worker(concurrency=4, endpoints=endpoints)
     await stack.add_gateway(fair_refresh_s=0.2, fair_reserve_share=0.25)

@@ -10,7 +10,8 @@ import pytest
 from services.gateway.chat_run import ChatRun
 from services.gateway.job_client import DEAD, Incoming
 from shared.errors import ApiKeyRevoked, DeadlineExceeded, JobFailed, UpstreamError, WorkerLost
-from shared.wire import ChatJob, ChatMessage, DeltaEvent, EndEvent, ErrorEvent, Usage
+from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent, Usage
+from tests.support.samples import JOB
 
 USAGE = Usage(prompt_tokens=2, completion_tokens=3)
 
@@ -37,20 +38,6 @@ class ScriptedJobClient:
 
     def cancel(self, job_id: str) -> None:
         self.cancelled.append(job_id)
-
-
-JOB = ChatJob(
-    job_id="j1",
-    request_id="r",
-    reply_to="q",
-    deadline_ms=0,
-    endpoint="echo",
-    model="m",
-    messages=[ChatMessage(role="user", content="x")],
-    temperature=0.5,
-    top_p=0.5,
-    max_tokens=10,
-)
 
 
 def delta(attempt: int, seq: int, text: str) -> DeltaEvent:

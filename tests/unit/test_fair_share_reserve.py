@@ -20,20 +20,8 @@ from shared.clock import now_ms
 from shared.errors import ApiKeyRevoked, DeadlineExceeded, Overloaded
 from shared.names import Names
 from shared.priority import message_priority
-from shared.wire import ChatJob, ChatMessage, EndEvent, Usage
-
-JOB = ChatJob(
-    job_id="j1",
-    request_id="r",
-    reply_to="q",
-    deadline_ms=0,
-    endpoint="echo",
-    model="m",
-    messages=[ChatMessage(role="user", content="x")],
-    temperature=0.5,
-    top_p=0.5,
-    max_tokens=10,
-)
+from shared.wire import ChatJob, EndEvent, Usage
+from tests.support.samples import JOB
 
 
 class Counts:
@@ -197,10 +185,16 @@ async def test_a_held_run_is_published_when_a_job_ends() -> None:
     assert slots.taken == 0
 
 
-async def test_a_held_caller_who_leaves_publishes_nothing() -> None:
+def _full() -> tuple[Client, Slots]:
+    """A client, and slots whose one slot outside the reserve is taken."""
     client, slots = Client(), Slots()
     slots.set_limit(1)
     slots.take(False, 0)
+    return client, slots
+
+
+async def test_a_held_caller_who_leaves_publishes_nothing() -> None:
+    client, slots = _full()
     held = run(client, slots, "j2")
     entering = asyncio.create_task(held.__aenter__())
     await _held(slots, 1)
@@ -217,9 +211,7 @@ async def test_a_held_caller_who_leaves_publishes_nothing() -> None:
 
 
 async def test_a_held_job_ends_with_the_errors_of_its_wait_in_the_queue() -> None:
-    client, slots = Client(), Slots()
-    slots.set_limit(1)
-    slots.take(False, 0)
+    client, slots = _full()
     # Its whole deadline: 504.
     with pytest.raises(DeadlineExceeded):
         async with run(client, slots, "j2", deadline_s=0.05):
@@ -236,9 +228,7 @@ async def test_a_held_job_ends_with_the_errors_of_its_wait_in_the_queue() -> Non
 
 
 async def test_a_revoke_ends_a_held_job() -> None:
-    client, slots = Client(), Slots()
-    slots.set_limit(1)
-    slots.take(False, 0)
+    client, slots = _full()
     held = run(client, slots, "j2")
     entering = asyncio.create_task(held.__aenter__())
     await _held(slots, 1)
