@@ -51,6 +51,7 @@ from pamqp.commands import Basic
 
 from shared.priority import MAX_PRIORITY
 from shared.settings import CommonSettings
+from shared.tasks import cancelling, idle, stop
 
 log = structlog.get_logger("botline.amqp")
 
@@ -149,8 +150,7 @@ class AmqpLink:
         self._closing = True
         self._up.clear()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop([self._task])
             self._task = None
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
@@ -206,6 +206,8 @@ class AmqpLink:
         delay = _RETRY_MIN_S
         failures = 0
         while True:
+            if cancelling():  # lost inside a connect attempt (shared/tasks.py)
+                raise asyncio.CancelledError
             url = self._urls[self._node]
             try:
                 connection = await self._open(url)
@@ -228,7 +230,7 @@ class AmqpLink:
                 failures += 1
                 if failures % len(self._urls) == 0:
                     # Every node refused: wait a little before the next round.
-                    await asyncio.sleep(delay)
+                    await idle(delay)
                     delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             delay, failures = _RETRY_MIN_S, 0

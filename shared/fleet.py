@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.names import Names
+from shared.tasks import idle
 
 log = structlog.get_logger("botline.fleet")
 
@@ -108,7 +109,7 @@ async def keep_beating(
     """
     failing = False
     while True:
-        await asyncio.sleep(every_s)
+        await idle(every_s)
         ok = await beat_once(redis, names, current(), ttl_s)
         if not ok and not failing:
             log.warning("fleet.heartbeat_failed")

@@ -33,6 +33,7 @@ from services.gateway.usage import UsageBook
 from shared.loop import new_event_loop, watch_lag
 from shared.redis_client import redis_client as shared_redis_client
 from shared.registry import Registry
+from shared.tasks import stop
 
 log = structlog.get_logger("botline.gateway")
 
@@ -61,9 +62,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         log.info("gateway.started", gateway_id=gateway.job_client.gateway_id)
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop(tasks)
         await gateway.inflight.close()
         await gateway.limiter.close()
         await gateway.usage.flush()

@@ -39,6 +39,7 @@ from shared.errors import Overloaded
 from shared.fleet import live_workers
 from shared.names import Names
 from shared.priority import Priority, message_priority
+from shared.tasks import idle
 
 log = structlog.get_logger("botline.gateway.fair_share")
 
@@ -112,7 +113,7 @@ class FairShare:
             except (RedisError, OSError, TimeoutError) as exc:
                 # The last capacity known stays: shares are only an ordering.
                 log.warning("fair_share.refresh_failed", error=type(exc).__name__)
-            await asyncio.sleep(self._refresh_s)
+            await idle(self._refresh_s)
 
     def share(self) -> int:
         """Each active key's part of the fleet's slots outside the reserve (0: not known yet)."""

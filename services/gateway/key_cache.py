@@ -41,6 +41,7 @@ from shared.errors import (
 )
 from shared.records import Bot, KeyRecord
 from shared.registry import Registry
+from shared.tasks import idle
 
 log = structlog.get_logger("botline.gateway.keys")
 
@@ -258,7 +259,7 @@ class KeyCache:
                 if self.online:
                     log.warning("keys.cache_offline", error=type(exc).__name__)
                 self._go_offline()
-            await asyncio.sleep(backoff)
+            await idle(backoff)
             backoff = min(backoff * 2, 2.0)
 
     async def _follow(self, redis: Redis, channel: str) -> None:

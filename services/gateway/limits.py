@@ -35,7 +35,7 @@ from services.gateway.metrics import GatewayMetrics
 from shared.errors import BackendUnavailable, RateLimited
 from shared.names import Names
 from shared.records import Limits
-from shared.tasks import TaskSet
+from shared.tasks import TaskSet, idle
 
 log = structlog.get_logger("botline.gateway.limits")
 
@@ -235,7 +235,7 @@ class Limiter:
     async def renew_leases(self) -> None:
         """Keep this process's leases alive while their requests run; run as a task."""
         while True:
-            await asyncio.sleep(self._lease_ms / 3000)
+            await idle(self._lease_ms / 3000)
             if not self._leases:
                 continue
             try:

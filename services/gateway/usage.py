@@ -25,6 +25,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from shared.registry import Registry
+from shared.tasks import idle
 from shared.wire import Usage
 
 log = structlog.get_logger("botline.gateway.usage")
@@ -116,5 +117,5 @@ class UsageBook:
     async def run(self, every_s: float = 1.0) -> None:
         """Flush every ``every_s`` seconds; run as a task."""
         while True:
-            await asyncio.sleep(every_s)
+            await idle(every_s)
             await self.flush()

@@ -37,6 +37,7 @@ from shared import tokens
 from shared.clock import now_ms
 from shared.endpoint_state import EndpointState, endpoint_states
 from shared.errors import UnknownEndpoint, UpstreamError, UpstreamUnavailable
+from shared.tasks import idle
 from shared.wire import ChatJob, EndpointRef
 
 log = structlog.get_logger("botline.worker.routing")
@@ -266,7 +267,7 @@ class Router:
                         return call
             else:
                 # A pause, cooldown or probe that ends within the deadline.
-                await asyncio.sleep(wait_s + random.uniform(0, 0.02))
+                await idle(wait_s + random.uniform(0, 0.02))
 
     def _fresh(self, name: str, config: EndpointConfig) -> Verdict | None:
         """A healthy verdict known without a call (the echo model; a recent check), else None."""

@@ -98,6 +98,7 @@ from shared.errors import (
 )
 from shared.loop import watch_lag
 from shared.redis_client import redis_client
+from shared.tasks import stop
 from shared.wire import CancelJob, ChatJob
 
 log = structlog.get_logger("botline.worker")
@@ -322,9 +323,7 @@ class Worker:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await stop(self._background)
         # Off the list at once, not when the heartbeat expires.
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(2.0):
