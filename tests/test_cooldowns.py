@@ -59,7 +59,7 @@ async def test_after_the_cooldown_one_probe_then_traffic_returns(
     await until_state(redis, namespace, "half_open")
     verdicts = await asyncio.gather(*(w.check("ep", CONFIG) for w in (one, other, one, other)))
     assert sorted(v.health.value for v in verdicts) == ["probe", "probing", "probing", "probing"]
-    await one.succeeded("ep", CONFIG, probe=True)
+    await one.probe_succeeded("ep", CONFIG)
     assert (await other.check("ep", CONFIG)).health is Health.CLOSED
 
 

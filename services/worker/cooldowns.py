@@ -224,11 +224,10 @@ class Cooldowns:
             self.opened += 1
             log.warning("endpoint.cooldown", endpoint=name, state=found[0], ms=found[1])
 
-    async def succeeded(self, name: str, config: EndpointConfig, *, probe: bool) -> None:
-        """A call answered; a probe's answer closes the endpoint."""
-        if probe:
-            await self._call("ok", name, config, probe=True)
-            log.info("endpoint.recovered", endpoint=name)
+    async def probe_succeeded(self, name: str, config: EndpointConfig) -> None:
+        """The probe answered: the endpoint closes (an ordinary answer changes nothing)."""
+        await self._call("ok", name, config, probe=True)
+        log.info("endpoint.recovered", endpoint=name)
 
     async def give_back_probe(self, name: str, config: EndpointConfig) -> None:
         """The probe was taken but no call made (no capacity): another may probe."""

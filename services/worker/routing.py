@@ -221,7 +221,7 @@ class Router:
             skipped: list[tuple[float, str, str]] = []
             for name in candidates:
                 config = self._configs[name]
-                verdict = self._fresh(name, config) or await self._health(name, config)
+                verdict = self._fresh(name, config) or await self.cooldowns.check(name, config)
                 if not verdict.usable:
                     # A probe's outcome is not announced: look again shortly.
                     wait = verdict.wait_s
@@ -270,16 +270,11 @@ class Router:
                 await idle(wait_s + random.uniform(0, 0.02))
 
     def _fresh(self, name: str, config: EndpointConfig) -> Verdict | None:
-        """A healthy verdict known without a call (the echo model; a recent check), else None."""
+        """A healthy verdict known without a call, else None: the built-in echo model has
+        no network to fail (no Redis call per job), and a recent check is trusted."""
         if config.kind == "echo":
             return _HEALTHY
         return self.cooldowns.fresh(name)
-
-    async def _health(self, name: str, config: EndpointConfig) -> Verdict:
-        # The built-in echo model has no network to fail: no Redis call per job.
-        if config.kind == "echo":
-            return _HEALTHY
-        return await self.cooldowns.check(name, config)
 
     async def _fall_back(
         self, name: str, exc: UpstreamError, failures: int, failed: set[str], deadline: float
@@ -319,7 +314,7 @@ class Router:
         if taken.delay_s:
             log.info("budget.wait", endpoint=name, ms=round(taken.delay_s * 1000))
             await asyncio.sleep(taken.delay_s)
-        verdict = await self._health(name, config)
+        verdict = self._fresh(name, config) or await self.cooldowns.check(name, config)
         if not verdict.usable:
             await self.budget.settle(taken, config, 0)
             return None
@@ -383,7 +378,7 @@ class Router:
                 await self.cooldowns.give_back_probe(name, config)
             raise
         if probe:
-            await self.cooldowns.succeeded(name, config, probe=probe)
+            await self.cooldowns.probe_succeeded(name, config)
         self.stats[(name, "answered")] += 1
         log.info("endpoint.answered", endpoint=name, probe=probe)
         return _Call(name, pieces, first, grant)
