@@ -10,6 +10,10 @@ stalled model does not hold back text already received.
 A whole (non-stream) answer needs no early piece: it is merged into as few
 events as possible, one per ``window_s`` at most, which then serve only to
 show the gateway that the worker is alive.
+
+A model that reads its stream in paced reads marks the end of each read
+with :data:`BREATH`: what is waiting is sent then, since it has already
+waited for the read.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from services.worker.endpoints import Finish, Piece, ToolCallChunk
+from services.worker.endpoints import Breath, Finish, Piece, ToolCallChunk
 from shared.errors import UpstreamError
 
 ToolCalls = list[list[dict[str, Any]]]
@@ -108,6 +112,10 @@ async def coalesce(
                     closed = True
                     await send_end(pending.take()[0], item)
                 return
+            if isinstance(item, Breath):
+                if pending:
+                    await flush()
+                continue
             if not item:
                 continue
             if pending and not pending.fits(item):

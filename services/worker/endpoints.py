@@ -14,7 +14,7 @@ import email.utils
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,14 +45,34 @@ class ToolCallChunk:
     calls: list[dict[str, Any]]
 
 
-Piece = str | ToolCallChunk | Finish
+class Breath:
+    """Marks the end of what one paced read brought: whatever is waiting is sent now."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "BREATH"
+
+
+BREATH = Breath()
+
+Piece = str | ToolCallChunk | Finish | Breath
+
+# How a stream is paced: the seconds to wait between two reads of it, asked
+# after each read (None: read as soon as anything arrives).
+Pace = Callable[[], float]
 
 
 class Model(Protocol):
     """What the worker needs of a model endpoint."""
 
-    def stream(self, job: ChatJob) -> AsyncIterator[Piece]:
-        """The answer to a job, piece by piece, then a :class:`Finish`."""
+    def stream(self, job: ChatJob, pace: Pace | None = None) -> AsyncIterator[Piece]:
+        """The answer to a job, piece by piece, then a :class:`Finish`.
+
+        With ``pace``, a model that reads a network stream may read it at most
+        once per ``pace()`` seconds after the first text, and yields
+        :data:`BREATH` after the pieces of each read.
+        """
         ...
 
     async def close(self) -> None:
@@ -69,8 +89,8 @@ class EchoModel:
     def __init__(self, config: EndpointConfig) -> None:
         self._delay_s = config.delay_ms / 1000
 
-    async def stream(self, job: ChatJob) -> AsyncIterator[Piece]:
-        """Echo the last user message, at most ``max_tokens`` words."""
+    async def stream(self, job: ChatJob, pace: Pace | None = None) -> AsyncIterator[Piece]:
+        """Echo the last user message, at most ``max_tokens`` words (no pacing)."""
         last = next((m.text for m in reversed(job.messages) if m.role == "user"), "")
         words = _WORD.findall(last)
         finish = "stop"
@@ -103,6 +123,9 @@ class OpenAIModel:
             total=None, sock_connect=min(config.timeout_s, 10.0), sock_read=config.timeout_s
         )
         self._limit = config.max_concurrency
+        # aiohttp does not know of a paced read's pause, and would count it as the
+        # upstream's silence (sock_read): a pause is kept well inside that bound.
+        self._max_pause_s = config.timeout_s / 4
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -125,11 +148,13 @@ class OpenAIModel:
             body["stream_options"] = {"include_usage": True}
         return orjson.dumps(body)
 
-    async def stream(self, job: ChatJob) -> AsyncIterator[Piece]:
+    async def stream(self, job: ChatJob, pace: Pace | None = None) -> AsyncIterator[Piece]:
         """Call the upstream and yield its content deltas.
 
         A whole answer is asked for whole: one JSON body to parse instead of
         an event per token, and nothing to relay before it is done anyway.
+        A stream is read as soon as its first text can be, then, with
+        ``pace``, once per ``pace()`` seconds (see :func:`_reads`).
         """
         try:
             async with self._client().post(
@@ -145,7 +170,7 @@ class OpenAIModel:
                         rate_limited=status == 429,
                     )
                 if job.stream:
-                    async for piece in _parse_stream(response, job):
+                    async for piece in _parse_stream(response, job, pace, self._max_pause_s):
                         yield piece
                 else:
                     for piece in _parse_whole(await response.read(), job):
@@ -259,59 +284,105 @@ def _usage(reported: object, job: ChatJob, completion: list[str]) -> Usage:
     )
 
 
-async def _data_lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The payloads of the ``data:`` lines of an event stream, up to ``[DONE]``.
+async def _reads(
+    response: aiohttp.ClientResponse, paced: Callable[[], float | None]
+) -> AsyncIterator[list[bytes]]:
+    """The payloads of an event stream's ``data:`` lines, a list per read, up to ``[DONE]``.
 
-    Reads whatever has arrived (often several events at once) rather than
-    awaiting line by line: at thousands of tokens a second the awaits were
-    most of the worker's time.
+    A read takes whatever has arrived (often several events at once) rather
+    than awaiting line by line. When ``paced()`` gives a number of seconds,
+    the connection is paused that long before the next read: the kernel
+    holds the tokens meanwhile, and the next read takes them all in one
+    wake-up of this task (at 200 tokens a second per stream and a thousand
+    streams, reading each token as it came was most of the worker's CPU).
+    Pacing costs a token no more delay than the coalescing window it is
+    sent in anyway.
     """
+    content = response.content
+    connection = response.connection
+    # The transport itself, not aiohttp's protocol: this aiohttp pauses its parser
+    # with the protocol, which only its own reads may do. Everything buffered has
+    # been read when this pauses, so aiohttp's own flow control is not holding it.
+    transport = connection.transport if connection is not None else None
     rest = b""
-    async for chunk in response.content.iter_any():
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            break
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
+        found: list[bytes] = []
         for raw in lines:
             if not raw.startswith(b"data:"):
                 continue
             data = raw[5:].strip()
             if data == b"[DONE]":
+                if found:
+                    yield found
                 return
-            yield data
+            found.append(data)
+        if found:
+            yield found
+        pause_s = paced()
+        if pause_s and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            try:
+                await asyncio.sleep(pause_s)
+            finally:
+                if not transport.is_closing():
+                    transport.resume_reading()
     if rest.startswith(b"data:") and rest[5:].strip() not in (b"", b"[DONE]"):
-        yield rest[5:].strip()
+        yield [rest[5:].strip()]
 
 
-async def _parse_stream(response: aiohttp.ClientResponse, job: ChatJob) -> AsyncIterator[Piece]:
+async def _parse_stream(
+    response: aiohttp.ClientResponse,
+    job: ChatJob,
+    pace: Pace | None = None,
+    max_pause_s: float = 1.0,
+) -> AsyncIterator[Piece]:
     finish_reason = "stop"
     reported: object = None
     completion_chars: list[str] = []
-    async for data in _data_lines(response):
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError(
-                "the model endpoint sent a malformed event", upstream_status="malformed"
-            ) from exc
-        if chunk.get("error"):
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else None
-            log.warning(
-                "upstream.failed_mid_answer",
-                upstream_message=mask_secrets(message[:300]) if isinstance(message, str) else None,
-            )
-            raise UpstreamError("the model endpoint failed mid-answer", upstream_status="stream")
-        if chunk.get("usage"):
-            reported = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if text:
-                completion_chars.append(text)
-                yield text
-            if delta.get("tool_calls"):
-                yield ToolCallChunk(delta["tool_calls"])
-            if choice.get("finish_reason"):
-                finish_reason = choice["finish_reason"]
+
+    def paced() -> float | None:
+        # Never before the first text: time to first token is what callers feel.
+        return min(pace(), max_pause_s) if pace is not None and completion_chars else None
+
+    async for batch in _reads(response, paced):
+        for data in batch:
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise UpstreamError(
+                    "the model endpoint sent a malformed event", upstream_status="malformed"
+                ) from exc
+            if chunk.get("error"):
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else None
+                log.warning(
+                    "upstream.failed_mid_answer",
+                    upstream_message=(
+                        mask_secrets(message[:300]) if isinstance(message, str) else None
+                    ),
+                )
+                raise UpstreamError(
+                    "the model endpoint failed mid-answer", upstream_status="stream"
+                )
+            if chunk.get("usage"):
+                reported = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                text = delta.get("content")
+                if text:
+                    completion_chars.append(text)
+                    yield text
+                if delta.get("tool_calls"):
+                    yield ToolCallChunk(delta["tool_calls"])
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+        if pace is not None and completion_chars:
+            yield BREATH
     yield Finish(finish_reason, _usage(reported, job, completion_chars))
 
 

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from services.worker.budget import Budget, Grant, Refusal
 from services.worker.cooldowns import Cooldowns, Health, Verdict
-from services.worker.endpoints import Finish, Model, Piece
+from services.worker.endpoints import Finish, Model, Pace, Piece
 from services.worker.settings import EndpointConfig, WorkerSettings
 from shared import tokens
 from shared.clock import now_ms
@@ -174,14 +174,15 @@ class Router:
         await self.redis.aclose()
 
     async def stream(
-        self, job: ChatJob, on_endpoint: Callable[[str], None]
+        self, job: ChatJob, on_endpoint: Callable[[str], None], pace: Pace | None = None
     ) -> AsyncIterator[Piece]:
         """The job's answer from the first endpoint that gives a first piece.
 
         ``on_endpoint`` is told which endpoint answered before the first piece
         is yielded (it goes on the first event, and to the caller's header).
+        ``pace`` goes to the model (see :meth:`Model.stream`).
         """
-        call = await self._open(job)
+        call = await self._open(job, pace)
         on_endpoint(call.name)
         used: int | None = None
         try:
@@ -198,7 +199,7 @@ class Router:
             if call.grant is not None:
                 await self.budget.settle(call.grant, self._configs[call.name], used)
 
-    async def _open(self, job: ChatJob) -> _Call:
+    async def _open(self, job: ChatJob, pace: Pace | None) -> _Call:
         """Try the endpoints until one gives a first piece; wait or refuse when none can."""
         known = [ref for ref in job.endpoint_list() if ref.name in self._models]
         if not known:
@@ -241,7 +242,7 @@ class Router:
                     skipped.append((taken.wait_s, name, taken.reason))
                     continue
                 try:
-                    return await self._call(job, name, config, probe, taken)
+                    return await self._call(job, name, config, probe, taken, pace)
                 except UpstreamError as exc:
                     failures, last = await self._fall_back(name, exc, failures, failed, deadline)
             if not skipped:
@@ -259,7 +260,7 @@ class Router:
                 )
             if reason in _BUDGET_REASONS:
                 try:
-                    call = await self._wait_in_line(job, name, room, deadline)
+                    call = await self._wait_in_line(job, name, room, deadline, pace)
                 except UpstreamError as exc:
                     failures, last = await self._fall_back(name, exc, failures, failed, deadline)
                 else:
@@ -292,7 +293,7 @@ class Router:
         return failures, exc
 
     async def _wait_in_line(
-        self, job: ChatJob, name: str, room: float, deadline: float
+        self, job: ChatJob, name: str, room: float, deadline: float, pace: Pace | None
     ) -> _Call | None:
         """Reserve the endpoint's next capacity, sleep until then, call; None: look again."""
         config = self._configs[name]
@@ -318,7 +319,7 @@ class Router:
         if not verdict.usable:
             await self.budget.settle(taken, config, 0)
             return None
-        return await self._call(job, name, config, verdict.health is Health.PROBE, taken)
+        return await self._call(job, name, config, verdict.health is Health.PROBE, taken, pace)
 
     async def _take(
         self,
@@ -338,12 +339,18 @@ class Router:
         )
 
     async def _call(
-        self, job: ChatJob, name: str, config: EndpointConfig, probe: bool, grant: Grant | None
+        self,
+        job: ChatJob,
+        name: str,
+        config: EndpointConfig,
+        probe: bool,
+        grant: Grant | None,
+        pace: Pace | None,
     ) -> _Call:
         """Call one endpoint up to its first piece; a failure is recorded and raised."""
         local = self._local[name]
         await local.acquire()
-        pieces = aiter(self._models[name].stream(job))
+        pieces = aiter(self._models[name].stream(job, pace))
         assert isinstance(pieces, AsyncGenerator)
         # A stream's first piece is its first token; a whole answer's is all of
         # it, bounded by the endpoint's own timeout instead.

@@ -567,7 +567,9 @@ class Worker:
             async with asyncio.timeout_at(deadline) as window:
                 settings = self.settings
                 await coalesce(
-                    self.router.stream(job, events.answered_by),
+                    self.router.stream(
+                        job, events.answered_by, self._stream_window if job.stream else None
+                    ),
                     events.delta,
                     events.end,
                     window_s=self._stream_window if job.stream else settings.whole_window_ms / 1000,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from services.worker.coalesce import coalesce
-from services.worker.endpoints import Finish, Piece, ToolCallChunk
+from services.worker.endpoints import BREATH, Finish, Piece, ToolCallChunk
 from shared.errors import UpstreamError
 from shared.wire import Usage
 
@@ -163,3 +163,12 @@ async def test_nothing_is_sent_after_a_model_error() -> None:
         await coalesce(failing(), delta, Recorder().finish, window_s=0.05, max_chars=100)
     await asyncio.sleep(0.1)
     assert sent == ["a"]
+
+
+async def test_a_breath_sends_what_a_paced_read_brought() -> None:
+    out = Recorder()
+    items: list[Piece] = ["a", "b", "c", BREATH, "d", "e", BREATH, BREATH, "f", FINISH]
+    await coalesce(pieces(items), out.delta, out.finish, window_s=10, max_chars=100)
+    # The first piece at once; then each read's pieces as one delta, not at the window's end.
+    assert out.deltas == ["a", "bc", "de"]
+    assert out.end == ("f", FINISH)

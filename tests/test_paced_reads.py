@@ -1,0 +1,114 @@
+"""Paced reads of a streamed answer: the worker reads an upstream stream at most once per
+window after its first text, and loses nothing while the connection is paused.
+
+The upstream is the in-process fake on loopback; no Redis or RabbitMQ is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import pytest
+from aiohttp.client_proto import ResponseHandler
+
+from services.worker.endpoints import BREATH, Finish, OpenAIModel, Piece
+from services.worker.settings import EndpointConfig
+from shared.clock import now_ms
+from shared.errors import UpstreamError
+from shared.wire import ChatJob, ChatMessage
+from tests.support.fake_openai import FakeOpenAI, Script, numbered_tokens
+
+
+def _job(stream: bool = True) -> ChatJob:
+    return ChatJob(
+        job_id="chatcmpl-paced",
+        request_id="req_paced",
+        reply_to="nowhere",
+        deadline_ms=now_ms() + 60_000,
+        endpoint="fake",
+        model="fake-model",
+        messages=[ChatMessage(role="user", content="hi")],
+        temperature=0.7,
+        top_p=0.7,
+        max_tokens=1000,
+        stream=stream,
+    )
+
+
+def _count_socket_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the data the event loop hands to aiohttp's client connections."""
+    count = [0]
+    original = ResponseHandler.data_received
+
+    def counted(self: ResponseHandler, data: bytes) -> None:
+        if data:
+            count[0] += 1
+        original(self, data)
+
+    monkeypatch.setattr(ResponseHandler, "data_received", counted)
+    return count
+
+
+async def _answer(upstream: FakeOpenAI, pace: float | None) -> list[Piece]:
+    model = OpenAIModel(EndpointConfig(kind="openai", base_url=upstream.base_url))
+    try:
+        return [
+            piece async for piece in model.stream(_job(), None if pace is None else (lambda: pace))
+        ]
+    finally:
+        await model.close()
+
+
+async def test_a_paced_stream_is_read_in_few_reads_and_loses_nothing(
+    upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = numbered_tokens(60)
+    # 60 tokens 5 ms apart: 0.3 s of answer, each token written on its own.
+    upstream.script(Script(tokens=tokens, delay_s=0.005))
+    received = _count_socket_reads(monkeypatch)
+    pieces = await _answer(upstream, pace=0.1)
+
+    text = [p for p in pieces if isinstance(p, str)]
+    assert "".join(text) == "".join(tokens)
+    finish = pieces[-1]
+    assert isinstance(finish, Finish)
+    assert finish.usage.completion_tokens == len(tokens)  # the upstream's usage event, read
+    reads = pieces.count(BREATH)
+    # Unpaced, every token is a read of its own (see the test below); paced at 0.1 s,
+    # 0.3 s of answer is a handful of reads.
+    assert 2 <= reads <= 8, pieces
+    # The first text is not held back for a pause: it ends the first read that has any.
+    assert pieces[0] == tokens[0]
+    assert pieces[1] is BREATH
+    # The connection itself is paused between reads: the kernel holds what arrives,
+    # and the event loop hands it over in one go, not a token at a time.
+    assert received[0] <= 3 * reads + 3, (received, reads)
+
+
+async def test_an_unpaced_stream_is_read_as_it_comes(
+    upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = numbered_tokens(20)
+    upstream.script(Script(tokens=tokens, delay_s=0.005))
+    received = _count_socket_reads(monkeypatch)
+    pieces = await _answer(upstream, pace=None)
+    assert BREATH not in pieces
+    assert received[0] >= len(tokens)  # what the paced test's bound is measured against
+    assert "".join(p for p in pieces if isinstance(p, str)) == "".join(tokens)
+
+
+async def test_paced_reads_still_see_a_failure_mid_answer(upstream: FakeOpenAI) -> None:
+    """The upstream goes away mid-answer, without [DONE] or a finish, while the reader waits."""
+    upstream.script(Script(tokens=numbered_tokens(10), delay_s=0.005, hold_after=3))
+    model = OpenAIModel(EndpointConfig(kind="openai", base_url=upstream.base_url))
+    stream = model.stream(_job(), lambda: 0.05)
+    assert isinstance(stream, AsyncGenerator)
+    try:
+        assert await anext(stream) == "tok0 "
+        await upstream.close()
+        with pytest.raises(UpstreamError):
+            async for _ in stream:
+                pass
+    finally:
+        await stream.aclose()
+        await model.close()
