@@ -25,6 +25,7 @@ import structlog
 
 from services.gateway.job_client import (
     DeadJob,
+    Inbox,
     Incoming,
     Interrupted,
     JobClient,
@@ -128,7 +129,7 @@ class ChatRun:
         self._deadline = asyncio.get_running_loop().time() + deadline_s
         self._deadline_s = deadline_s
         self._event_timeout_s = event_timeout_s
-        self._queue: asyncio.Queue[Incoming] | None = None
+        self._queue: Inbox | None = None
         self._attempt: int | None = None
         self._seq = 0
         self._done = False

@@ -89,6 +89,47 @@ _BEAT: Final = BeatEvent.model_fields["type"].default
 Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob | LostConnection | Interrupted | Started
 
 
+class Inbox:
+    """One job's events in arrival order: ``put_nowait`` and ``get`` as an ``asyncio.Queue``'s,
+    for one reader at a time.
+
+    A queue per job in flight, so it is kept small: a list, and a future only while its
+    reader waits (``asyncio.Queue`` holds four deques, about 1.6 KiB, and costs more per
+    event). An event taken by a ``get`` that is cancelled stays for the next one.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Incoming] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Incoming) -> None:
+        """Add an event; wakes the reader."""
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Incoming:
+        """The next event, waiting for one if none is there."""
+        while not self._items:
+            # A waiter left by a cancelled reader is done already (cancelling a task
+            # cancels the future it awaits) though that reader has not yet run.
+            assert self._waiter is None or self._waiter.done(), "one reader at a time"
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self._items.pop(0)
+
+    def empty(self) -> bool:
+        """Whether no event is waiting."""
+        return not self._items
+
+
 class Drain:
     """How fast this gateway's jobs leave the queue: starts per second over a window."""
 
@@ -128,7 +169,7 @@ class JobClient:
         self.settings = settings
         self.gateway_id = settings.gateway_id or secrets.token_hex(6)
         self.reply_queue_name = settings.names.reply_queue(self.gateway_id)
-        self._pending: dict[str, asyncio.Queue[Incoming]] = {}
+        self._pending: dict[str, Inbox] = {}
         # Pending jobs a worker has taken; the others wait in the queue.
         self._started: set[str] = set()
         self.drain = Drain()
@@ -187,11 +228,10 @@ class JobClient:
         """Connected, with the topology declared and the reply queue consuming."""
         return self._link.up and self._publish is not None
 
-    def register(self, job_id: str) -> asyncio.Queue[Incoming]:
-        """Start routing a job's events to the returned queue."""
-        queue: asyncio.Queue[Incoming] = asyncio.Queue()
-        self._pending[job_id] = queue
-        return queue
+    def register(self, job_id: str) -> Inbox:
+        """Start routing a job's events to the returned inbox."""
+        inbox = self._pending[job_id] = Inbox()
+        return inbox
 
     def forget(self, job_id: str) -> None:
         """Stop routing a job's events; later ones are dropped."""
@@ -203,7 +243,7 @@ class JobClient:
         """This gateway's jobs still waiting in the queue for a worker."""
         return len(self._pending) - len(self._started)
 
-    def _start(self, job_id: str, queue: asyncio.Queue[Incoming]) -> None:
+    def _start(self, job_id: str, queue: Inbox) -> None:
         if job_id not in self._started:
             self._started.add(job_id)
             self.drain.started()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 
 from services.gateway.chat_run import ChatRun
-from services.gateway.job_client import DEAD, Incoming
+from services.gateway.job_client import DEAD, Inbox, Incoming
 from shared.errors import ApiKeyRevoked, DeadlineExceeded, JobFailed, UpstreamError, WorkerLost
 from shared.wire import ChatJob, DeltaEvent, EndEvent, ErrorEvent, Usage
 from tests.support.samples import JOB
@@ -24,8 +23,8 @@ class ScriptedJobClient:
         self.cancelled: list[str] = []
         self.submitted: list[ChatJob] = []
 
-    def register(self, job_id: str) -> asyncio.Queue[Incoming]:
-        queue: asyncio.Queue[Incoming] = asyncio.Queue()
+    def register(self, job_id: str) -> Inbox:
+        queue = Inbox()
         for event in self.events:
             queue.put_nowait(event)
         return queue

@@ -14,7 +14,7 @@ import pytest
 from services.gateway.chat_run import ChatRun
 from services.gateway.fair_share import FairShare
 from services.gateway.inflight import InFlight
-from services.gateway.job_client import Drain, Incoming
+from services.gateway.job_client import Drain, Inbox
 from services.gateway.slots import Slots
 from shared.clock import now_ms
 from shared.errors import ApiKeyRevoked, DeadlineExceeded, Overloaded
@@ -56,12 +56,12 @@ class Client:
     """Stands in for the AMQP job client: records what was published."""
 
     def __init__(self) -> None:
-        self.queues: dict[str, asyncio.Queue[Incoming]] = {}
+        self.queues: dict[str, Inbox] = {}
         self.submitted: list[str] = []
         self.drain = Drain()
 
-    def register(self, job_id: str) -> asyncio.Queue[Incoming]:
-        self.queues[job_id] = asyncio.Queue()
+    def register(self, job_id: str) -> Inbox:
+        self.queues[job_id] = Inbox()
         return self.queues[job_id]
 
     def forget(self, job_id: str) -> None:
