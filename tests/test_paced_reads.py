@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from typing import NamedTuple
 
 import pytest
 from aiohttp.client_proto import ResponseHandler
@@ -24,8 +25,17 @@ def _job() -> ChatJob:
     return JOB.model_copy(update={"endpoint": "fake", "max_tokens": 1000, "stream": True})
 
 
-def _count_socket_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the data the event loop hands to aiohttp's client connections."""
+class _Answer(NamedTuple):
+    pieces: list[Piece]
+    socket_reads: int  # data the event loop handed to aiohttp's client connections
+    elapsed_s: float
+
+
+async def _answer(
+    upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tokens: list[str], pace: float | None
+) -> _Answer:
+    """The model's pieces for ``tokens`` streamed 5 ms apart, each written on its own."""
+    upstream.script(Script(tokens=tokens, delay_s=0.005))
     count = [0]
     original = ResponseHandler.data_received
 
@@ -35,30 +45,23 @@ def _count_socket_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         original(self, data)
 
     monkeypatch.setattr(ResponseHandler, "data_received", counted)
-    return count
-
-
-async def _answer(upstream: FakeOpenAI, pace: float | None) -> list[Piece]:
     model = OpenAIModel(EndpointConfig(kind="openai", base_url=upstream.base_url))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
-        return [
-            piece async for piece in model.stream(_job(), None if pace is None else (lambda: pace))
-        ]
+        paced = None if pace is None else (lambda: pace)
+        pieces = [piece async for piece in model.stream(_job(), paced)]
     finally:
         await model.close()
+    return _Answer(pieces, count[0], loop.time() - started)
 
 
 async def test_a_paced_stream_is_read_in_few_reads_and_loses_nothing(
     upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # 60 tokens 5 ms apart: 0.3 s of answer.
     tokens = numbered_tokens(60)
-    # 60 tokens 5 ms apart: 0.3 s of answer, each token written on its own.
-    upstream.script(Script(tokens=tokens, delay_s=0.005))
-    received = _count_socket_reads(monkeypatch)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    pieces = await _answer(upstream, pace=0.1)
-    elapsed = loop.time() - started
+    pieces, received, elapsed = await _answer(upstream, monkeypatch, tokens, pace=0.1)
 
     text = [p for p in pieces if isinstance(p, str)]
     assert "".join(text) == "".join(tokens)
@@ -75,18 +78,16 @@ async def test_a_paced_stream_is_read_in_few_reads_and_loses_nothing(
     assert pieces.index(BREATH) <= 5, pieces[:25]
     # The connection itself is paused between reads: the kernel holds what arrives,
     # and the event loop hands it over in one go, not a token at a time.
-    assert received[0] <= 4 * reads + 5, (received, reads)
+    assert received <= 4 * reads + 5, (received, reads)
 
 
 async def test_an_unpaced_stream_is_read_as_it_comes(
     upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tokens = numbered_tokens(20)
-    upstream.script(Script(tokens=tokens, delay_s=0.005))
-    received = _count_socket_reads(monkeypatch)
-    pieces = await _answer(upstream, pace=None)
+    pieces, received, _ = await _answer(upstream, monkeypatch, tokens, pace=None)
     assert BREATH not in pieces
-    assert received[0] >= len(tokens)  # what the paced test's bound is measured against
+    assert received >= len(tokens)  # what the paced test's bound is measured against
     assert "".join(p for p in pieces if isinstance(p, str)) == "".join(tokens)
 
 

@@ -14,7 +14,7 @@ from services.worker.settings import WorkerSettings
 from services.worker.worker import Action, Disposition, Worker
 from shared.amqp import ATTEMPT_HEADER
 from shared.clock import now_ms
-from shared.wire import ChatJob, ChatMessage
+from tests.support.samples import JOB
 
 
 @dataclass
@@ -27,19 +27,7 @@ class Message:
 
 
 def job_body() -> bytes:
-    job = ChatJob(
-        job_id="chatcmpl-x",
-        request_id="req_x",
-        reply_to="nowhere",
-        deadline_ms=now_ms() + 60_000,
-        endpoint="echo",
-        model="m",
-        messages=[ChatMessage(role="user", content="hi")],
-        temperature=0.7,
-        top_p=0.7,
-        max_tokens=10,
-    )
-    return job.dump()
+    return JOB.model_copy(update={"deadline_ms": now_ms() + 60_000}).dump()
 
 
 @pytest.fixture
