@@ -13,13 +13,26 @@ from collections.abc import Awaitable, Callable
 
 from shared.tasks import TaskSet, idle, stop
 
+# Set when a call of ``converting`` is under way: a test waits on it, not on a sleep
+# (a new one per wait, made on the test's own event loop).
+_in_call: list[asyncio.Event] = []
+
 
 async def converting() -> None:
     """A library call that turns a cancellation into its own error."""
+    for event in _in_call:
+        event.set()
     try:
         await asyncio.sleep(3600)
     except asyncio.CancelledError:
         raise TimeoutError("timed out") from None
+
+
+async def in_call() -> None:
+    """Until a task is inside ``converting``."""
+    event = asyncio.Event()
+    _in_call[:] = [event]
+    await asyncio.wait_for(event.wait(), timeout=2.0)
 
 
 async def retrying(pause: Callable[[float], Awaitable[None]], done: asyncio.Event) -> None:
@@ -34,7 +47,7 @@ async def test_a_plain_sleep_loses_the_cancellation() -> None:
     # What went wrong: cancelled, the loop goes on.
     done = asyncio.Event()
     task = asyncio.create_task(retrying(asyncio.sleep, done))
-    await asyncio.sleep(0.01)
+    await in_call()
     task.cancel()
     finished, _ = await asyncio.wait({task}, timeout=0.3)
     assert not finished
@@ -47,7 +60,7 @@ async def test_a_plain_sleep_loses_the_cancellation() -> None:
 
 async def test_idle_stops_a_loop_whose_cancellation_was_lost() -> None:
     task = asyncio.create_task(retrying(idle, asyncio.Event()))
-    await asyncio.sleep(0.01)
+    await in_call()
     task.cancel()
     finished, _ = await asyncio.wait({task}, timeout=1.0)
     assert finished
@@ -74,7 +87,7 @@ async def stubborn(ends: list[str]) -> None:
 async def test_stop_cancels_again_what_lost_its_cancellation() -> None:
     ends: list[str] = []
     tasks = [asyncio.create_task(stubborn(ends)), asyncio.create_task(asyncio.sleep(3600))]
-    await asyncio.sleep(0.01)
+    await in_call()
     await asyncio.wait_for(stop(tasks, every_s=0.05), timeout=2.0)
     assert ends == ["ended"]
     assert all(task.done() for task in tasks)
@@ -84,7 +97,7 @@ async def test_a_task_set_closes_despite_a_lost_cancellation() -> None:
     ends: list[str] = []
     tasks = TaskSet()
     tasks.spawn(stubborn(ends))
-    await asyncio.sleep(0.01)
+    await in_call()
     await asyncio.wait_for(tasks.close(grace_s=0.01), timeout=5.0)
     assert ends == ["ended"]
 
