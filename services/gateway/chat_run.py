@@ -410,6 +410,7 @@ class ChatRun:
                 relayed = True
                 self._note_sent(event)
                 yield event
+                del event  # not held while the next one is awaited
                 continue
             self._done = True
             if isinstance(event, EndEvent):

@@ -74,12 +74,15 @@ async def write_stream(
                 await response.write(render.first(opening))
                 await response.write(render.end(first.model_copy(update={"text": ""})))
             else:
-                await response.write(render.first(first))
+                chunk = render.first(first)
+                # No event is held while the stream waits for the next: an open
+                # stream's memory is per-stream state, not its last piece.
+                del first
+                await response.write(chunk)
                 async for item in events:
-                    if isinstance(item, DeltaEvent):
-                        await response.write(render.delta(item))
-                    else:
-                        await response.write(render.end(item))
+                    chunk = render.delta(item) if isinstance(item, DeltaEvent) else render.end(item)
+                    del item
+                    await response.write(chunk)
         except BotlineError as exc:
             log.info("stream.failed", code=exc.code)
             request[STREAM_ERROR] = exc.code
