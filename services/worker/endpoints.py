@@ -131,7 +131,11 @@ class OpenAIModel:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._limit)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            # No cookie jar: one session serves every bot and key on this endpoint,
+            # and a cookie kept from one call would go out with the next caller's.
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar()
+            )
         return self._session
 
     def _payload(self, job: ChatJob) -> bytes:
