@@ -1,0 +1,24 @@
+"""The AMQP probe (bench/amqp_probe.py): both clients deliver every message they publish."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from bench.amqp_probe import _aiormq, _frames
+from shared.settings import CommonSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("client", [_aiormq, _frames], ids=["aiormq", "frames"])
+async def test_each_client_gets_back_every_message(
+    client: Callable[[str, int, int, bytes], Awaitable[float]],
+) -> None:
+    url = CommonSettings().amqp_urls[0]
+    # A figure is returned only once all 500 came back (a lost one times out here).
+    async with asyncio.timeout(30):
+        per_message = await client(url, 500, 64, b'{"text":"tok tok"}')
+    assert per_message > 0
