@@ -1,19 +1,22 @@
 """``python -m bench.amqp_probe``: the CPU one AMQP message costs a client, aiormq
-against framing of our own.
+as it comes, aiormq as botline runs it, and framing of our own.
 
 One process publishes messages to a queue of its own and consumes them (no ack) on the
 same connection, ``--window`` in flight, and reads its own CPU time (``process_time``)
-per message, publish and delivery together. Two clients take turns:
+per message, publish and delivery together. Three clients take turns:
 
-- ``aiormq``: as botline uses it (``basic_publish(wait=False)`` on a channel without
+- ``aiormq``: aiormq as it comes (``basic_publish(wait=False)`` on a channel without
   confirms, a ``basic_consume`` callback, the properties a reply event carries);
+- ``aiormq+botline``: the same calls with botline's frames (shared/amqp_frames.py: the
+  socket read in chunks, a message's frames coded with ``struct``) and its publish
+  without a wait (``shared.amqp.publish_now``), as every botline process runs;
 - ``frames``: the least a client can do: pamqp for the handshake, then each publish one
   ``transport.write`` of frames packed with ``struct``, and deliveries parsed from the read
   buffer (their properties and body) without a queue, lock or task per frame.
 
-The second is not botline's code and is not a client to ship (no confirms, no
+The last is not botline's code and is not a client to ship (no confirms, no
 reconnects, no flow control); it measures the floor under an AMQP data path of our own
-(docs/performance.md, fourth pass). Talks to the running RabbitMQ (the first of
+(docs/performance.md). Talks to the running RabbitMQ (the first of
 ``BOTLINE_AMQP_URL``; guest on localhost by default) with an exclusive, auto-deleted queue.
 """
 
@@ -32,6 +35,8 @@ import pamqp.commands as spec
 import pamqp.frame
 from yarl import URL
 
+from shared import amqp_frames
+from shared.amqp import publish_now
 from shared.loop import new_event_loop
 from shared.settings import CommonSettings
 
@@ -83,7 +88,7 @@ async def _drive(
     return (time.process_time() - started) / n
 
 
-async def _aiormq(url: str, n: int, window: int, body: bytes) -> float:
+async def _aiormq(url: str, n: int, window: int, body: bytes, *, ours: bool = False) -> float:
     connection = await aiormq.connect(url)
     try:
         # The concrete channel: ``wait`` is missing from aiormq's abstract one.
@@ -108,11 +113,32 @@ async def _aiormq(url: str, n: int, window: int, body: bytes) -> float:
                 message_id=f"job-{i}.1.0",
                 message_type="chat.end",
             )
-            await channel.basic_publish(body, routing_key=queue, properties=properties, wait=False)
+            if not (
+                ours
+                and publish_now(
+                    channel, body, properties, exchange="", routing_key=queue, mandatory=False
+                )
+            ):
+                await channel.basic_publish(
+                    body, routing_key=queue, properties=properties, wait=False
+                )
 
         return await _drive(publish, count, n, window)
     finally:
         await connection.close()
+
+
+async def _aiormq_plain(url: str, n: int, window: int, body: bytes) -> float:
+    amqp_frames.uninstall()
+    return await _aiormq(url, n, window, body)
+
+
+async def _aiormq_frames(url: str, n: int, window: int, body: bytes) -> float:
+    amqp_frames.install()
+    try:
+        return await _aiormq(url, n, window, body, ours=True)
+    finally:
+        amqp_frames.uninstall()
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, object]:
@@ -230,7 +256,7 @@ async def _consume(reader: asyncio.StreamReader, count: _Count) -> None:
 
 async def _main(args: argparse.Namespace) -> None:
     body = b'{"type":"chat.end","text":"' + b"tok " * 32 + b'"}'
-    clients = {"aiormq": _aiormq, "frames": _frames}
+    clients = {"aiormq": _aiormq_plain, "aiormq+botline": _aiormq_frames, "frames": _frames}
     figures: dict[str, list[float]] = {name: [] for name in clients}
     for _ in range(args.rounds):
         for name, client in clients.items():
@@ -240,7 +266,7 @@ async def _main(args: argparse.Namespace) -> None:
         "client CPU per message (publish + delivery), median of rounds:"
     )
     for name, values in figures.items():
-        print(f"  {name:7s} {statistics.median(values):7.1f} us  (rounds: "
+        print(f"  {name:14s} {statistics.median(values):7.1f} us  (rounds: "
               + ", ".join(f"{v:.1f}" for v in values) + ")")  # fmt: skip
 
 

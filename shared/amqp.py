@@ -34,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import random
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -47,8 +49,10 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
+from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
+from shared import amqp_frames
 from shared.priority import MAX_PRIORITY
 from shared.settings import CommonSettings
 from shared.tasks import cancelling, idle, stop
@@ -187,6 +191,7 @@ class AmqpLink:
     async def _open(self, url: str) -> AbstractConnection:
         """Connect to one URL and run the owner's setup on it, within the connect timeout."""
         self._generation += 1
+        amqp_frames.install()  # aiormq, with the frames of our messages coded by us
         connection = await aio_pika.connect(
             url,
             heartbeat=self._settings.amqp_heartbeat_s,
@@ -306,14 +311,55 @@ async def publish(
         expiration=None if expiration_ms is None else str(max(expiration_ms, 1)),
         priority=priority,
     )
-    await raw.basic_publish(
+    if wait or not publish_now(
+        raw, body, properties, exchange=exchange, routing_key=routing_key, mandatory=mandatory
+    ):
+        await raw.basic_publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+            wait=wait,
+        )
+
+
+def publish_now(
+    raw: aiormq.Channel,
+    body: bytes,
+    properties: Basic.Properties,
+    *,
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+) -> bool:
+    """Queue a message for the connection's writer at once; False if it must wait.
+
+    On a channel without confirms nothing is waited for: the frames go straight
+    into the connection's write queue, as aiormq's ``basic_publish`` puts them
+    there, without its lock, timers and pamqp objects. A publish holding that
+    lock has its frames queued already, or waits for room in a full queue, where
+    this fails too and its caller waits in ``basic_publish`` behind it; so one
+    task's messages keep their order.
+    """
+    if raw.publisher_confirms or raw.is_closed:
+        return False
+    if properties.message_id is None:  # as basic_publish: a random one
+        properties.message_id = uuid.UUID(int=random.getrandbits(128), version=4).hex
+    frames = amqp_frames.publish_frames(
+        raw.number,
         body,
+        properties,
         exchange=exchange,
         routing_key=routing_key,
-        properties=properties,
         mandatory=mandatory,
-        wait=wait,
+        max_content=raw.max_content_size,
     )
+    try:
+        raw.write_queue.put_nowait(ChannelFrame(payload=frames, should_close=False))
+    except asyncio.QueueFull:
+        return False
+    return True
 
 
 async def declare_jobs(channel: AbstractChannel, settings: CommonSettings) -> AbstractQueue:

@@ -7,13 +7,17 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from bench.amqp_probe import _aiormq, _frames
+from bench.amqp_probe import _aiormq_frames, _aiormq_plain, _frames
 from shared.settings import CommonSettings
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("client", [_aiormq, _frames], ids=["aiormq", "frames"])
+@pytest.mark.parametrize(
+    "client",
+    [_aiormq_plain, _aiormq_frames, _frames],
+    ids=["aiormq", "aiormq+botline", "frames"],
+)
 async def test_each_client_gets_back_every_message(
     client: Callable[[str, int, int, bytes], Awaitable[float]],
 ) -> None:

@@ -1,0 +1,291 @@
+"""AMQP frames for aiormq's connections: read from the socket in chunks, and the
+frames of a message coded without pamqp's generic walk over each field.
+
+aiormq's own frame reader (``aiormq.connection.FrameReceiver``) reads each frame with
+three ``readexactly`` calls under a lock into a fresh ``BytesIO``, then has pamqp decode
+it: per frame, several coroutines and copies, and a message is three frames (method,
+header, body). This reader takes whatever the socket has in one ``read`` and cuts every
+whole frame out of it; only when the buffer holds no whole frame does it wait. Frames
+come out in the same order, as the same pamqp objects, with the same errors on a broken
+or closed connection, so aiormq's connection, channels, heartbeats and close handshake
+work unchanged above it (tests/test_amqp_frames.py runs aiormq on it against the broker).
+
+The frames every job and event takes (``Basic.Publish``, ``Basic.Deliver``,
+``Basic.Ack``/``Nack``, content header and body) are packed and unpacked here with
+``struct`` into the very pamqp objects and bytes pamqp makes; every other frame, and any
+header this does not know (a second flag word), goes to pamqp as before.
+tests/test_amqp_frames.py checks both directions against pamqp, byte for byte and field
+by field, over every property.
+
+``install()`` makes every aiormq connection opened afterwards use them; botline's
+processes call it before they connect (docs/performance.md has the CPU it saves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import deque
+
+import aiormq.connection
+import pamqp.decode
+import pamqp.encode
+import pamqp.frame
+from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.exceptions import PAMQPException, UnmarshalingException
+from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
+
+_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
+_HEAD_SIZE = _HEAD.size
+_FRAME_END = 0xCE
+_CHUNK = 1 << 17
+_METHOD, _HEADER, _BODY, _HEARTBEAT = 1, 2, 3, 8
+_INDEX = struct.Struct(">I")
+_LONG_LONG = struct.Struct(">q")  # signed, as pamqp has it
+_CONTENT = struct.Struct(">HHQH")  # class, weight, body size, first flag word
+_CONTENT_SIZE = _CONTENT.size
+_CONTENT_HEAD = struct.Struct(">HHQ")
+_TAIL = b"\xce"
+_PUBLISH = _INDEX.pack(Basic.Publish.index) + b"\x00\x00"  # and its ticket, always 0
+_ACK = _INDEX.pack(Basic.Ack.index)
+# pamqp.frame.unmarshal's answer: bytes used, channel, frame.
+Received = tuple[int, int, pamqp.frame.FrameTypes]
+# Basic.Properties in AMQP's order: attribute, flag bit, and whether it is a short string.
+_PROPERTIES = tuple(
+    (name, Basic.Properties.flags[name], Basic.Properties.amqp_type(name) == "shortstr")
+    for name in Basic.Properties.__slots__
+)
+_pamqp_marshal = pamqp.frame.marshal
+
+
+def _short_string(value: str) -> bytes:
+    data = value.encode()
+    if len(data) > 255:
+        raise TypeError("string exceeds maximum length of 255 bytes")
+    return bytes((len(data),)) + data
+
+
+def _frame(kind: int, channel: int, payload: bytes) -> bytes:
+    return _HEAD.pack(kind, channel, len(payload)) + payload + _TAIL
+
+
+def _properties(properties: Basic.Properties) -> bytes:
+    """``Basic.Properties.marshal``: the flag word, then each property set, in order."""
+    flags, parts = 0, []
+    for name, bit, short in _PROPERTIES:
+        value = getattr(properties, name)
+        if value is None or value == "":
+            continue
+        flags |= bit
+        if short and type(value) is str:
+            parts.append(_short_string(value))
+        else:
+            parts.append(properties.encode_property(name, value))
+    return flags.to_bytes(2, "big") + b"".join(parts)
+
+
+def _publish_method(exchange: str, routing_key: str, mandatory: bool, immediate: bool) -> bytes:
+    return b"".join(
+        (
+            _PUBLISH,
+            _short_string(exchange),
+            _short_string(routing_key),
+            bytes((bool(mandatory) | bool(immediate) << 1,)),
+        )
+    )
+
+
+def publish_frames(
+    channel: int,
+    body: bytes,
+    properties: Basic.Properties,
+    *,
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+    max_content: int,
+) -> bytes:
+    """A whole message as aiormq's ``basic_publish`` writes it: method, header, body frames."""
+    header = _CONTENT_HEAD.pack(Basic.frame_id, 0, len(body)) + _properties(properties)
+    frames = [
+        _frame(_METHOD, channel, _publish_method(exchange, routing_key, mandatory, False)),
+        _frame(_HEADER, channel, header),
+    ]
+    for at in range(0, len(body), max_content):
+        frames.append(_frame(_BODY, channel, body[at : at + max_content]))
+    return b"".join(frames)
+
+
+def marshal(frame_value: pamqp.frame.FrameTypes, channel_id: int) -> bytes:
+    """``pamqp.frame.marshal``, packed here for the frames of a message and its ack."""
+    frame, channel, kind = frame_value, channel_id, type(frame_value)
+    if kind is ContentBody:
+        return _frame(_BODY, channel, frame.value)  # type: ignore[union-attr]
+    if kind is ContentHeader:
+        header: ContentHeader = frame  # type: ignore[assignment]
+        payload = _CONTENT_HEAD.pack(Basic.frame_id, 0, header.body_size) + _properties(
+            header.properties
+        )
+        return _frame(_HEADER, channel, payload)
+    if kind is Basic.Publish:
+        publish: Basic.Publish = frame  # type: ignore[assignment]
+        payload = _publish_method(
+            publish.exchange, publish.routing_key, publish.mandatory, publish.immediate
+        )
+        return _frame(_METHOD, channel, payload)
+    if kind is Basic.Ack:
+        ack: Basic.Ack = frame  # type: ignore[assignment]
+        payload = _ACK + _LONG_LONG.pack(ack.delivery_tag) + bytes((bool(ack.multiple),))
+        return _frame(_METHOD, channel, payload)
+    return _pamqp_marshal(frame, channel)
+
+
+def _short_at(data: bytes, at: int) -> tuple[str, int]:
+    end = at + 1 + data[at]
+    if end > len(data):
+        raise ValueError("short string runs past the frame")
+    return data[at + 1 : end].decode(), end
+
+
+def _deliver(payload: bytes) -> Basic.Deliver:
+    frame = Basic.Deliver.__new__(Basic.Deliver)
+    frame.consumer_tag, at = _short_at(payload, 4)
+    (frame.delivery_tag,) = _LONG_LONG.unpack_from(payload, at)
+    frame.redelivered = bool(payload[at + 8] & 1)
+    frame.exchange, at = _short_at(payload, at + 9)
+    frame.routing_key, at = _short_at(payload, at)
+    return frame
+
+
+def _confirm(payload: bytes, kind: type[Basic.Ack] | type[Basic.Nack]) -> Basic.Ack | Basic.Nack:
+    frame = kind.__new__(kind)
+    (frame.delivery_tag,) = _LONG_LONG.unpack_from(payload, 4)
+    bits = payload[12]
+    frame.multiple = bool(bits & 1)
+    if kind is Basic.Nack:
+        frame.requeue = bool(bits & 2)  # type: ignore[union-attr]
+    return frame
+
+
+def _header(payload: bytes) -> ContentHeader | None:
+    """A content header with one flag word, as pamqp decodes it; None for any other."""
+    class_id, weight, body_size, flags = _CONTENT.unpack_from(payload)
+    if flags & 1:
+        return None
+    properties = Basic.Properties.__new__(Basic.Properties)
+    at = _CONTENT_SIZE
+    for name, bit, short in _PROPERTIES:
+        if not flags & bit:
+            value: object = "" if name == "cluster_id" else None
+        elif short:
+            value, at = _short_at(payload, at)
+        else:
+            used, value = pamqp.decode.by_type(payload[at:], Basic.Properties.amqp_type(name))
+            at += used
+        setattr(properties, name, value)
+    header = ContentHeader.__new__(ContentHeader)
+    header.class_id, header.weight, header.body_size = class_id, weight, body_size
+    header.properties = properties
+    return header
+
+
+def unmarshal(data: bytes) -> Received:
+    """``pamqp.frame.unmarshal`` of one whole frame, decoded here for a message's frames."""
+    kind, channel, size = _HEAD.unpack_from(data)
+    payload = data[_HEAD_SIZE:-1]
+    try:
+        if kind == _BODY:
+            return len(data), channel, ContentBody(payload)
+        if kind == _HEADER and size >= _CONTENT_SIZE:
+            header = _header(payload)
+            if header is not None:
+                return len(data), channel, header
+        elif kind == _METHOD and size >= 4:
+            (index,) = _INDEX.unpack_from(payload)
+            if index == Basic.Deliver.index:
+                return len(data), channel, _deliver(payload)
+            if index == Basic.Ack.index and size >= 13:
+                return len(data), channel, _confirm(payload, Basic.Ack)
+            if index == Basic.Nack.index and size >= 13:
+                return len(data), channel, _confirm(payload, Basic.Nack)
+        elif kind == _HEARTBEAT and size == 0:
+            return len(data), channel, Heartbeat()
+    except (struct.error, ValueError, IndexError) as exc:
+        raise UnmarshalingException("frame", exc) from exc
+    return pamqp.frame.unmarshal(data)
+
+
+class FrameReader:
+    """aiormq's ``FrameReceiver`` interface (``get_frame``, async iteration) over chunks."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.started = False
+        self._buffer = b""
+        self._frames: deque[Received] = deque()
+
+    def __aiter__(self) -> FrameReader:
+        return self
+
+    async def __anext__(self) -> Received:
+        return await self.get_frame()
+
+    async def get_frame(self) -> Received:
+        frames = self._frames
+        while not frames:
+            await self._fill()
+        return frames.popleft()
+
+    async def _fill(self) -> None:
+        """Read once and cut every whole frame out of the buffer; ends the iteration at EOF."""
+        try:
+            data = await self.reader.read(_CHUNK)
+        except OSError as exc:
+            raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
+        if not data:
+            if self._buffer:
+                raise AMQPConnectionError(
+                    "Server connection unexpectedly closed. "
+                    f"Read {len(self._buffer)} bytes of an unfinished frame"
+                )
+            raise StopAsyncIteration
+        buffer = self._buffer + data if self._buffer else data
+        if not self.started:
+            if buffer[:4] == b"AMQP":  # the broker answered with its protocol header
+                raise ProtocolSyntaxError("Unexpected AMQP protocol header")
+            self.started = True
+        at, size, append = 0, len(buffer), self._frames.append
+        while size - at >= _HEAD_SIZE + 1:
+            _, _, length = _HEAD.unpack_from(buffer, at)
+            end = at + _HEAD_SIZE + length + 1
+            if end > size:
+                break
+            if buffer[end - 1] != _FRAME_END:
+                raise InvalidFrameError(f"frame at byte {at} does not end with 0xCE")
+            try:
+                append(unmarshal(buffer[at:end]))
+            except PAMQPException as exc:
+                raise InvalidFrameError(str(exc)) from exc
+            at = end
+        self._buffer = buffer[at:] if at < size else b""
+
+
+_aiormq_receiver = aiormq.connection.FrameReceiver
+
+
+def install() -> None:
+    """Make aiormq connections read with ``FrameReader`` and write with ``marshal``.
+
+    Idempotent; a connection already open keeps the reader it was opened with.
+    """
+    aiormq.connection.FrameReceiver = FrameReader  # type: ignore[misc, assignment]
+    pamqp.frame.marshal = marshal  # aiormq's ChannelFrame.marshall calls it by this name
+
+
+def uninstall() -> None:
+    """Back to aiormq's reader and pamqp's marshal (the probe's comparison, tests)."""
+    aiormq.connection.FrameReceiver = _aiormq_receiver  # type: ignore[misc]
+    pamqp.frame.marshal = _pamqp_marshal

@@ -1,0 +1,326 @@
+"""shared/amqp_frames.py: the same bytes and objects as pamqp, and aiormq on it end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import string
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiormq
+import aiormq.abc
+import pamqp.frame
+import pytest
+from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
+
+from shared import amqp_frames
+from shared.settings import CommonSettings
+
+_PAMQP_MARSHAL = amqp_frames._pamqp_marshal
+_PAMQP_UNMARSHAL = pamqp.frame.unmarshal
+
+short = st.text(max_size=40) | st.text(alphabet=string.ascii_letters, min_size=255, max_size=255)
+maybe_short = st.none() | short
+octet = st.none() | st.integers(0, 255)
+table = st.none() | st.dictionaries(
+    st.text(alphabet=string.ascii_letters + "-", min_size=1, max_size=20),
+    st.integers(-(2**31), 2**31 - 1) | st.text(max_size=30) | st.booleans(),
+    max_size=4,
+)
+stamp = st.none() | st.datetimes(
+    min_value=datetime.datetime(1971, 1, 1), max_value=datetime.datetime(2100, 1, 1)
+).map(lambda moment: moment.replace(microsecond=0, tzinfo=datetime.UTC))
+properties = st.builds(
+    spec.Basic.Properties,
+    content_type=maybe_short,
+    content_encoding=maybe_short,
+    headers=table,
+    delivery_mode=st.none() | st.sampled_from([1, 2]),
+    priority=octet,
+    correlation_id=maybe_short,
+    reply_to=maybe_short,
+    expiration=maybe_short,
+    message_id=maybe_short,
+    timestamp=stamp,
+    message_type=maybe_short,
+    user_id=maybe_short,
+    app_id=maybe_short,
+)
+exchange_name = st.text(alphabet=string.ascii_letters + string.digits + "-_.:", max_size=60)
+channel_number = st.integers(0, 65535)
+
+
+def _fields(frame: object) -> object:
+    """What a frame holds, to compare ours with pamqp's."""
+    if isinstance(frame, ContentHeader):
+        props = frame.properties
+        return (
+            "header",
+            frame.class_id,
+            frame.weight,
+            frame.body_size,
+            {name: getattr(props, name) for name in spec.Basic.Properties.__slots__},
+        )
+    if isinstance(frame, ContentBody):
+        return ("body", frame.value)
+    if isinstance(frame, Heartbeat):
+        return ("heartbeat",)
+    slots = type(frame).__slots__  # type: ignore[attr-defined]
+    return (type(frame).__name__, {name: getattr(frame, name) for name in slots})
+
+
+def _both_ways(frame: pamqp.frame.FrameTypes, channel: int) -> None:
+    data = amqp_frames.marshal(frame, channel)
+    assert data == _PAMQP_MARSHAL(frame, channel)
+    ours, theirs = amqp_frames.unmarshal(data), _PAMQP_UNMARSHAL(data)
+    assert ours[:2] == theirs[:2] == (len(data), channel)
+    assert _fields(ours[2]) == _fields(theirs[2])
+    assert type(ours[2]) is type(theirs[2])
+
+
+@settings(max_examples=300, deadline=None)
+@given(props=properties, size=st.integers(0, 2**40), channel=channel_number)
+def test_content_header_as_pamqp(props: spec.Basic.Properties, size: int, channel: int) -> None:
+    _both_ways(ContentHeader(body_size=size, properties=props), channel)
+
+
+@settings(max_examples=100, deadline=None)
+@given(value=st.binary(min_size=1, max_size=3000), channel=channel_number)
+def test_content_body_as_pamqp(value: bytes, channel: int) -> None:
+    _both_ways(ContentBody(value), channel)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    exchange=exchange_name,
+    routing_key=short,
+    mandatory=st.booleans(),
+    immediate=st.booleans(),
+    channel=channel_number,
+)
+def test_publish_as_pamqp(
+    exchange: str, routing_key: str, mandatory: bool, immediate: bool, channel: int
+) -> None:
+    frame = spec.Basic.Publish(
+        exchange=exchange, routing_key=routing_key, mandatory=mandatory, immediate=immediate
+    )
+    _both_ways(frame, channel)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    props=properties,
+    body=st.binary(max_size=300),
+    max_content=st.integers(1, 400),
+    exchange=exchange_name,
+    routing_key=short,
+    mandatory=st.booleans(),
+    channel=channel_number,
+)
+def test_publish_frames_as_aiormq_writes_them(
+    props: spec.Basic.Properties,
+    body: bytes,
+    max_content: int,
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+    channel: int,
+) -> None:
+    # aiormq's basic_publish: the method, the header, the body cut at max_content_size.
+    frames: list[pamqp.frame.FrameTypes] = [
+        spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
+        ContentHeader(body_size=len(body), properties=props),
+    ]
+    frames += [ContentBody(body[at : at + max_content]) for at in range(0, len(body), max_content)]
+    theirs = b"".join(_PAMQP_MARSHAL(frame, channel) for frame in frames)
+    ours = amqp_frames.publish_frames(
+        channel,
+        body,
+        props,
+        exchange=exchange,
+        routing_key=routing_key,
+        mandatory=mandatory,
+        max_content=max_content,
+    )
+    assert ours == theirs
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    consumer_tag=short,
+    delivery_tag=st.integers(0, 2**63 - 1),
+    redelivered=st.booleans(),
+    exchange=exchange_name,
+    routing_key=short,
+    multiple=st.booleans(),
+    requeue=st.booleans(),
+)
+def test_deliver_and_confirms_as_pamqp(
+    consumer_tag: str,
+    delivery_tag: int,
+    redelivered: bool,
+    exchange: str,
+    routing_key: str,
+    multiple: bool,
+    requeue: bool,
+) -> None:
+    deliver = spec.Basic.Deliver(consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+    _both_ways(deliver, 1)
+    _both_ways(spec.Basic.Ack(delivery_tag, multiple), 1)
+    _both_ways(spec.Basic.Nack(delivery_tag, multiple, requeue), 1)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        spec.Basic.ConsumeOk("ctag"),
+        spec.Queue.DeclareOk("q", 3, 1),
+        spec.Channel.Close(406, "PRECONDITION_FAILED", 50, 10),
+        spec.Basic.Return(312, "NO_ROUTE", "ex", "rk"),
+        spec.Basic.Reject(7, requeue=True),
+        Heartbeat(),
+    ],
+    ids=lambda frame: type(frame).__name__,
+)
+def test_other_frames_are_pamqps(frame: pamqp.frame.FrameTypes) -> None:
+    _both_ways(frame, 0 if isinstance(frame, Heartbeat) else 5)
+
+
+def test_a_header_of_a_wider_flag_word_goes_to_pamqp() -> None:
+    # A continuation bit in the first flag word: not ours to read; pamqp decides.
+    data = _PAMQP_MARSHAL(ContentHeader(body_size=3), 1)
+    wide = bytearray(data)
+    wide[7 + 13] |= 1  # the low bit of the flag word
+    with pytest.raises(pamqp.exceptions.UnmarshalingException):
+        _PAMQP_UNMARSHAL(bytes(wide))
+    with pytest.raises(pamqp.exceptions.UnmarshalingException):
+        amqp_frames.unmarshal(bytes(wide))
+
+
+def test_a_truncated_deliver_is_an_unmarshaling_error() -> None:
+    data = _PAMQP_MARSHAL(spec.Basic.Deliver("ctag", 1, False, "ex", "rk"), 1)
+    cut = data[:-6] + b"\xce"
+    cut = cut[:3] + (len(cut) - 8).to_bytes(4, "big") + cut[7:]
+    with pytest.raises(pamqp.exceptions.UnmarshalingException):
+        amqp_frames.unmarshal(cut)
+
+
+def _stream(*chunks: bytes, eof: bool = True) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    for chunk in chunks:
+        reader.feed_data(chunk)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+def _message_frames() -> list[bytes]:
+    props = spec.Basic.Properties(content_type="application/json", correlation_id="job-1")
+    return [
+        _PAMQP_MARSHAL(spec.Basic.Deliver("ctag", 9, False, "", "q"), 1),
+        _PAMQP_MARSHAL(ContentHeader(body_size=7, properties=props), 1),
+        _PAMQP_MARSHAL(ContentBody(b'{"a":1}'), 1),
+        _PAMQP_MARSHAL(Heartbeat(), 0),
+    ]
+
+
+def _splits(data: bytes) -> Iterator[list[bytes]]:
+    for cut in range(len(data) + 1):
+        yield [data[:cut], data[cut:]]
+    yield [data[i : i + 1] for i in range(len(data))]
+
+
+async def test_reader_gives_every_frame_however_the_bytes_arrive() -> None:
+    frames = _message_frames()
+    expected = [_fields(_PAMQP_UNMARSHAL(frame)[2]) for frame in frames]
+    for chunks in _splits(b"".join(frames)):
+        reader = amqp_frames.FrameReader(_stream(*chunks))
+        got = [_fields(frame) async for _, _, frame in reader]
+        assert got == expected
+
+
+async def test_reader_errors_like_aiormqs() -> None:
+    whole = b"".join(_message_frames())
+    with pytest.raises(AMQPConnectionError, match="unexpectedly closed"):
+        async for _ in amqp_frames.FrameReader(_stream(whole[:-3])):
+            pass
+    broken = bytearray(whole)
+    broken[len(_message_frames()[0]) - 1] = 0  # the first frame's end octet
+    with pytest.raises(InvalidFrameError):
+        await amqp_frames.FrameReader(_stream(bytes(broken))).get_frame()
+    with pytest.raises(ProtocolSyntaxError):
+        await amqp_frames.FrameReader(_stream(b"AMQP\x00\x00\x09\x01")).get_frame()
+
+
+@pytest.fixture
+def installed() -> Iterator[None]:
+    amqp_frames.install()
+    try:
+        yield
+    finally:
+        amqp_frames.uninstall()
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("installed")
+async def test_aiormq_on_our_frames_against_rabbitmq(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Confirms, properties with headers, a body over several frames, acks: all through
+    # FrameReader and marshal, checked against what was sent.
+    coded: dict[str, int] = {"marshal": 0, "unmarshal": 0}
+
+    def counted(name: str, code: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            coded[name] += 1
+            return code(*args)
+
+        return call
+
+    assert pamqp.frame.marshal is amqp_frames.marshal
+    monkeypatch.setattr(pamqp.frame, "marshal", counted("marshal", amqp_frames.marshal))
+    monkeypatch.setattr(amqp_frames, "unmarshal", counted("unmarshal", amqp_frames.unmarshal))
+    async with asyncio.timeout(30):
+        connection = await aiormq.connect(CommonSettings().amqp_urls[0])
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            declared = await channel.queue_declare(exclusive=True, auto_delete=True)
+            queue = declared.queue
+            assert queue is not None
+            frame_max = connection.connection_tune.frame_max
+            bodies = [b"", b"x", b'{"text":"tok"}' * 10, bytes(range(256)) * (frame_max // 100)]
+            got: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
+            await channel.basic_consume(queue, got.put)
+            for i, body in enumerate(bodies):
+                props = spec.Basic.Properties(
+                    content_type="application/json",
+                    delivery_mode=1,
+                    correlation_id=f"job-{i}",
+                    headers={"x-botline-attempt": i, "x-botline-gateway": "gw-1"},
+                    expiration="60000",
+                    priority=3,
+                )
+                confirm = await channel.basic_publish(body, routing_key=queue, properties=props)
+                assert isinstance(confirm, spec.Basic.Ack)
+            for i, body in enumerate(bodies):
+                message = await got.get()
+                assert message.body == body
+                header = message.header.properties
+                assert header.correlation_id == f"job-{i}"
+                assert header.headers == {"x-botline-attempt": i, "x-botline-gateway": "gw-1"}
+                assert (header.expiration, header.priority) == ("60000", 3)
+                assert message.delivery_tag is not None
+                await channel.basic_ack(message.delivery_tag)
+            # Every message acked: a passive declare sees none left.
+            left = await channel.queue_declare(queue, passive=True)
+            assert left.message_count == 0
+            # 4 publishes of 3+ frames, 4 acks; 4 deliveries of 3+ frames, 4 confirms.
+            assert coded["marshal"] >= 16
+            assert coded["unmarshal"] >= 16
+        finally:
+            await connection.close()
