@@ -7,9 +7,10 @@ per message, publish and delivery together. Three clients take turns:
 
 - ``aiormq``: aiormq as it comes (``basic_publish(wait=False)`` on a channel without
   confirms, a ``basic_consume`` callback, the properties a reply event carries);
-- ``aiormq+botline``: the same calls with botline's frames (shared/amqp_frames.py: the
-  socket read in chunks, a message's frames coded with ``struct``) and its publish
-  without a wait (``shared.amqp.publish_now``), as every botline process runs;
+- ``aiormq+botline``: the same with botline's frames (shared/amqp_frames.py: the
+  socket read in chunks, a message's frames coded with ``struct``), its publish
+  without a wait (``shared.amqp.publish_now``) and its consumer, handed each delivery
+  as it is read (``shared.amqp.consume``, a plain function as the gateway's events');
 - ``frames``: the least a client can do: pamqp for the handshake, then each publish one
   ``transport.write`` of frames packed with ``struct``, and deliveries parsed from the read
   buffer (their properties and body) without a queue, lock or task per frame.
@@ -36,7 +37,7 @@ import pamqp.frame
 from yarl import URL
 
 from shared import amqp_frames
-from shared.amqp import publish_now
+from shared.amqp import consume, publish_now
 from shared.loop import new_event_loop
 from shared.settings import CommonSettings
 
@@ -98,12 +99,18 @@ async def _aiormq(url: str, n: int, window: int, body: bytes, *, ours: bool = Fa
         assert queue is not None
         count = _Count()
 
-        async def delivered(message: aiormq.abc.DeliveredMessage) -> None:
+        def delivered(message: aiormq.abc.DeliveredMessage) -> None:
             properties = message.header.properties
             if properties.correlation_id and properties.message_type and message.body:
                 count.hit()
 
-        await channel.basic_consume(queue, delivered, no_ack=True)
+        async def delivered_in_task(message: aiormq.abc.DeliveredMessage) -> None:
+            delivered(message)
+
+        if ours:  # handed over as read, no task (as the gateway's events)
+            await consume(channel, queue, delivered, no_ack=True)
+        else:  # a task per message (as aiormq runs every consumer)
+            await channel.basic_consume(queue, delivered_in_task, no_ack=True)
 
         async def publish(i: int) -> None:
             properties = spec.Basic.Properties(

@@ -49,7 +49,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
-from aiormq.abc import ChannelFrame
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp.commands import Basic
 
 from shared import amqp_frames
@@ -360,6 +360,41 @@ def publish_now(
     except asyncio.QueueFull:
         return False
     return True
+
+
+async def consume(
+    channel: AbstractChannel | aiormq.Channel,
+    queue: str,
+    consumer: amqp_frames.Consumer,
+    *,
+    no_ack: bool = False,
+) -> str:
+    """Consume ``queue`` on ``channel``; returns the consumer tag.
+
+    Through aiormq itself, not aio-pika (whose ``IncomingMessage`` and second task
+    per message were a large part of a message's CPU), and each delivery handed to
+    ``consumer`` as its last frame is read (``amqp_frames.Deliveries``), not through
+    the channel's frame queue and reader: a coroutine consumer runs in a task of
+    the channel's (closing the channel cancels it, as aiormq's own consumers), a
+    plain function is called there and then. Run by a link's setup on every
+    connection, so a new connection consumes again.
+    """
+    if isinstance(channel, aiormq.Channel):
+        raw = channel
+    else:
+        raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+    tag = f"ctag{raw.number}.{uuid.UUID(int=random.getrandbits(128), version=4).hex}"
+    # Registered before the broker knows the tag: none of its deliveries takes the queue.
+    amqp_frames.Deliveries.of(raw).add(tag, consumer)
+
+    async def through_aiormq(message: DeliveredMessage) -> None:
+        # aiormq's own path, which none of this tag's deliveries should take.
+        done = consumer(message)
+        if done is not None:
+            await done
+
+    await raw.basic_consume(queue, through_aiormq, no_ack=no_ack, consumer_tag=tag)
+    return tag
 
 
 async def declare_jobs(channel: AbstractChannel, settings: CommonSettings) -> AbstractQueue:

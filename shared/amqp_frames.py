@@ -24,19 +24,26 @@ processes call it before they connect (docs/performance.md has the CPU it saves)
 from __future__ import annotations
 
 import asyncio
+import inspect
 import struct
 from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aiormq.connection
 import pamqp.decode
 import pamqp.encode
 import pamqp.frame
+import structlog
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.exceptions import PAMQPException, UnmarshalingException
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
+
+log = structlog.get_logger("botline.amqp")
 
 _HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
 _HEAD_SIZE = _HEAD.size
@@ -289,3 +296,94 @@ def uninstall() -> None:
     """Back to aiormq's reader and pamqp's marshal (the probe's comparison, tests)."""
     aiormq.connection.FrameReceiver = _aiormq_receiver  # type: ignore[misc]
     pamqp.frame.marshal = _pamqp_marshal
+
+
+Consumer = Callable[[DeliveredMessage], Coroutine[Any, Any, None] | None]
+
+
+class Deliveries:
+    """A channel's messages for consumers of ours, handed over as their frames arrive.
+
+    aiormq's connection reader puts each frame of a channel on the channel's queue,
+    from which the channel's reader task takes the three frames of a message one at a
+    time, gathers the body and starts a task for the consumer. This stands in for the
+    queue's ``put``: a delivery to a consumer registered here is gathered as its frames
+    come and handed to the consumer at once (a coroutine consumer in a task of the
+    channel's own, as aiormq runs it, so closing the channel cancels it as before); every
+    other frame goes on to the queue. The consumer is registered before the broker knows
+    its tag, so no delivery of it takes the queue and overtakes another.
+    """
+
+    def __init__(self, channel: aiormq.Channel) -> None:
+        self._channel = channel
+        self._put = channel.frames.put
+        self._consumers: dict[str, tuple[Consumer, bool]] = {}
+        # The message being gathered: its delivery, header, body parts and bytes so far.
+        self._deliver: Basic.Deliver | None = None
+        self._header: ContentHeader | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    @classmethod
+    def of(cls, channel: aiormq.Channel) -> Deliveries:
+        """The channel's, put in place of its queue's ``put`` on first use."""
+        put = channel.frames.put
+        if isinstance(put, cls):
+            return put
+        deliveries = cls(channel)
+        channel.frames.put = deliveries  # type: ignore[method-assign]
+        return deliveries
+
+    def add(self, consumer_tag: str, consumer: Consumer) -> None:
+        self._consumers[consumer_tag] = (consumer, inspect.iscoroutinefunction(consumer))
+
+    async def __call__(self, item: tuple[int, pamqp.frame.FrameTypes]) -> None:
+        frame = item[1]
+        kind = type(frame)
+        if self._deliver is None:
+            if kind is Basic.Deliver and frame.consumer_tag in self._consumers:  # type: ignore[union-attr]
+                self._deliver = frame  # type: ignore[assignment]
+                return
+            if kind in (Basic.CancelOk, Basic.Cancel):  # no more deliveries to that tag
+                self._consumers.pop(frame.consumer_tag, None)  # type: ignore[union-attr]
+            await self._put(item)
+            return
+        header = self._header
+        if header is None and kind is ContentHeader:
+            header = self._header = frame  # type: ignore[assignment]
+        elif header is not None and kind is ContentBody:
+            self._parts.append(frame.value)  # type: ignore[union-attr]
+            self._size += len(frame.value)  # type: ignore[union-attr]
+        else:
+            # Not the next frame of a message: the broker broke the protocol. The
+            # message is dropped, the frame goes on, and aiormq decides (it closes
+            # the channel on a frame it does not expect).
+            log.error("amqp.unexpected_frame", frame=kind.__name__)
+            self._reset()
+            await self._put(item)
+            return
+        if header is not None and self._size >= header.body_size:
+            self._hand_over(self._deliver, header)
+
+    def _reset(self) -> None:
+        self._deliver, self._header, self._parts, self._size = None, None, [], 0
+
+    def _hand_over(self, deliver: Basic.Deliver, header: ContentHeader) -> None:
+        parts = self._parts
+        self._reset()
+        channel = self._channel
+        message = DeliveredMessage(
+            delivery=deliver,
+            header=header,
+            body=parts[0] if len(parts) == 1 else b"".join(parts),
+            channel=channel,
+        )
+        consumer, coroutine = self._consumers[deliver.consumer_tag]  # type: ignore[index]
+        if coroutine:
+            task = channel.create_task(consumer(message))  # type: ignore[arg-type]
+            task.add_done_callback(channel._on_consumer_done)
+            return
+        try:
+            consumer(message)
+        except Exception:  # a consumer's bug must not stop the connection's reader
+            log.exception("amqp.consumer_failed")

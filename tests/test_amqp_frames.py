@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import string
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, cast
 
+import aio_pika
+import aio_pika.abc
 import aiormq
 import aiormq.abc
 import pamqp.frame
@@ -21,6 +23,7 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from shared import amqp_frames
+from shared.amqp import consume, publish
 from shared.settings import CommonSettings
 
 _PAMQP_MARSHAL = amqp_frames._pamqp_marshal
@@ -324,3 +327,140 @@ async def test_aiormq_on_our_frames_against_rabbitmq(monkeypatch: pytest.MonkeyP
             assert coded["unmarshal"] >= 16
         finally:
             await connection.close()
+
+
+@pytest.fixture
+async def amqp_channel() -> AsyncIterator[tuple[aio_pika.abc.AbstractChannel, str]]:
+    """A channel of a connection of its own, and an exclusive queue on it."""
+    connection = await aio_pika.connect(CommonSettings().amqp_urls[0], timeout=10)
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        # Not auto-deleted: it outlives a cancelled consumer (exclusive: not the connection).
+        queue = await channel.declare_queue(exclusive=True)
+        yield channel, queue.name
+    finally:
+        await connection.close()
+
+
+async def _send(channel: aio_pika.abc.AbstractChannel, queue: str, bodies: list[bytes]) -> None:
+    for i, body in enumerate(bodies):
+        await publish(channel, body, routing_key=queue, message_id=f"m-{i}", correlation_id=str(i))
+
+
+def _bodies(frame_max: int) -> list[bytes]:
+    # Empty, small, and one over several body frames.
+    return (
+        [b"", b"x"] + [b'{"i":%d}' % i for i in range(50)] + [bytes(range(256)) * (frame_max // 90)]
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("installed")
+@pytest.mark.parametrize("kind", ["function", "coroutine"])
+async def test_consume_hands_every_delivery_over_in_order(
+    amqp_channel: tuple[aio_pika.abc.AbstractChannel, str],
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    channel, queue = amqp_channel
+    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+    # aiormq's own delivery path must not be taken for these.
+    through_queue: list[object] = []
+
+    async def by_aiormq(self: aiormq.Channel, frame: spec.Basic.Deliver) -> None:
+        through_queue.append(frame)
+
+    monkeypatch.setattr(aiormq.Channel, "_on_deliver_frame", by_aiormq)
+    got: list[aiormq.abc.DeliveredMessage] = []
+    tasks: list[asyncio.Task[object] | None] = []
+    all_in = asyncio.Event()
+    bodies = _bodies(raw.connection.connection_tune.frame_max)
+
+    def take(message: aiormq.abc.DeliveredMessage) -> None:
+        got.append(message)
+        tasks.append(asyncio.current_task())
+        if len(got) == len(bodies):
+            all_in.set()
+
+    async def take_later(message: aiormq.abc.DeliveredMessage) -> None:
+        take(message)
+
+    tag = await consume(channel, queue, take if kind == "function" else take_later, no_ack=True)
+    await _send(channel, queue, bodies)
+    async with asyncio.timeout(20):
+        await all_in.wait()
+    assert [message.body for message in got] == bodies
+    assert [message.header.properties.correlation_id for message in got] == [
+        str(i) for i in range(len(bodies))
+    ]
+    assert {message.delivery.consumer_tag for message in got} == {tag}  # type: ignore[union-attr]
+    assert through_queue == []
+    if kind == "function":
+        # Called by the connection's reader, not in a task per message.
+        assert len({id(task) for task in tasks}) == 1
+    else:
+        assert len({id(task) for task in tasks}) == len(bodies)
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("installed")
+async def test_consume_stops_at_cancel_and_a_closed_channel_cancels_the_consumer(
+    amqp_channel: tuple[aio_pika.abc.AbstractChannel, str],
+) -> None:
+    channel, queue = amqp_channel
+    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+    holding = asyncio.Event()
+    got: list[bytes] = []
+    cancelled: list[bytes] = []
+    stopped = asyncio.Event()
+
+    async def hold(message: aiormq.abc.DeliveredMessage) -> None:
+        got.append(message.body)
+        holding.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(message.body)
+            stopped.set()
+            raise
+
+    tag = await consume(channel, queue, hold)  # acks owed: the message stays unacked
+    await _send(channel, queue, [b"first"])
+    async with asyncio.timeout(10):
+        await holding.wait()
+    await raw.basic_cancel(tag)
+    await _send(channel, queue, [b"after cancel"])
+    # The broker takes a channel's commands in order: the get sees the message enqueued,
+    # and the cancelled consumer did not get it.
+    left = await raw.basic_get(queue, no_ack=True)
+    assert left.body == b"after cancel"
+    assert got == [b"first"]
+    # As aiormq's own consumer tasks: closing the channel cancels the consumer.
+    await channel.close()
+    async with asyncio.timeout(10):
+        await stopped.wait()
+    assert cancelled == [b"first"]
+
+
+async def test_a_frame_out_of_place_drops_the_message_and_goes_on() -> None:
+    forwarded: list[object] = []
+
+    class Frames:
+        async def put(self, item: tuple[int, object]) -> None:
+            forwarded.append(item[1])
+
+    class Channel:
+        frames = Frames()
+
+    got: list[aiormq.abc.DeliveredMessage] = []
+    deliveries = amqp_frames.Deliveries.of(cast(aiormq.Channel, Channel()))
+    deliveries.add("ours", got.append)
+    header = ContentHeader(body_size=2)
+    ours = spec.Basic.Deliver("ours", 1, False, "", "q")
+    stray = spec.Basic.Ack(3)
+    for frame in (ours, stray, spec.Basic.Deliver("theirs", 2, False, "", "q"), ours, header):
+        await deliveries((1, frame))
+    await deliveries((1, ContentBody(b"o")))
+    await deliveries((1, ContentBody(b"k")))
+    assert [message.body for message in got] == [b"ok"]
+    assert [type(frame).__name__ for frame in forwarded] == ["Ack", "Deliver"]

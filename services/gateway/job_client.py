@@ -23,9 +23,8 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
-import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
@@ -37,6 +36,7 @@ from shared.amqp import (
     DEAD_HEADER,
     GATEWAY_HEADER,
     AmqpLink,
+    consume,
     declare_control,
     declare_jobs,
     declare_replies,
@@ -201,12 +201,8 @@ class JobClient:
             self.settings.names.dead_exchange,
             arguments={"x-match": "all", GATEWAY_HEADER: self.gateway_id},
         )
-        # Consumed through aiormq itself: aio-pika's consumer wraps each event in
-        # an IncomingMessage and runs the callback in a second task, a large part
-        # of an event's CPU here (docs/performance.md). The link reruns this
-        # setup on every new connection, so the consumer is made again there.
-        raw = cast(aiormq.Channel, await replies.get_underlay_channel())
-        await raw.basic_consume(self.reply_queue_name, self._on_reply, no_ack=True)
+        # Each event handed over as it is read, no task (shared/amqp.consume).
+        await consume(replies, self.reply_queue_name, self._on_reply, no_ack=True)
         self._publish = publish
         log.info("amqp.ready", reply_queue=self.reply_queue_name, node=self._link.node)
 
@@ -303,7 +299,7 @@ class JobClient:
                     message_type=cancel.type,
                 )
 
-    async def _on_reply(self, message: DeliveredMessage) -> None:
+    def _on_reply(self, message: DeliveredMessage) -> None:
         properties = message.header.properties
         job_id = properties.correlation_id or ""
         queue = self._pending.get(job_id)

@@ -53,7 +53,6 @@ import signal
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -83,6 +82,7 @@ from shared.amqp import (
     ATTEMPT_HEADER,
     DEAD_HEADER,
     AmqpLink,
+    consume,
     declare_control,
     declare_jobs,
     declare_replies,
@@ -276,9 +276,9 @@ class Worker:
         suspects_channel = watch(await connection.channel())
         await suspects_channel.set_qos(prefetch_count=1)
         self._suspects = await declare_suspects(suspects_channel, settings)
-        self._suspects_tag = await _consume(suspects_channel, self._suspects, self._on_suspect)
+        self._suspects_tag = await consume(suspects_channel, self._suspects.name, self._on_suspect)
         await self.router.start()
-        self._consumer_tag = await _consume(jobs_channel, self._jobs, self._on_job)
+        self._consumer_tag = await consume(jobs_channel, self._jobs.name, self._on_job)
 
     def heartbeat(self) -> fleet.Heartbeat:
         """What this worker tells the fleet view about itself now."""
@@ -653,20 +653,6 @@ class _Beats:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-
-
-async def _consume(
-    channel: AbstractChannel,
-    queue: AbstractQueue,
-    callback: Callable[[DeliveredMessage], Coroutine[Any, Any, None]],
-) -> str:
-    """Consume ``queue`` on ``channel`` through aiormq itself (see :class:`JobMessage`);
-    returns the consumer tag. Run by the link's setup on every connection, so a
-    new connection consumes again."""
-    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
-    ok = await raw.basic_consume(queue.name, callback)
-    assert ok.consumer_tag is not None
-    return ok.consumer_tag
 
 
 async def serve(settings: WorkerSettings) -> None:
