@@ -311,7 +311,11 @@ async def publish(
         expiration=None if expiration_ms is None else str(max(expiration_ms, 1)),
         priority=priority,
     )
-    if wait or not publish_now(
+    if raw.publisher_confirms:
+        await _publish_confirmed(
+            raw, body, properties, exchange=exchange, routing_key=routing_key, mandatory=mandatory
+        )
+    elif wait or not publish_now(
         raw, body, properties, exchange=exchange, routing_key=routing_key, mandatory=mandatory
     ):
         await raw.basic_publish(
@@ -322,6 +326,59 @@ async def publish(
             mandatory=mandatory,
             wait=wait,
         )
+
+
+async def _publish_confirmed(
+    raw: aiormq.Channel,
+    body: bytes,
+    properties: Basic.Properties,
+    *,
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+) -> None:
+    """Publish on a confirming channel and wait for the broker's confirm.
+
+    What aiormq's ``basic_publish`` does on such a channel, without its lock,
+    timers and pamqp objects: the broker numbers a channel's publishes in the
+    order they arrive, and a confirm (or a return, by message id) names that
+    number. Here the number is taken in the same step as the frames enter the
+    connection's write queue, the order the writer sends them in, so the two
+    cannot disagree; no lock is needed as long as every publish on the channel
+    comes this way (every one of botline's does: ``publish`` is the only one).
+    Raises aiormq's ``DeliveryError`` on a nack, ``PublishError`` on a return
+    (the channel raises on returns), the channel's close reason if it closes.
+    """
+    if raw.is_closed:
+        raise ChannelInvalidStateError(f"{raw!r} closed")
+    if properties.message_id is None:  # as basic_publish: a random one
+        properties.message_id = uuid.UUID(int=random.getrandbits(128), version=4).hex
+    message_id = properties.message_id
+    frames = amqp_frames.publish_frames(
+        raw.number,
+        body,
+        properties,
+        exchange=exchange,
+        routing_key=routing_key,
+        mandatory=mandatory,
+        max_content=raw.max_content_size,
+    )
+    # Waits only while the queue is full; nothing is queued or numbered until it returns.
+    await raw.write_queue.put(ChannelFrame(payload=frames, should_close=False))
+    raw.delivery_tag += 1
+    tag = raw.delivery_tag
+    confirmation = raw.create_future()
+    raw.confirmations[tag] = confirmation
+    if mandatory:  # a return names the message by its id (aiormq's _on_return_frame)
+        ids = raw.message_id_delivery_tag
+        ids[message_id] = tag
+
+        def forget(_: asyncio.Future[Any]) -> None:
+            if ids.get(message_id) == tag:
+                del ids[message_id]
+
+        confirmation.add_done_callback(forget)
+    await confirmation
 
 
 def publish_now(

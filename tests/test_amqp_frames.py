@@ -464,3 +464,45 @@ async def test_a_frame_out_of_place_drops_the_message_and_goes_on() -> None:
     await deliveries((1, ContentBody(b"k")))
     assert [message.body for message in got] == [b"ok"]
     assert [type(frame).__name__ for frame in forwarded] == ["Ack", "Deliver"]
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("installed")
+async def test_confirmed_publishes_each_get_their_own_answer() -> None:
+    # Many at once through a write queue of 10: every ack, nack and return must reach
+    # the publish it belongs to (the delivery tag taken in the order frames are queued).
+    connection = await aio_pika.connect(CommonSettings().amqp_urls[0], timeout=10)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        room = await channel.declare_queue(exclusive=True)
+        full = await channel.declare_queue(
+            exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        routes = {"ok": room.name, "nack": full.name, "return": f"nowhere-{id(channel)}"}
+        plan = [("ok", "nack", "return")[i % 3] for i in range(300)]
+
+        async def one(i: int, route: str) -> str:
+            try:
+                await publish(
+                    channel,
+                    b"%d" % i,
+                    routing_key=routes[route],
+                    message_id=f"m-{i}",
+                    mandatory=True,
+                )
+            except aiormq.exceptions.PublishError:  # a DeliveryError too: first
+                return "return"
+            except aiormq.exceptions.DeliveryError:
+                return "nack"
+            return "ok"
+
+        async with asyncio.timeout(30):
+            outcomes = await asyncio.gather(*(one(i, route) for i, route in enumerate(plan)))
+        assert outcomes == plan
+        raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+        assert raw.confirmations == {}
+        assert raw.message_id_delivery_tag == {}
+        kept = await channel.declare_queue(room.name, passive=True)
+        assert kept.declaration_result.message_count == plan.count("ok")
+    finally:
+        await connection.close()
