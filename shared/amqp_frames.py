@@ -75,6 +75,27 @@ def _short_string(value: str) -> bytes:
     return bytes((len(data),)) + data
 
 
+# Headers tables coded by pamqp, by their (name, type, value)s: a gateway's jobs all
+# carry the same one. Only str and int values (bool is not int here), a bounded few.
+_tables: dict[tuple[tuple[str, type, object], ...], bytes] = {}
+_TABLES_KEPT = 256
+
+
+def _table(headers: Any) -> bytes:
+    if type(headers) is not dict:
+        return pamqp.encode.field_table(headers)
+    key = tuple((name, type(value), value) for name, value in headers.items())
+    if not all(kind is str or kind is int for _, kind, _ in key):
+        return pamqp.encode.field_table(headers)
+    coded = _tables.get(key)
+    if coded is None:
+        coded = pamqp.encode.field_table(headers)
+        if len(_tables) >= _TABLES_KEPT:
+            _tables.clear()
+        _tables[key] = coded
+    return coded
+
+
 def _frame(kind: int, channel: int, payload: bytes) -> bytes:
     return _HEAD.pack(kind, channel, len(payload)) + payload + _TAIL
 
@@ -89,6 +110,8 @@ def _properties(properties: Basic.Properties) -> bytes:
         flags |= bit
         if short and type(value) is str:
             parts.append(_short_string(value))
+        elif name == "headers":
+            parts.append(_table(value))
         else:
             parts.append(properties.encode_property(name, value))
     return flags.to_bytes(2, "big") + b"".join(parts)

@@ -94,6 +94,22 @@ def test_content_header_as_pamqp(props: spec.Basic.Properties, size: int, channe
     _both_ways(ContentHeader(body_size=size, properties=props), channel)
 
 
+def test_headers_coded_again_from_the_cache_as_pamqp() -> None:
+    # The same table twice (the second from the cache), and values equal but of other
+    # types (1 and True hash alike), and ones never cached (a nested table).
+    tables: list[dict[str, Any]] = [
+        {"x-botline-gateway": "gw-1"},
+        {"x-botline-gateway": "gw-1"},
+        {"a": 1},
+        {"a": True},
+        {"a": 1},
+        {"b": {"c": 2}},
+        {"b": {"c": 2}},
+    ]
+    for headers in tables:
+        _both_ways(ContentHeader(body_size=1, properties=spec.Basic.Properties(headers=headers)), 1)
+
+
 @settings(max_examples=100, deadline=None)
 @given(value=st.binary(min_size=1, max_size=3000), channel=channel_number)
 def test_content_body_as_pamqp(value: bytes, channel: int) -> None:
