@@ -281,20 +281,21 @@ async def publish(
 ) -> None:
     """Publish one transient JSON message on the channel's own connection.
 
-    Goes to aiormq directly: aio-pika's ``Message`` object was a large part of
-    a publish's CPU, on the path every job and every delta takes
-    (docs/performance.md). On a confirming channel this waits for the broker's
-    confirm and raises aio-pika's ``DeliveryError`` (nack) or ``PublishError``
-    (returned) like ``Exchange.publish`` does.
+    Below aio-pika (whose ``Message`` object was a large part of a publish's
+    CPU) and below aiormq's ``basic_publish`` too (its lock, timers and pamqp
+    objects): the frames, coded by ``amqp_frames``, go straight into the
+    connection's write queue (docs/performance.md, fifth pass). On a
+    confirming channel this waits for the broker's confirm and raises
+    aiormq's ``DeliveryError`` (nack) or ``PublishError`` (returned), as
+    aio-pika's ``Exchange.publish`` does.
 
     Without ``wait`` this returns once the message is queued for the
     connection's writer (or, on a confirming channel, once confirmed), not
-    after the writer has drained it to the socket: aiormq holds the channel's
-    lock for that wait, so every publisher on a busy channel would queue
-    behind the others' socket writes, which cost throughput under load
-    (docs/performance.md). Order on the connection is kept either way.
-    ``wait=True`` is backpressure: the writer's queue is bounded, and a
-    waiting publish makes the writer drain the socket first.
+    after the writer has drained it to the socket. ``wait=True`` is
+    backpressure: the writer's queue is bounded, and a waiting publish
+    returns once the writer drained the socket after it, holding no lock
+    meanwhile, so other publishers on the channel do not queue behind that
+    wait. Order on the connection is kept either way.
     ``expiration_ms`` is the per-message TTL: the broker discards the message
     unconsumed once it has waited that long. ``priority`` is the message's
     place on a priority queue (shared/priority.py).
@@ -315,9 +316,22 @@ async def publish(
         await _publish_confirmed(
             raw, body, properties, exchange=exchange, routing_key=routing_key, mandatory=mandatory
         )
-    elif wait or not publish_now(
-        raw, body, properties, exchange=exchange, routing_key=routing_key, mandatory=mandatory
+        return
+    drained = raw.create_future() if wait else None
+    if publish_now(
+        raw,
+        body,
+        properties,
+        exchange=exchange,
+        routing_key=routing_key,
+        mandatory=mandatory,
+        drained=drained,
     ):
+        if drained is not None:
+            await drained
+    else:
+        if drained is not None:
+            drained.cancel()
         await raw.basic_publish(
             body,
             exchange=exchange,
@@ -389,6 +403,7 @@ def publish_now(
     exchange: str,
     routing_key: str,
     mandatory: bool,
+    drained: asyncio.Future[None] | None = None,
 ) -> bool:
     """Queue a message for the connection's writer at once; False if it must wait.
 
@@ -397,7 +412,9 @@ def publish_now(
     there, without its lock, timers and pamqp objects. A publish holding that
     lock has its frames queued already, or waits for room in a full queue, where
     this fails too and its caller waits in ``basic_publish`` behind it; so one
-    task's messages keep their order.
+    task's messages keep their order. ``drained``, if given, is set once the
+    writer has drained the socket after these frames (``wait=True``'s
+    backpressure), without holding a lock meanwhile.
     """
     if raw.publisher_confirms or raw.is_closed:
         return False
@@ -413,7 +430,9 @@ def publish_now(
         max_content=raw.max_content_size,
     )
     try:
-        raw.write_queue.put_nowait(ChannelFrame(payload=frames, should_close=False))
+        raw.write_queue.put_nowait(
+            ChannelFrame(payload=frames, should_close=False, drain_future=drained)
+        )
     except asyncio.QueueFull:
         return False
     return True

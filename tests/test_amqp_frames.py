@@ -522,3 +522,23 @@ async def test_confirmed_publishes_each_get_their_own_answer() -> None:
         assert kept.declaration_result.message_count == plan.count("ok")
     finally:
         await connection.close()
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("installed")
+async def test_a_waiting_publish_returns_once_drained_without_basic_publish(
+    amqp_channel: tuple[aio_pika.abc.AbstractChannel, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    channel, queue = amqp_channel
+    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+
+    async def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("basic_publish was called")
+
+    monkeypatch.setattr(raw, "basic_publish", refuse)
+    async with asyncio.timeout(10):
+        for i in range(20):
+            await publish(channel, b"%d" % i, routing_key=queue, message_id=f"m-{i}", wait=True)
+        # Written and drained: the broker has them, in order.
+        got = [await raw.basic_get(queue, no_ack=True) for _ in range(20)]
+    assert [message.body for message in got] == [b"%d" % i for i in range(20)]
