@@ -21,7 +21,7 @@ from services.gateway.admin_input import BotInput, BotPatch, KeyInput, KeyPatch,
 from services.gateway.admin_tokens import admin_token_matches
 from services.gateway.admission import bearer_token
 from services.gateway.bodies import invalid, load_object, read_body
-from services.gateway.resources import GATEWAY, Gateway
+from services.gateway.resources import Gateway, gateway_of
 from shared import fleet
 from shared.clock import now_ms
 from shared.endpoint_state import EndpointState, endpoint_states, known_endpoints
@@ -75,7 +75,7 @@ def _json(payload: Any, status: int = 200) -> web.Response:
 
 
 def _require_admin(request: web.Request) -> Gateway:
-    gateway = request.config_dict[GATEWAY]
+    gateway = gateway_of(request)
     tokens = gateway.settings.admin_tokens
     if not tokens:
         raise AdminUnauthorized("the admin API is off: set BOTLINE_ADMIN_TOKENS to turn it on")

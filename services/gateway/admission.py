@@ -23,11 +23,11 @@ from services.gateway.job_builder import ChatInput, build_job
 from services.gateway.metrics import surface_of
 from services.gateway.resources import (
     BOT_ID,
-    GATEWAY,
     RATE_HEADERS,
     REQUEST_ID,
     STARTED,
     STREAM,
+    gateway_of,
 )
 from shared import keys, tokens
 from shared.clock import now_ms
@@ -51,7 +51,7 @@ async def authenticate(request: web.Request) -> tuple[KeyRecord, Bot]:
     An address with too many failures this minute gets a 429 before its key is
     looked at (:mod:`services.gateway.auth_failures`).
     """
-    gateway = request.config_dict[GATEWAY]
+    gateway = gateway_of(request)
     # The TCP peer: X-Forwarded-For is not trusted (see auth_failures).
     address = request.remote or ""
     gateway.auth_failures.check(address)
@@ -86,7 +86,7 @@ async def chat_session(
     that a revoke, a disable or the key's expiry ends it
     (:mod:`services.gateway.inflight`).
     """
-    gateway = request.config_dict[GATEWAY]
+    gateway = gateway_of(request)
     generation = gateway.keys.generation
     record, bot = await authenticate(request)
     key_hash = keys.hash_key(bearer_token(request) or "")
@@ -106,7 +106,7 @@ async def _admitted(
     bot: Bot,
     ticket: Ticket,
 ) -> AsyncIterator[ChatSession]:
-    gateway = request.config_dict[GATEWAY]
+    gateway = gateway_of(request)
     chat = parse(await read_body(request), bot)
     settings = gateway.settings
     job = build_job(

@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from services.gateway.resources import GATEWAY
+from services.gateway.resources import gateway_of
 from shared.errors import InvalidRequest, RequestTooLarge
 
 # Documented in the README. Generous for any real request, including tools'
@@ -68,7 +68,7 @@ async def read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.config_dict[GATEWAY].settings.max_body_bytes
+        limit = gateway_of(request).settings.max_body_bytes
         raise RequestTooLarge(f"the body is larger than {limit} bytes") from None
 
 

@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
-from services.gateway.resources import GATEWAY, Gateway
+from services.gateway.resources import Gateway, gateway_of
 
 
 async def check_backends(gateway: Gateway) -> dict[str, bool]:
@@ -36,7 +36,7 @@ async def livez(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """503 while Redis or RabbitMQ is unreachable, or the key cache cannot be trusted."""
-    checks = await check_backends(request.config_dict[GATEWAY])
+    checks = await check_backends(gateway_of(request))
     ready = all(checks.values())
     return web.json_response(
         {"status": "ready" if ready else "unavailable", "checks": checks},
@@ -46,7 +46,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus' text format; the backends are checked first."""
-    gateway = request.config_dict[GATEWAY]
+    gateway = gateway_of(request)
     await check_backends(gateway)
     return web.Response(
         body=gateway.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}

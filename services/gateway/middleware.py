@@ -115,7 +115,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             code=code,
             ms=round(elapsed * 1000, 2),
         )
-        gateway = request.config_dict.get(GATEWAY)
+        gateway = request.app.get(GATEWAY)
         if gateway is not None:
             gateway.metrics.request(
                 surface_of(request.path),

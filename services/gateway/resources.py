@@ -1,7 +1,7 @@
 """The resources of one gateway process, and the keys handlers reach them and their request by.
 
 Built once at startup (:mod:`services.gateway.app`) and stored on the
-application under :data:`GATEWAY`; handlers read ``request.config_dict[GATEWAY]``.
+application under :data:`GATEWAY`; handlers reach it with :func:`gateway_of`.
 """
 
 from __future__ import annotations
@@ -54,3 +54,13 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def gateway_of(request: web.Request) -> Gateway:
+    """The request's gateway resources.
+
+    From the request's application: the gateway is one application without
+    sub-applications, so this is what ``request.config_dict[GATEWAY]`` finds,
+    without the chain of mappings that builds on every call.
+    """
+    return request.app[GATEWAY]

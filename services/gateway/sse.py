@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from services.gateway.chat_run import ChatRun
-from services.gateway.resources import GATEWAY, STREAM_ERROR
+from services.gateway.resources import STREAM_ERROR, gateway_of
 from shared.errors import BotlineError, InternalError
 from shared.wire import DeltaEvent, EndEvent
 
@@ -63,7 +63,7 @@ async def write_stream(
         first = await anext(events)
         response = web.StreamResponse(status=200, headers=SSE_HEADERS | run.headers())
         await response.prepare(request)
-        streams_open = request.config_dict[GATEWAY].metrics.streams_open
+        streams_open = gateway_of(request).metrics.streams_open
         streams_open.inc()
         try:
             if isinstance(first, EndEvent):

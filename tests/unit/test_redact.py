@@ -10,7 +10,7 @@ import structlog
 
 from shared import keys
 from shared.logging import configure_logging
-from shared.redact import _PATTERNS, redact
+from shared.redact import _PATTERNS, redact, redact_event
 
 
 def test_key_like_words_are_masked() -> None:
@@ -70,3 +70,28 @@ def test_the_quick_path_masks_what_the_patterns_mask() -> None:
             expected = pattern.sub(replacement, expected)
         assert redact(text) == expected, text
     assert key not in redact(f"\u00fcn\u00efc {key}")
+
+
+def test_an_event_is_masked_field_by_field_whatever_the_quick_scan() -> None:
+    # redact_event scans all string values at once before masking each: its answer
+    # is every value's own redact(), for events with and without anything to mask.
+    key = keys.generate()
+    values: list[object] = [
+        "job.finished",
+        "chatcmpl-abc123def456",
+        f"Bearer {key}",
+        "b",  # "b" + "l-..." in the next value must not matter
+        "l-abcdefgh",
+        "\u00fcn\u00efc\u00f6d\u00e9",
+        12,
+        None,
+        "password=hunter22",
+    ]
+    for start in range(len(values)):
+        for end in range(start + 1, len(values) + 1):
+            event = {f"f{i}": value for i, value in enumerate(values[start:end])}
+            expected = {
+                name: redact(value) if isinstance(value, str) else value
+                for name, value in event.items()
+            }
+            assert redact_event(None, "info", dict(event)) == expected
