@@ -37,7 +37,7 @@ import pamqp.frame
 from yarl import URL
 
 from shared import amqp_frames
-from shared.amqp import consume, publish_now
+from shared.amqp import Outgoing, consume, publish_now
 from shared.loop import new_event_loop
 from shared.settings import CommonSettings
 
@@ -120,12 +120,7 @@ async def _aiormq(url: str, n: int, window: int, body: bytes, *, ours: bool = Fa
                 message_id=f"job-{i}.1.0",
                 message_type="chat.end",
             )
-            if not (
-                ours
-                and publish_now(
-                    channel, body, properties, exchange="", routing_key=queue, mandatory=False
-                )
-            ):
+            if not (ours and publish_now(channel, Outgoing(body, properties, "", queue))):
                 await channel.basic_publish(
                     body, routing_key=queue, properties=properties, wait=False
                 )

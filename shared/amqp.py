@@ -37,7 +37,7 @@ import functools
 import random
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import aio_pika
 import aiormq
@@ -312,21 +312,12 @@ async def publish(
         expiration=None if expiration_ms is None else str(max(expiration_ms, 1)),
         priority=priority,
     )
+    message = Outgoing(body, properties, exchange, routing_key, mandatory)
     if raw.publisher_confirms:
-        await _publish_confirmed(
-            raw, body, properties, exchange=exchange, routing_key=routing_key, mandatory=mandatory
-        )
+        await _publish_confirmed(raw, message)
         return
     drained = raw.create_future() if wait else None
-    if publish_now(
-        raw,
-        body,
-        properties,
-        exchange=exchange,
-        routing_key=routing_key,
-        mandatory=mandatory,
-        drained=drained,
-    ):
+    if publish_now(raw, message, drained=drained):
         if drained is not None:
             await drained
     else:
@@ -342,15 +333,35 @@ async def publish(
         )
 
 
-async def _publish_confirmed(
-    raw: aiormq.Channel,
-    body: bytes,
-    properties: Basic.Properties,
-    *,
-    exchange: str,
-    routing_key: str,
-    mandatory: bool,
-) -> None:
+class Outgoing(NamedTuple):
+    """A message to publish, as ``basic_publish`` takes it."""
+
+    body: bytes
+    properties: Basic.Properties
+    exchange: str
+    routing_key: str
+    mandatory: bool = False
+
+
+def _frames(raw: aiormq.Channel, message: Outgoing) -> tuple[bytes, str]:
+    """The message's frames on ``raw``, and its id: a random one if it has none
+    (as ``basic_publish`` gives it)."""
+    properties = message.properties
+    if properties.message_id is None:
+        properties.message_id = uuid.UUID(int=random.getrandbits(128), version=4).hex
+    frames = amqp_frames.publish_frames(
+        raw.number,
+        message.body,
+        properties,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        mandatory=message.mandatory,
+        max_content=raw.max_content_size,
+    )
+    return frames, properties.message_id
+
+
+async def _publish_confirmed(raw: aiormq.Channel, message: Outgoing) -> None:
     """Publish on a confirming channel and wait for the broker's confirm.
 
     What aiormq's ``basic_publish`` does on such a channel, without its lock,
@@ -365,25 +376,14 @@ async def _publish_confirmed(
     """
     if raw.is_closed:
         raise ChannelInvalidStateError(f"{raw!r} closed")
-    if properties.message_id is None:  # as basic_publish: a random one
-        properties.message_id = uuid.UUID(int=random.getrandbits(128), version=4).hex
-    message_id = properties.message_id
-    frames = amqp_frames.publish_frames(
-        raw.number,
-        body,
-        properties,
-        exchange=exchange,
-        routing_key=routing_key,
-        mandatory=mandatory,
-        max_content=raw.max_content_size,
-    )
+    frames, message_id = _frames(raw, message)
     # Waits only while the queue is full; nothing is queued or numbered until it returns.
     await raw.write_queue.put(ChannelFrame(payload=frames, should_close=False))
     raw.delivery_tag += 1
     tag = raw.delivery_tag
     confirmation = raw.create_future()
     raw.confirmations[tag] = confirmation
-    if mandatory:  # a return names the message by its id (aiormq's _on_return_frame)
+    if message.mandatory:  # a return names the message by its id (aiormq's _on_return_frame)
         ids = raw.message_id_delivery_tag
         ids[message_id] = tag
 
@@ -396,14 +396,7 @@ async def _publish_confirmed(
 
 
 def publish_now(
-    raw: aiormq.Channel,
-    body: bytes,
-    properties: Basic.Properties,
-    *,
-    exchange: str,
-    routing_key: str,
-    mandatory: bool,
-    drained: asyncio.Future[None] | None = None,
+    raw: aiormq.Channel, message: Outgoing, *, drained: asyncio.Future[None] | None = None
 ) -> bool:
     """Queue a message for the connection's writer at once; False if it must wait.
 
@@ -418,17 +411,7 @@ def publish_now(
     """
     if raw.publisher_confirms or raw.is_closed:
         return False
-    if properties.message_id is None:  # as basic_publish: a random one
-        properties.message_id = uuid.UUID(int=random.getrandbits(128), version=4).hex
-    frames = amqp_frames.publish_frames(
-        raw.number,
-        body,
-        properties,
-        exchange=exchange,
-        routing_key=routing_key,
-        mandatory=mandatory,
-        max_content=raw.max_content_size,
-    )
+    frames, _ = _frames(raw, message)
     try:
         raw.write_queue.put_nowait(
             ChannelFrame(payload=frames, should_close=False, drain_future=drained)
