@@ -333,6 +333,11 @@ async def publish(
         )
 
 
+def _random_id() -> str:
+    """A random id, as aiormq makes message ids and consumer tags (a UUID4's hex)."""
+    return uuid.UUID(int=random.getrandbits(128), version=4).hex
+
+
 class Outgoing(NamedTuple):
     """A message to publish, as ``basic_publish`` takes it."""
 
@@ -348,7 +353,7 @@ def _frames(raw: aiormq.Channel, message: Outgoing) -> tuple[bytes, str]:
     (as ``basic_publish`` gives it)."""
     properties = message.properties
     if properties.message_id is None:
-        properties.message_id = uuid.UUID(int=random.getrandbits(128), version=4).hex
+        properties.message_id = _random_id()
     frames = amqp_frames.publish_frames(
         raw.number,
         message.body,
@@ -442,7 +447,7 @@ async def consume(
         raw = channel
     else:
         raw = cast(aiormq.Channel, await channel.get_underlay_channel())
-    tag = f"ctag{raw.number}.{uuid.UUID(int=random.getrandbits(128), version=4).hex}"
+    tag = f"ctag{raw.number}.{_random_id()}"
     # Registered before the broker knows the tag: none of its deliveries takes the queue.
     amqp_frames.Deliveries.of(raw).add(tag, consumer)
 

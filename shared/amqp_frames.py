@@ -17,8 +17,10 @@ header this does not know (a second flag word), goes to pamqp as before.
 tests/test_amqp_frames.py checks both directions against pamqp, byte for byte and field
 by field, over every property.
 
-``install()`` makes every aiormq connection opened afterwards use them; botline's
-processes call it before they connect (docs/performance.md has the CPU it saves).
+``install()`` makes every aiormq connection opened afterwards use them;
+``shared.amqp.AmqpLink`` calls it before each connect (docs/performance.md, fifth pass,
+has the CPU it saves). ``Deliveries`` hands a channel's deliveries to our consumers as
+their frames are read (``shared.amqp.consume``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ _LONG_LONG = struct.Struct(">q")  # signed, as pamqp has it
 _CONTENT = struct.Struct(">HHQH")  # class, weight, body size, first flag word
 _CONTENT_SIZE = _CONTENT.size
 _CONTENT_HEAD = struct.Struct(">HHQ")
-_TAIL = b"\xce"
+_TAIL = bytes((_FRAME_END,))
 _PUBLISH = _INDEX.pack(Basic.Publish.index) + b"\x00\x00"  # and its ticket, always 0
 _ACK = _INDEX.pack(Basic.Ack.index)
 # pamqp.frame.unmarshal's answer: bytes used, channel, frame.
@@ -408,5 +410,6 @@ class Deliveries:
             return
         try:
             consumer(message)
-        except Exception:  # a consumer's bug must not stop the connection's reader
-            log.exception("amqp.consumer_failed")
+        except Exception as exc:  # a consumer's bug must not stop the connection's reader
+            # The error's type only: its text could quote the message.
+            log.error("amqp.consumer_failed", error=type(exc).__name__)

@@ -14,6 +14,7 @@ import aiormq
 import aiormq.abc
 import pamqp.frame
 import pytest
+import structlog.testing
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -542,3 +543,26 @@ async def test_a_waiting_publish_returns_once_drained_without_basic_publish(
         # Written and drained: the broker has them, in order.
         got = [await raw.basic_get(queue, no_ack=True) for _ in range(20)]
     assert [message.body for message in got] == [b"%d" % i for i in range(20)]
+
+
+async def test_a_failing_consumer_is_logged_by_its_error_type_only() -> None:
+    class Frames:
+        async def put(self, item: tuple[int, object]) -> None:
+            raise AssertionError("a delivery of ours went to the queue")
+
+    class Channel:
+        frames = Frames()
+
+    def fail(message: aiormq.abc.DeliveredMessage) -> None:
+        raise ValueError(f"cannot read {message.body!r}")
+
+    deliveries = amqp_frames.Deliveries.of(cast(aiormq.Channel, Channel()))
+    deliveries.add("ours", fail)
+    with structlog.testing.capture_logs() as logs:
+        for frame in (
+            spec.Basic.Deliver("ours", 1, False, "", "q"),
+            ContentHeader(body_size=6),
+            ContentBody(b"secret"),
+        ):
+            await deliveries((1, frame))
+    assert logs == [{"event": "amqp.consumer_failed", "error": "ValueError", "log_level": "error"}]
