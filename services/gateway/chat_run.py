@@ -14,6 +14,7 @@ then ends the stream with exactly one ``worker_lost`` error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -452,18 +453,25 @@ class ChatRun:
         parts: list[str] = []
         tool_chunks: list[list[dict[str, Any]]] = []
         attempt = None
-        async for event in self._events(restartable=True):
-            if event.attempt != attempt:
-                parts.clear()
-                tool_chunks.clear()
-                attempt = event.attempt
-            parts.append(event.text)
-            if isinstance(event, DeltaEvent):
-                tool_chunks += event.tool_calls
-            else:
-                return Answer(
-                    "".join(parts), event.finish_reason, event.usage, merge_tool_calls(tool_chunks)
-                )
+        # Closed here, not left to the garbage collector: a generator dropped
+        # unfinished is closed by a task the loop is woken for from "another
+        # thread" (uvloop's finalizer hook), a task and two system calls a request.
+        async with contextlib.aclosing(self._events(restartable=True)) as events:
+            async for event in events:
+                if event.attempt != attempt:
+                    parts.clear()
+                    tool_chunks.clear()
+                    attempt = event.attempt
+                parts.append(event.text)
+                if isinstance(event, DeltaEvent):
+                    tool_chunks += event.tool_calls
+                else:
+                    return Answer(
+                        "".join(parts),
+                        event.finish_reason,
+                        event.usage,
+                        merge_tool_calls(tool_chunks),
+                    )
         raise WorkerLost("the answer ended without an end event")  # pragma: no cover
 
     def stream(self) -> AsyncGenerator[DeltaEvent | EndEvent, None]:
