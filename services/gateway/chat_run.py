@@ -353,6 +353,9 @@ class ChatRun:
 
     async def _wait_next(self) -> Incoming:
         assert self._queue is not None
+        if not self._queue.empty():
+            # Already here (a worker's first event comes with its start): no timer.
+            return await self._queue.get()
         remaining = self._deadline - asyncio.get_running_loop().time()
         # Before the first event the job may be waiting in the queue: only the
         # deadline applies. After it, a silent worker is a stuck worker.
