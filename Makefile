@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.package-lock.json
 
-.PHONY: run test lint format check services browser bench bench-quick deploy-check clean lock
+.PHONY: run test lint format check services browser bench bench-quick bench-instructions deploy-check clean lock
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "botline needs Python 3.11 or newer"'
@@ -71,6 +71,14 @@ bench: $(STAMP) services
 
 bench-quick: $(STAMP) services
 	$(BIN)/python -m bench --quick
+	@scripts/ensure-valgrind
+	$(BIN)/python -m bench.instructions --requests 30 --rounds 1
+
+# Instructions per whole answer, gateway and worker, under callgrind: the figure that
+# does not move with the machine's load. REV=<commit> counts a build of it beside.
+bench-instructions: $(STAMP) services
+	@scripts/ensure-valgrind
+	$(BIN)/python -m bench.instructions $(if $(REV),--baseline-commit $(REV))
 
 check: lint test
 

@@ -20,7 +20,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,10 +242,17 @@ def botline_name(build: Build, processes: int) -> str:
 
 @asynccontextmanager
 async def botline(
-    procs: Processes, upstreams: Mapping[str, Upstream], build: Build, processes: int = 1
+    procs: Processes,
+    upstreams: Mapping[str, Upstream],
+    build: Build,
+    processes: int = 1,
+    *,
+    wrap: Sequence[str] = (),
+    start_s: float = 60.0,
 ) -> AsyncIterator[Target]:
     """``botline worker`` and ``botline gateway`` of ``build`` in a fresh namespace, at their
-    defaults; with ``processes`` > 1, each as ``--processes N``."""
+    defaults; with ``processes`` > 1, each as ``--processes N``. ``wrap`` runs each under
+    another program (``bench.instructions``: valgrind), ``start_s`` is their start-up budget."""
     name = botline_name(build, processes)
     namespace = f"bench{secrets.token_hex(4)}"
     env = botline_env(namespace, upstreams)
@@ -258,13 +265,13 @@ async def botline(
     try:
         keys = await _create_bots(build, env, list(upstreams))
         worker = await procs.start(
-            f"{name}-worker", [exe, "worker", *many], env=env, cwd=build.root
+            f"{name}-worker", [*wrap, exe, "worker", *many], env=env, cwd=build.root
         )
         started.append(worker)
-        argv = [exe, "gateway", "--port", str(port), *many]
+        argv = [*wrap, exe, "gateway", "--port", str(port), *many]
         gateway = await procs.start(f"{name}-gateway", argv, env=env, cwd=build.root)
         started.append(gateway)
-        await wait_http_ok(f"http://127.0.0.1:{port}/readyz", started, timeout=60)
+        await wait_http_ok(f"http://127.0.0.1:{port}/readyz", started, timeout=start_s)
         url = f"http://127.0.0.1:{port}/openai/v1/chat/completions"
         routes = {role: Route(url, {"Authorization": f"Bearer {keys[role]}"}) for role in keys}
         groups = _Trees({"gateway": gateway.pid, "worker": worker.pid})
