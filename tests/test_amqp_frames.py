@@ -566,3 +566,55 @@ async def test_a_failing_consumer_is_logged_by_its_error_type_only() -> None:
         ):
             await deliveries((1, frame))
     assert logs == [{"event": "amqp.consumer_failed", "error": "ValueError", "log_level": "error"}]
+
+
+def _item(payload: bytes, **kwargs: Any) -> aiormq.abc.ChannelFrame:
+    return aiormq.abc.ChannelFrame(payload=payload, should_close=False, **kwargs)
+
+
+async def test_the_write_queue_merges_waiting_frames_within_its_bounds() -> None:
+    queue = amqp_frames.WriteQueue(maxsize=3)
+    loop = asyncio.get_running_loop()
+    queue.put_nowait(_item(b"a"))
+    queue.put_nowait(_item(b"b"))  # joins "a": one write
+    drained = loop.create_future()
+    queue.put_nowait(_item(b"c", drain_future=drained))  # joins too, its waiter with it
+    queue.put_nowait(_item(b"d"))  # not behind a frame with a waiter: its own item
+    queue.put_nowait(_item(b"x" * amqp_frames.MERGED_MAX))  # too big to join "d"
+    with pytest.raises(asyncio.QueueFull):  # still bounded by items, merged or not
+        queue.put_nowait(_item(b"e"))
+    closing = aiormq.abc.ChannelFrame(payload=b"close", should_close=True)
+    taken = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert [t.payload for t in taken] == [b"abc", b"d", b"x" * amqp_frames.MERGED_MAX]
+    assert taken[0].drain_future is drained
+    assert taken[1].drain_future is None
+    for _ in taken:
+        queue.task_done()
+    await asyncio.wait_for(queue.join(), 1)  # one unfinished item per item, not per put
+    queue.put_nowait(_item(b"f"))
+    queue.put_nowait(closing)  # a close is never merged, nor merged into
+    queue.put_nowait(_item(b"g"))
+    assert [queue.get_nowait().payload for _ in range(3)] == [b"f", b"close", b"g"]
+    drained.cancel()
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("installed")
+async def test_publishes_queued_together_leave_in_one_write_in_order(
+    amqp_channel: tuple[aio_pika.abc.AbstractChannel, str],
+) -> None:
+    channel, queue = amqp_channel
+    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+    writes = raw.connection.write_queue
+    assert isinstance(writes, amqp_frames.WriteQueue)
+    # Published in one step of the loop: the writer has not run in between.
+    publishing = [
+        asyncio.ensure_future(publish(channel, b"%d" % i, routing_key=queue, message_id=f"m{i}"))
+        for i in range(30)
+    ]
+    await asyncio.sleep(0)  # each publish ran up to its frames being queued
+    assert writes.qsize() == 1
+    async with asyncio.timeout(10):
+        await asyncio.gather(*publishing)
+        got = [await raw.basic_get(queue, no_ack=True) for _ in range(30)]
+    assert [message.body for message in got] == [b"%d" % i for i in range(30)]
