@@ -38,14 +38,15 @@ class JobEvents:
         # The endpoint that answered, once known: on the first delta and the end.
         self.endpoint = ""
 
-    async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent, *, wait: bool = False) -> None:
+    async def _send(self, event: DeltaEvent | EndEvent | ErrorEvent) -> None:
         job = self._job
         self._seq += 1
         # No mandatory flag: an event whose gateway is gone goes to the replies'
         # alternate exchange, which brings it back to the workers to stop the job.
-        # Deltas do not wait for the socket (a first delta must not queue behind
-        # other streams' writes); a job's last event does, as backpressure: a
-        # worker whose broker stops reading stops finishing, and taking, jobs.
+        # No event waits for the socket (a first delta must not queue behind other
+        # streams' writes); the job's ack, queued right behind its last event and
+        # written with it, does, as backpressure: a worker whose broker stops
+        # reading stops finishing, and taking, jobs (Worker._dispose).
         await publish(
             self._channel,
             event.dump(),
@@ -54,7 +55,6 @@ class JobEvents:
             message_id=f"{job.job_id}.{self._attempt}.{event.seq}",
             correlation_id=job.job_id,
             message_type=event.type,
-            wait=wait,
         )
 
     async def beat(self) -> None:
@@ -93,7 +93,7 @@ class JobEvents:
         )
 
     async def end(self, text: str, finish: Finish) -> None:
-        """The last piece, with the finish reason and usage; waits for the socket."""
+        """The last piece, with the finish reason and usage."""
         job = self._job
         self.usage = finish.usage
         await self._send(
@@ -105,12 +105,11 @@ class JobEvents:
                 finish_reason=finish.finish_reason,
                 usage=finish.usage,
                 endpoint=self.endpoint,
-            ),
-            wait=True,
+            )
         )
 
     async def error(self, error: BotlineError) -> None:
-        """The job's one terminal error; waits for the socket."""
+        """The job's one terminal error."""
         job = self._job
         await self._send(
             ErrorEvent(
@@ -119,8 +118,7 @@ class JobEvents:
                 seq=self._seq,
                 code=error.code,
                 message=error.message,
-            ),
-            wait=True,
+            )
         )
 
 

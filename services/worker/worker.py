@@ -171,8 +171,10 @@ class JobMessage:
         self._channel = cast(aiormq.Channel, delivered.channel)
 
     async def ack(self) -> None:
-        """Settle it: queued for the connection's writer, in order, not waited for."""
-        await self._channel.basic_ack(self._tag, wait=False)
+        """Settle it; returns once written, with the job's last event queued before it
+        (one write: ``amqp_frames.WriteQueue``). That wait is the worker's backpressure:
+        a broker that stops reading stops it finishing, and so taking, jobs."""
+        await self._channel.basic_ack(self._tag, wait=True)
 
     async def nack(self, *, requeue: bool) -> None:
         """Give it back (``requeue``) or drop it."""
@@ -518,7 +520,7 @@ class Worker:
                     self.metrics.dead_letters.labels(disposition.reason).inc()
         try:
             await message.ack()
-        except (AMQPError, ChannelInvalidStateError):
+        except (AMQPError, ChannelInvalidStateError, OSError):
             # The channel died meanwhile; RabbitMQ redelivers the job.
             log.warning("job.ack_failed")
         if disposition.count is not None:
