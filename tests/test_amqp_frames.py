@@ -24,7 +24,7 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from shared import amqp_frames
-from shared.amqp import consume, publish
+from shared.amqp import Outgoing, consume, publish, publish_now
 from shared.settings import CommonSettings
 
 _PAMQP_MARSHAL = amqp_frames._pamqp_marshal
@@ -607,14 +607,11 @@ async def test_publishes_queued_together_leave_in_one_write_in_order(
     raw = cast(aiormq.Channel, await channel.get_underlay_channel())
     writes = raw.connection.write_queue
     assert isinstance(writes, amqp_frames.WriteQueue)
-    # Published in one step of the loop: the writer has not run in between.
-    publishing = [
-        asyncio.ensure_future(publish(channel, b"%d" % i, routing_key=queue, message_id=f"m{i}"))
-        for i in range(30)
-    ]
-    await asyncio.sleep(0)  # each publish ran up to its frames being queued
+    # Queued in one step of the loop (publish's own path): the writer has not run.
+    for i in range(30):
+        message = Outgoing(b"%d" % i, spec.Basic.Properties(message_id=f"m{i}"), "", queue)
+        assert publish_now(raw, message)
     assert writes.qsize() == 1
     async with asyncio.timeout(10):
-        await asyncio.gather(*publishing)
         got = [await raw.basic_get(queue, no_ack=True) for _ in range(30)]
     assert [message.body for message in got] == [b"%d" % i for i in range(30)]
