@@ -322,6 +322,19 @@ def noise(runs: Sequence[Mapping[str, Any]], nproc: int) -> str:
     return text
 
 
+# One colour per target, so that botline and a baseline build of it tell apart.
+_COLOURS = {"direct": "#7f7f7f", "botline": "#1f77b4", "litellm": "#d62728"}
+_SHADES = (("botline@", "#9ecae1"), ("botline-p", "#08306b"))
+
+
+def colour(target: str) -> str | None:
+    """The chart's colour for ``target``: botline blue, its baseline builds lighter,
+    its multi-process runs darker; None (matplotlib's next) for anything else."""
+    if target in _COLOURS:
+        return _COLOURS[target]
+    return next((shade for prefix, shade in _SHADES if target.startswith(prefix)), None)
+
+
 def chart(summary: Summary, plan: Plan, path: Path, subtitle: str) -> None:
     """Four panels: throughput, whole-answer latency, TTFT, CPU per 1000 streamed tokens."""
     import matplotlib  # imported late: slow, and only the chart needs it
@@ -329,7 +342,6 @@ def chart(summary: Summary, plan: Plan, path: Path, subtitle: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after use(): no GUI backend is looked for
 
-    colours = {"direct": "#7f7f7f", "botline": "#1f77b4", "litellm": "#d62728"}
     whole = [w for w in plan.workloads if w.kind == "whole" and w.key in summary]
     stream = [w for w in plan.workloads if w.kind == "stream" and w.key in summary]
     targets = list(dict.fromkeys(t for w in [*whole, *stream] for t in summary[w.key]))
@@ -340,7 +352,7 @@ def chart(summary: Summary, plan: Plan, path: Path, subtitle: str) -> None:
         for i, target in enumerate(who):
             xs = [j + (i - (len(who) - 1) / 2) * width for j in range(len(workloads))]
             ys = [summary[w.key].get(target, {}).get(field) or 0 for w in workloads]
-            ax.bar(xs, ys, width, label=target, color=colours.get(target))
+            ax.bar(xs, ys, width, label=target, color=colour(target))
         ax.set_xticks(range(len(workloads)), [w.label for w in workloads])
         ax.set_ylabel(label)
 

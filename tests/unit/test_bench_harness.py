@@ -10,6 +10,7 @@ from typing import cast
 import pytest
 
 from bench.procs import Proc, listener_pids
+from bench.report import colour
 from bench.targets import Upstream, botline_env
 from services.worker.settings import WorkerSettings
 
@@ -54,3 +55,10 @@ def test_servers_are_found_by_the_port_they_listen_on() -> None:
         bound.bind(("127.0.0.1", 0))  # bound, not listening: not a server
         assert listener_pids(port) == [os.getpid()]
         assert listener_pids(bound.getsockname()[1]) == []
+
+
+def test_the_chart_tells_botline_from_its_baseline_and_multi_process_runs() -> None:
+    targets = ["direct", "botline", "botline@140364c", "botline-p2", "litellm"]
+    colours = [colour(t) for t in targets]
+    assert None not in colours
+    assert len(set(colours)) == len(targets)
