@@ -11,10 +11,10 @@ from collections.abc import AsyncGenerator
 from typing import NamedTuple
 
 import pytest
-from aiohttp.client_proto import ResponseHandler
 
 from services.worker.endpoints import BREATH, Finish, OpenAIModel, Piece
 from services.worker.settings import EndpointConfig
+from services.worker.upstream_http import _Connection
 from shared.errors import UpstreamError
 from shared.wire import ChatJob
 from tests.support.fake_openai import FakeOpenAI, Script, numbered_tokens
@@ -27,7 +27,7 @@ def _job() -> ChatJob:
 
 class _Answer(NamedTuple):
     pieces: list[Piece]
-    socket_reads: int  # data the event loop handed to aiohttp's client connections
+    socket_reads: int  # data the event loop handed to the worker's upstream connections
     elapsed_s: float
 
 
@@ -37,14 +37,14 @@ async def _answer(
     """The model's pieces for ``tokens`` streamed 5 ms apart, each written on its own."""
     upstream.script(Script(tokens=tokens, delay_s=0.005))
     count = [0]
-    original = ResponseHandler.data_received
+    original = _Connection.data_received
 
-    def counted(self: ResponseHandler, data: bytes) -> None:
+    def counted(self: _Connection, data: bytes) -> None:
         if data:
             count[0] += 1
         original(self, data)
 
-    monkeypatch.setattr(ResponseHandler, "data_received", counted)
+    monkeypatch.setattr(_Connection, "data_received", counted)
     model = OpenAIModel(EndpointConfig(kind="openai", base_url=upstream.base_url))
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 import structlog
 
 from services.worker.settings import EndpointConfig
+from services.worker.upstream_http import ConnectionFailed, HTTPPool, Response
 from shared import tokens
 from shared.errors import UpstreamError
 from shared.wire import ChatJob, Usage
@@ -113,30 +113,27 @@ class OpenAIModel:
     """Streams from an OpenAI-compatible ``/chat/completions``."""
 
     def __init__(self, config: EndpointConfig) -> None:
-        self._url = config.base_url.rstrip("/") + "/chat/completions"
-        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        self._config_error: str | None = None
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        # sock_read bounds the silence between two chunks, not the whole answer.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=min(config.timeout_s, 10.0), sock_read=config.timeout_s
-        )
-        self._limit = config.max_concurrency
-        # aiohttp does not know of a paced read's pause, and would count it as the
-        # upstream's silence (sock_read): a pause is kept well inside that bound.
+            headers["Authorization"] = f"Bearer {api_key.strip()}"
+        # A pause between paced reads is kept well inside the silence bound.
         self._max_pause_s = config.timeout_s / 4
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._limit)
-            # No cookie jar: one session serves every bot and key on this endpoint,
-            # and a cookie kept from one call would go out with the next caller's.
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar()
+        self._pool: HTTPPool | None = None
+        try:
+            # The read timeout bounds the silence between two chunks, not the whole answer.
+            self._pool = HTTPPool(
+                config.base_url.rstrip("/") + "/chat/completions",
+                headers,
+                limit=config.max_concurrency,
+                connect_timeout_s=min(config.timeout_s, 10.0),
+                read_timeout_s=config.timeout_s,
             )
-        return self._session
+        except ValueError as exc:
+            # Said once here, with the setting's name; each call then fails, not the worker.
+            self._config_error = str(exc)
+            log.error("endpoint.misconfigured", error=self._config_error)
 
     def _payload(self, job: ChatJob) -> bytes:
         body: dict[str, Any] = {
@@ -160,10 +157,14 @@ class OpenAIModel:
         A stream is read as soon as its first text can be, then, with
         ``pace``, once per ``pace()`` seconds (see :func:`_reads`).
         """
+        if self._pool is None:
+            raise UpstreamError(
+                f"the model endpoint is misconfigured: {self._config_error}",
+                upstream_status="connection",
+            )
         try:
-            async with self._client().post(
-                self._url, data=self._payload(job), headers=self._headers
-            ) as response:
+            response = await self._pool.post(self._payload(job))
+            try:
                 if response.status != 200:
                     status = response.status
                     raise UpstreamError(
@@ -179,11 +180,12 @@ class OpenAIModel:
                 else:
                     for piece in _parse_whole(await response.read(), job):
                         yield piece
-        except aiohttp.ClientError as exc:
+            finally:
+                # Kept alive only if read to its end; a caller who went away closes it.
+                response.release()
+        except ConnectionFailed as exc:
             raise UpstreamError(
-                f"the model endpoint failed: {type(exc).__name__}",
-                upstream_status="connection",
-                retryable=True,
+                f"the model endpoint failed: {exc}", upstream_status="connection", retryable=True
             ) from exc
         except TimeoutError as exc:
             raise UpstreamError(
@@ -192,8 +194,8 @@ class OpenAIModel:
 
     async def close(self) -> None:
         """Close the connection pool."""
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
 
 
 # What a caller reads per upstream status: our words, never the upstream's,
@@ -239,15 +241,15 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-async def _error_message(response: aiohttp.ClientResponse) -> str:
+async def _error_message(response: Response) -> str:
     """Our message for the caller; the upstream's own text is logged here, masked."""
     detail: str | None = None
     try:
-        data = orjson.loads(await response.content.read(4096))
+        data = orjson.loads(await response.read(4096))
         message = data.get("error", {}).get("message") if isinstance(data, dict) else None
         if isinstance(message, str):
             detail = mask_secrets(message[:300])
-    except (orjson.JSONDecodeError, AttributeError, aiohttp.ClientError):
+    except (orjson.JSONDecodeError, AttributeError, ConnectionFailed, TimeoutError):
         pass
     log.warning("upstream.refused", status=response.status, upstream_message=detail)
     return caller_message(response.status)
@@ -289,7 +291,7 @@ def _usage(reported: object, job: ChatJob, completion: list[str]) -> Usage:
 
 
 async def _reads(
-    response: aiohttp.ClientResponse, paced: Callable[[], float | None]
+    response: Response, paced: Callable[[], float | None]
 ) -> AsyncIterator[list[bytes]]:
     """The payloads of an event stream's ``data:`` lines, a list per read, up to ``[DONE]``.
 
@@ -302,15 +304,9 @@ async def _reads(
     Pacing costs a token no more delay than the coalescing window it is
     sent in anyway.
     """
-    content = response.content
-    connection = response.connection
-    # The transport itself, not aiohttp's protocol: this aiohttp pauses its parser
-    # with the protocol, which only its own reads may do. Everything buffered has
-    # been read when this pauses, so aiohttp's own flow control is not holding it.
-    transport = connection.transport if connection is not None else None
     rest = b""
     while True:
-        chunk = await content.readany()
+        chunk = await response.readany()
         if not chunk:
             break
         lines = (rest + chunk).split(b"\n")
@@ -328,19 +324,18 @@ async def _reads(
         if found:
             yield found
         pause_s = paced()
-        if pause_s and transport is not None and not transport.is_closing():
-            transport.pause_reading()
+        if pause_s:
+            response.pause_reading()
             try:
                 await asyncio.sleep(pause_s)
             finally:
-                if not transport.is_closing():
-                    transport.resume_reading()
+                response.resume_reading()
     if rest.startswith(b"data:") and rest[5:].strip() not in (b"", b"[DONE]"):
         yield [rest[5:].strip()]
 
 
 async def _parse_stream(
-    response: aiohttp.ClientResponse,
+    response: Response,
     job: ChatJob,
     pace: Pace | None = None,
     max_pause_s: float = 1.0,
