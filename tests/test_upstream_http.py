@@ -7,6 +7,7 @@ needs (odd framings, closes, stalls), which no real framework would send.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -379,3 +380,61 @@ def test_the_client_runs_on_the_workers_event_loop() -> None:
         loop = runner.get_loop()
         assert type(loop).__module__.startswith("uvloop")
         runner.run(scenario())
+
+
+async def test_an_answer_that_began_is_never_asked_again() -> None:
+    """Only a kept-alive connection that was closed before a byte of its answer
+    came is retried: a request the endpoint began to answer is not sent twice."""
+    requests: list[bytes] = []
+
+    async def good_then_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(b"".join(await read_request(reader)))
+        writer.write(sized(b"ok"))
+        await writer.drain()
+        requests.append(b"".join(await read_request(reader)))
+        writer.write(b"garbage\r\n\r\n")
+        await writer.drain()
+
+    async with RawServer(good_then_garbage) as server:
+        pool = server.pool()
+        assert (await whole(pool))[1] == b"ok"
+        with pytest.raises(ConnectionFailed, match="malformed"):
+            await whole(pool)
+        await pool.close()
+    assert len(requests) == 2
+    assert server.connections == 1
+
+
+async def test_a_burst_of_new_connections_looks_the_name_up_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    original = loop.getaddrinfo
+
+    async def counted(host: str, *args: object, **kwargs: object) -> object:
+        lookups.append(host)
+        if len(lookups) == 1:
+            raise socket.gaierror(socket.EAI_AGAIN, "temporary failure")
+        await asyncio.sleep(0.02)  # a lookup takes a while: the burst comes meanwhile
+        return await original(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "getaddrinfo", counted)
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.05)
+            writer.write(sized(b"ok"))
+            await writer.drain()
+
+    async with RawServer(slow) as server:
+        pool = HTTPPool(f"http://localhost:{server.port}/v1", {}, 16, 2.0, 2.0)
+        # A failed lookup is an error, and is not kept.
+        with pytest.raises(ConnectionFailed, match="gaierror"):
+            await whole(pool)
+        answers = await asyncio.gather(*(whole(pool) for _ in range(8)))
+        assert [body for _, body in answers] == [b"ok"] * 8
+        await pool.close()
+    assert lookups == ["localhost", "localhost"]
+    assert server.connections == 8

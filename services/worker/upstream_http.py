@@ -20,6 +20,7 @@ answer was read to the end.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Mapping
 from typing import cast
@@ -36,6 +37,9 @@ _HIGH_WATER = 256 * 1024
 # An idle connection older than this is closed rather than reused (servers drop
 # theirs after 5-75 s; aiohttp's default is 15 s).
 KEEPALIVE_S = 15.0
+# How long a name's addresses are reused for new connections (aiohttp's default
+# too): a burst of new connections must not be a burst of lookups.
+DNS_TTL_S = 10.0
 
 
 class ConnectionFailed(Exception):
@@ -49,12 +53,13 @@ class ConnectionFailed(Exception):
 class _Connection(asyncio.Protocol):
     """One socket to the endpoint: what arrived, and a future for whoever waits on more."""
 
-    __slots__ = ("_paused", "_waiter", "buffer", "closed", "idle_since", "transport")
+    __slots__ = ("_paused", "_waiter", "buffer", "closed", "heard", "idle_since", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.closed = False
+        self.heard = False  # anything received since the last request was sent
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -64,6 +69,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         self.buffer += data
         if len(self.buffer) > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
@@ -324,6 +330,8 @@ class HTTPPool:
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._slots = asyncio.Semaphore(limit)
+        self._lookup: asyncio.Task[list[tuple[str, int]]] | None = None
+        self._addresses_until = 0.0
         self._idle: list[_Connection] = []
         self._open = 0
         host_header = parsed.raw_host or self._host
@@ -354,7 +362,7 @@ class HTTPPool:
             try:
                 return await self._exchange(conn, request)
             except ConnectionFailed:
-                if not (reused and conn.closed and not conn.buffer):
+                if not reused or conn.heard:
                     raise
             # A kept-alive connection the server had closed as we wrote to it:
             # nothing of an answer came, so the request is sent once more, fresh.
@@ -366,6 +374,7 @@ class HTTPPool:
 
     async def _exchange(self, conn: _Connection, request: bytes) -> Response:
         assert conn.transport is not None
+        conn.heard = False
         conn.transport.write(request)
         try:
             return await self._read_head(conn)
@@ -413,13 +422,7 @@ class HTTPPool:
         self._open += 1
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    _Connection,
-                    self._host,
-                    self._port,
-                    ssl=ssl_context,
-                    server_hostname=self._host if ssl_context else None,
-                )
+                conn = await self._connect(ssl_context)
         except OSError as exc:
             self._open -= 1
             raise ConnectionFailed(
@@ -429,6 +432,45 @@ class HTTPPool:
             self._open -= 1
             raise
         return conn, False
+
+    async def _connect(self, ssl_context: ssl.SSLContext | None) -> _Connection:
+        """A new connection to the first of the host's addresses that takes one."""
+        loop = asyncio.get_running_loop()
+        lookup = self._lookup
+        if lookup is None or (
+            lookup.done()
+            and (
+                lookup.cancelled()
+                or lookup.exception() is not None
+                or loop.time() >= self._addresses_until
+            )
+        ):
+            # One lookup, in a task of the pool's, for every caller that needs it
+            # now: one caller going away does not fail the others'. A failed one is
+            # not kept.
+            lookup = self._lookup = loop.create_task(self._resolve())
+        found = await asyncio.shield(lookup)
+        failure: OSError = OSError("no address")
+        for host, port in found:
+            try:
+                _, conn = await loop.create_connection(
+                    _Connection,
+                    host,
+                    port,
+                    ssl=ssl_context,
+                    server_hostname=self._host if ssl_context else None,
+                )
+            except OSError as exc:
+                failure = exc
+                continue
+            return conn
+        raise failure
+
+    async def _resolve(self) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        self._addresses_until = loop.time() + DNS_TTL_S
+        return [(str(info[4][0]), int(info[4][1])) for info in infos]
 
     def _put_back(self, conn: _Connection) -> None:
         conn.idle_since = asyncio.get_running_loop().time()
@@ -443,6 +485,10 @@ class HTTPPool:
 
     async def close(self) -> None:
         """Close the idle connections (those in use close when their call ends)."""
+        lookup, self._lookup = self._lookup, None
+        if lookup is not None and not lookup.done():
+            lookup.cancel()
+            await asyncio.gather(lookup, return_exceptions=True)
         while self._idle:
             conn = self._idle.pop()
             conn.abort()
