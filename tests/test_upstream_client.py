@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+import structlog.testing
 from aiohttp import web
 
 from services.worker.endpoints import OpenAIModel
 from services.worker.settings import EndpointConfig
+from shared.errors import UpstreamError
 from tests.support.samples import JOB
 
 ANSWER = {
@@ -44,3 +47,57 @@ async def test_cookies_an_endpoint_sets_are_not_sent_back() -> None:
         await model.close()
         await runner.cleanup()
     assert cookies == [None, None]
+
+
+async def test_an_api_key_with_a_line_break_fails_each_call_and_is_never_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A key pasted with a line break inside would add a header of its own.
+    monkeypatch.setenv("BAD_UPSTREAM_KEY", "sk-secret\r\nX-Injected: 1")
+    with structlog.testing.capture_logs() as logs:
+        model = OpenAIModel(
+            EndpointConfig(
+                kind="openai", base_url="http://127.0.0.1:9/v1", api_key_env="BAD_UPSTREAM_KEY"
+            )
+        )
+    assert [entry["event"] for entry in logs] == ["endpoint.misconfigured"]
+    assert "sk-secret" not in repr(logs)
+    job = JOB.model_copy(update={"endpoint": "fake", "stream": False})
+    with pytest.raises(UpstreamError, match="misconfigured") as caught:
+        [piece async for piece in model.stream(job)]
+    assert not caught.value.retryable
+    assert "sk-secret" not in str(caught.value)
+    await model.close()
+
+
+async def test_a_trailing_newline_on_an_api_key_is_not_sent() -> None:
+    seen: list[str | None] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response(ANSWER)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GOOD_UPSTREAM_KEY", "sk-fine\n")
+        model = OpenAIModel(
+            EndpointConfig(
+                kind="openai",
+                base_url=f"http://127.0.0.1:{port}/v1",
+                api_key_env="GOOD_UPSTREAM_KEY",
+            )
+        )
+    job = JOB.model_copy(update={"endpoint": "fake", "stream": False})
+    try:
+        pieces = [piece async for piece in model.stream(job)]
+        assert pieces[0] == "hi"
+    finally:
+        await model.close()
+        await runner.cleanup()
+    assert seen == ["Bearer sk-fine"]
