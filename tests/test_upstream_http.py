@@ -208,6 +208,16 @@ async def test_a_malformed_head_is_refused(head: bytes) -> None:
         await pool.close()
 
 
+@pytest.mark.parametrize("size", [b"-5", b"0x5", b"+5", b"5_0", b"", b"zz"])
+async def test_a_malformed_chunk_size_is_refused(size: bytes) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\nhello\r\n0\r\n\r\n"
+    async with RawServer(keep_answering(answer % size)) as server:
+        pool = server.pool()
+        with pytest.raises(ConnectionFailed, match="malformed chunk"):
+            await whole(pool)
+        await pool.close()
+
+
 async def test_silence_past_the_read_timeout_is_a_timeout() -> None:
     async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

@@ -40,6 +40,7 @@ KEEPALIVE_S = 15.0
 # How long a name's addresses are reused for new connections (aiohttp's default
 # too): a burst of new connections must not be a burst of lookups.
 DNS_TTL_S = 10.0
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class ConnectionFailed(Exception):
@@ -272,16 +273,15 @@ class Response:
                         raise ConnectionFailed("the endpoint sent a malformed chunk")
                     break
                 size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise ConnectionFailed("the endpoint sent a malformed chunk") from None
+                # Hex digits only: int() would also take a sign, "0x" or "_".
+                if not size_text or size_text.strip(_HEX_DIGITS):
+                    raise ConnectionFailed("the endpoint sent a malformed chunk")
+                size = int(size_text, 16)
                 if size == 0:
                     # The last chunk: its trailers, if any, end with an empty line.
                     trailer_end = buffer.find(b"\r\n\r\n", end)
-                    if buffer[end : end + 4] == b"\r\n\r\n" or trailer_end >= 0:
-                        stop = end + 4 if buffer[end : end + 4] == b"\r\n\r\n" else trailer_end + 4
-                        del buffer[:stop]
+                    if trailer_end >= 0:
+                        del buffer[: trailer_end + 4]
                         self._done = True
                     break
                 del buffer[: end + 2]
