@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 import structlog.testing
 from aiohttp import web
@@ -17,6 +19,18 @@ ANSWER = {
 }
 
 
+async def serve_chat(
+    chat: Callable[[web.Request], Awaitable[web.Response]], host: str
+) -> tuple[web.AppRunner, int]:
+    """An endpoint answering ``/v1/chat/completions`` with ``chat``, and its port."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, host, 0).start()
+    return runner, runner.addresses[0][1]
+
+
 async def test_cookies_an_endpoint_sets_are_not_sent_back() -> None:
     # One session serves every bot and key on the endpoint: a cookie it kept (a
     # provider's load-balancer or bot-management cookie) would go out with other
@@ -29,13 +43,7 @@ async def test_cookies_an_endpoint_sets_are_not_sent_back() -> None:
         response.set_cookie("affinity", "caller-one", path="/")
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "localhost", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve_chat(chat, "localhost")
     # A host name, not an address: aiohttp's default jar ignores cookies from addresses.
     model = OpenAIModel(EndpointConfig(kind="openai", base_url=f"http://localhost:{port}/v1"))
     job = JOB.model_copy(update={"endpoint": "fake", "stream": False})
@@ -77,13 +85,7 @@ async def test_a_trailing_newline_on_an_api_key_is_not_sent() -> None:
         seen.append(request.headers.get("Authorization"))
         return web.json_response(ANSWER)
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve_chat(chat, "127.0.0.1")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GOOD_UPSTREAM_KEY", "sk-fine\n")
         model = OpenAIModel(

@@ -73,16 +73,31 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
-def keep_answering(answer: bytes, requests: list[bytes] | None = None) -> Handler:
-    """A handler answering every request on a connection with ``answer``."""
+def keep_answering(
+    answer: bytes, requests: list[bytes] | None = None, delay_s: float = 0.0
+) -> Handler:
+    """A handler answering every request on a connection with ``answer`` (after ``delay_s``)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             head, body = await read_request(reader)
             if requests is not None:
                 requests.append(head + body)
+            if delay_s:
+                await asyncio.sleep(delay_s)
             writer.write(answer)
             await writer.drain()
+
+    return handle
+
+
+def answer_once(answer: bytes) -> Handler:
+    """A handler answering one request with ``answer``, then closing the connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
 
     return handle
 
@@ -143,43 +158,28 @@ async def test_a_chunked_answer_arriving_a_byte_at_a_time_is_decoded() -> None:
     assert server.connections == 1
 
 
-async def test_an_answer_framed_by_the_close_is_read_whole_and_not_reused() -> None:
-    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
-        await writer.drain()
-
-    async with RawServer(once) as server:
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        # An answer framed by the close: read whole, and its connection not reused.
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it", b"all of it"),
+        # No Connection: close, as a server timing out an idle keep-alive does: the
+        # close arrives while the connection is idle, and it is replaced, no error.
+        (sized(b"ok"), b"ok"),
+    ],
+)
+async def test_a_connection_its_server_closed_is_replaced(answer: bytes, body: bytes) -> None:
+    async with RawServer(answer_once(answer)) as server:
         pool = server.pool()
         for _ in range(2):
-            _, body = await whole(pool)
-            assert body == b"all of it"
-        await pool.close()
-    assert server.connections == 2
-
-
-async def test_a_kept_connection_the_server_closed_is_replaced_without_an_error() -> None:
-    async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(sized(b"ok"))
-        await writer.drain()
-        # No Connection: close, as a server timing out an idle keep-alive does.
-
-    async with RawServer(answer_then_close) as server:
-        pool = server.pool()
-        assert (await whole(pool))[1] == b"ok"
-        await asyncio.sleep(0.05)  # the server's close arrives while idle
-        assert (await whole(pool))[1] == b"ok"
+            assert (await whole(pool))[1] == body
+            await asyncio.sleep(0.05)
         await pool.close()
     assert server.connections == 2
 
 
 async def test_a_close_mid_body_is_an_error_not_a_short_answer() -> None:
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nonly half")
-        await writer.drain()
-
+    cut = answer_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nonly half")
     async with RawServer(cut) as server:
         pool = server.pool()
         with pytest.raises(ConnectionFailed, match="mid-answer"):
@@ -250,13 +250,7 @@ async def test_a_refused_connection_fails_at_once() -> None:
 
 
 async def test_calls_beyond_the_limit_wait_for_a_connection() -> None:
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            await asyncio.sleep(0.05)
-            writer.write(sized(b"ok"))
-            await writer.drain()
-
+    slow = keep_answering(sized(b"ok"), delay_s=0.05)
     async with RawServer(slow) as server:
         pool = server.pool(limit=2)
         answers = await asyncio.gather(*(whole(pool) for _ in range(6)))
@@ -431,13 +425,7 @@ async def test_a_burst_of_new_connections_looks_the_name_up_once(
 
     monkeypatch.setattr(loop, "getaddrinfo", counted)
 
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            await asyncio.sleep(0.05)
-            writer.write(sized(b"ok"))
-            await writer.drain()
-
+    slow = keep_answering(sized(b"ok"), delay_s=0.05)
     async with RawServer(slow) as server:
         pool = HTTPPool(f"http://localhost:{server.port}/v1", {}, 16, 2.0, 2.0)
         # A failed lookup is an error, and is not kept.
