@@ -69,6 +69,7 @@ async def test_an_api_key_with_a_line_break_fails_each_call_and_is_never_sent(
             )
         )
     assert [entry["event"] for entry in logs] == ["endpoint.misconfigured"]
+    assert logs[0]["api_key_env"] == "BAD_UPSTREAM_KEY"  # which setting to mend
     assert "sk-secret" not in repr(logs)
     job = JOB.model_copy(update={"endpoint": "fake", "stream": False})
     with pytest.raises(UpstreamError, match="misconfigured") as caught:

@@ -113,7 +113,6 @@ class OpenAIModel:
     """Streams from an OpenAI-compatible ``/chat/completions``."""
 
     def __init__(self, config: EndpointConfig) -> None:
-        self._config_error: str | None = None
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
         if api_key:
@@ -131,9 +130,11 @@ class OpenAIModel:
                 read_timeout_s=config.timeout_s,
             )
         except ValueError as exc:
-            # Said once here, with the setting's name; each call then fails, not the worker.
-            self._config_error = str(exc)
-            log.error("endpoint.misconfigured", error=self._config_error)
+            # Said once here, in the worker's log (no URL: it may carry a credential);
+            # each call then fails, not the worker.
+            log.error(
+                "endpoint.misconfigured", error=str(exc), api_key_env=config.api_key_env or None
+            )
 
     def _payload(self, job: ChatJob) -> bytes:
         body: dict[str, Any] = {
@@ -158,10 +159,8 @@ class OpenAIModel:
         ``pace``, once per ``pace()`` seconds (see :func:`_reads`).
         """
         if self._pool is None:
-            raise UpstreamError(
-                f"the model endpoint is misconfigured: {self._config_error}",
-                upstream_status="connection",
-            )
+            # The details are in the worker's log, not for the caller.
+            raise UpstreamError("the model endpoint is misconfigured", upstream_status="connection")
         try:
             response = await self._pool.post(self._payload(job))
             try:
