@@ -10,7 +10,7 @@ import asyncio
 import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -327,34 +327,35 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-@pytest.fixture
-async def tls_server(certificate: tuple[Path, Path]) -> AsyncIterator[tuple[int, Path]]:
-    """A loopback HTTPS server presenting that certificate."""
+async def https_is_verified(certificate: tuple[Path, Path]) -> None:
+    """Against a loopback HTTPS server with that certificate: trusted, it answers;
+    checked against the system's trust store, the call fails."""
     cert, key = certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     server = await asyncio.start_server(
         keep_answering(sized(b"secret ok")), "127.0.0.1", 0, ssl=context
     )
-    yield server.sockets[0].getsockname()[1], cert
-    server.close()
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        pool = HTTPPool(url, {}, 2, 2.0, 2.0, ssl_context=trusting)
+        assert (await whole(pool))[1] == b"secret ok"
+        await pool.close()
+        untrusting = HTTPPool(url, {}, 2, 2.0, 2.0)
+        with pytest.raises(ConnectionFailed, match="SSLCertVerificationError"):
+            await whole(untrusting)
+        await untrusting.close()
+    finally:
+        server.close()
 
 
-async def test_https_is_verified_against_the_trust_store(tls_server: tuple[int, Path]) -> None:
-    port, cert = tls_server
-    trusting = ssl.create_default_context(cafile=str(cert))
-    pool = HTTPPool(f"https://127.0.0.1:{port}/v1", {}, 2, 2.0, 2.0, ssl_context=trusting)
-    assert (await whole(pool))[1] == b"secret ok"
-    await pool.close()
-    # The system's trust store does not know a self-signed certificate.
-    untrusting = HTTPPool(f"https://127.0.0.1:{port}/v1", {}, 2, 2.0, 2.0)
-    with pytest.raises(ConnectionFailed, match="SSLCertVerificationError"):
-        await whole(untrusting)
-    await untrusting.close()
+async def test_https_is_verified_against_the_trust_store(certificate: tuple[Path, Path]) -> None:
+    await https_is_verified(certificate)
 
 
-def test_the_client_runs_on_the_workers_event_loop() -> None:
-    """uvloop's transports are not asyncio's classes: the worker's loop, not the tests'."""
+def test_the_client_runs_on_the_workers_event_loop(certificate: tuple[Path, Path]) -> None:
+    """uvloop's transports (and its TLS) are not asyncio's: the worker's loop, not the tests'."""
 
     async def scenario() -> None:
         wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -379,6 +380,7 @@ def test_the_client_runs_on_the_workers_event_loop() -> None:
             assert (await whole(pool))[1] == b"hello world"
             await pool.close()
         assert server.connections == 1
+        await https_is_verified(certificate)
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         loop = runner.get_loop()
