@@ -157,7 +157,9 @@ def stream_table(summary: Summary, plan: Plan) -> str:
             memory = c["memory_per_stream_bytes"]
             mem_text = "-" if memory is None else f"{memory / 1024:.1f}"
             if memory is not None and not c["all_open"]:
-                mem_text += f" (peak {c['peak_open']})"
+                started = c.get("streams_started")
+                of = f" of {started}" if started else ""
+                mem_text += f" (peak {c['peak_open']}{of})"
             rows.append(
                 [
                     w.label if i == 0 else "",

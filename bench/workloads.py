@@ -461,6 +461,12 @@ def aggregate(
                 memory_by_group[g] = max(found) if found else None
             memory = [_memory_per_stream(r, memory_groups.get(target, ())) for r in mine]
             present_memory = [m for m in memory if m is not None]
+            # The figure shown is the worst round's: so are the streams it was divided by.
+            worst = max(
+                (i for i, m in enumerate(memory) if m is not None),
+                key=lambda i: memory[i] or 0.0,
+                default=None,
+            )
             out[workload][target] = {
                 "rounds": len(mine),
                 "ok": sum(r["load"]["ok"] for r in mine),
@@ -506,7 +512,16 @@ def aggregate(
                 # so later rounds can understate it.
                 "memory_per_stream_bytes": max(present_memory) if present_memory else None,
                 "all_open": all(r["rss_open"] is not None for r in mine),
-                "peak_open": max((r["load"]["peak_open"] for r in mine), default=0),
+                "peak_open": (
+                    mine[worst]["load"]["peak_open"]
+                    if worst is not None
+                    else max((r["load"]["peak_open"] for r in mine), default=0)
+                ),
+                "streams_started": (
+                    mine[worst]["load"]["ok"] + mine[worst]["load"]["errors"]
+                    if worst is not None
+                    else None
+                ),
             }
     return out
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
 from bench.procs import Proc, listener_pids
 from bench.report import colour
-from bench.targets import Upstream, botline_env
+from bench.targets import Target, Upstream, botline_env
+from bench.workloads import aggregate
 from services.worker.settings import WorkerSettings
 
 
@@ -62,3 +63,41 @@ def test_the_chart_tells_botline_from_its_baseline_and_multi_process_runs() -> N
     colours = [colour(t) for t in targets]
     assert None not in colours
     assert len(set(colours)) == len(targets)
+
+
+def _stream_round(number: int, peak_open: int, rss_growth: int) -> dict[str, Any]:
+    """One round of 1000 streams as the bench records it, reduced to what is aggregated."""
+    idle = 70 * 2**20
+    return {
+        "workload": "stream-c1000",
+        "target": "botline",
+        "round": number,
+        "load": {
+            "ok": 1000,
+            "errors": 0,
+            "error_kinds": {},
+            "rps": 80.0,
+            "tokens": 256_000,
+            "chunks": 11_000,
+            "ttft_ms": {"p50": 1900.0, "p99": 4500.0},
+            "gap_ms": {"p50": 850.0, "p99": 1200.0},
+            "peak_open": peak_open,
+        },
+        "cpu_s": {"gateway": 2.0, "worker": 3.5},
+        "context_cpu_s": {"rabbitmq": 0.8},
+        "rss_idle": {"gateway": idle, "worker": idle},
+        "rss_open": None,  # never all open at once
+        "rss_peak": {"gateway": idle + rss_growth, "worker": idle},
+    }
+
+
+def test_memory_per_stream_names_the_streams_of_the_round_it_comes_from() -> None:
+    # Round 0: 886 open at the peak, 21.7 MiB of growth (the worst round, shown);
+    # round 1: all but one open, the memory already there. The table showed the
+    # first round's figure beside the second round's peak ("25.1 (peak 999)").
+    runs = [_stream_round(0, 886, 22_749_184), _stream_round(1, 999, 2_514_944)]
+    target = Target("botline", "2", {}, dict, ("gateway",))
+    summary = aggregate(runs, [target])["stream-c1000"]["botline"]
+    assert round(summary["memory_per_stream_bytes"] / 1024, 1) == 25.1
+    assert summary["peak_open"] == 886
+    assert summary["streams_started"] == 1000
