@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from services.worker import upstream_http
 from services.worker.upstream_http import ConnectionFailed, HTTPPool, Response
 from shared.loop import new_event_loop
 
@@ -445,3 +446,17 @@ async def test_a_burst_of_new_connections_looks_the_name_up_once(
         await pool.close()
     assert lookups == ["localhost", "localhost"]
     assert server.connections == 8
+
+
+async def test_a_body_past_the_cap_is_refused_and_a_start_is_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(upstream_http, "MAX_BODY_BYTES", 8)
+    async with RawServer(keep_answering(sized(b"0123456789abcdef"))) as server:
+        pool = server.pool()
+        with pytest.raises(ConnectionFailed, match="too large"):
+            await whole(pool)
+        # An error answer's start is all its reader wants.
+        response = await pool.post(b"{}")
+        assert await response.read(4) == b"0123"
+        await pool.close()

@@ -224,18 +224,20 @@ class Response:
         self.release()
         return b""
 
-    async def read(self, limit: int = MAX_BODY_BYTES) -> bytes:
-        """The whole body, or its first ``limit`` bytes (the connection is then dropped)."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body (refused past :data:`MAX_BODY_BYTES`), or with ``limit``
+        its first ``limit`` bytes, the rest left unread (the connection is dropped)."""
+        most = MAX_BODY_BYTES if limit is None else limit
         parts: list[bytes] = []
         size = 0
-        while size < limit:
+        while size < most:
             data = await self.readany()
             if not data:
                 return b"".join(parts)
             parts.append(data)
             size += len(data)
         self.release()  # not read to its end: the connection is closed
-        if limit == MAX_BODY_BYTES:
+        if limit is None:
             raise ConnectionFailed("the endpoint's answer is too large")
         return b"".join(parts)[:limit]
 
