@@ -1,9 +1,10 @@
 """The worker's HTTP/1.1 client for model endpoints: one POST, its answer read whole or as it comes.
 
 Why not aiohttp's client: measured on this machine at 64 calls in flight, a
-call through ``aiohttp.ClientSession`` cost ~150 µs of the worker's CPU and
-this one ~55 µs, a fifth of what the worker spends on a whole answer
-(docs/performance.md, eighth pass). A model call needs little of what a
+whole answer through ``OpenAIModel`` cost 166-217 µs of CPU on
+``aiohttp.ClientSession`` and 94-105 µs on this client; the difference is
+about a fifth of the worker's CPU per whole answer (docs/performance.md,
+eighth pass). A model call needs little of what a
 general client carries: one method, one URL per endpoint, no cookies (a
 cookie kept from one caller's call would go out with the next caller's), no
 redirects, no proxies, no compression (it asks for ``identity``).
