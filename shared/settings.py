@@ -58,6 +58,12 @@ class CommonSettings(BaseSettings):
     # default, since a fleet of thousands of bots would make /metrics unusable.
     metrics_bot_labels: bool = False
 
+    # Once started, a process freezes its start-up heap and runs the
+    # collector's first generation every this many container objects
+    # (Python's default is 700); 0 leaves the collector as Python sets it
+    # (shared.loop.settle_heap).
+    gc_threshold: int = Field(10_000, ge=0)
+
     @field_validator("redis_sentinels", mode="before")
     @classmethod
     def _split_sentinels(cls, value: object) -> object:

@@ -124,6 +124,10 @@ async def test_two_gateway_processes_share_a_port_and_stop_together(
     )
     listening = _ids(gateway, "gateway.listening", "gateway_id")
     assert len(set(listening.values())) == 2  # two processes, each with its own id
+    # Each froze its own start-up heap before it listened (shared.loop.settle_heap).
+    settled = [line for line in _lines(gateway) if line.get("event") == "gc.settled"]
+    assert {line["pid"] for line in settled} == set(listening.values())
+    assert all(line["frozen_objects"] > 10_000 for line in settled)
     assert gateway.proc is not None
     assert gateway.proc.pid not in listening.values()
     _, key = await bare_stack.bot_and_key()
@@ -162,6 +166,11 @@ async def test_worker_processes_share_the_jobs_and_stop_together(
         "both workers started", lambda: len(_ids(worker, "worker.started", "worker_id")) == 2
     )
     started = _ids(worker, "worker.started", "worker_id")
+    await _until(
+        "both workers settled their heaps",
+        lambda: len(_ids(worker, "gc.settled", "worker_id")) == 2,
+    )
+    assert _ids(worker, "gc.settled", "worker_id") == started
     prefetch = {
         line["concurrency"] for line in _lines(worker) if line.get("event") == "worker.prefetch"
     }

@@ -30,7 +30,7 @@ from services.gateway.routes import setup_routes
 from services.gateway.security_headers import security_headers
 from services.gateway.settings import GatewaySettings
 from services.gateway.usage import UsageBook
-from shared.loop import new_event_loop, watch_lag
+from shared.loop import new_event_loop, settle_heap, watch_lag
 from shared.redis_client import redis_client as shared_redis_client
 from shared.registry import Registry
 from shared.tasks import stop
@@ -147,6 +147,7 @@ async def serve(settings: GatewaySettings) -> None:
         reuse_port = True if settings.processes > 1 else None
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port)
         await site.start()
+        settle_heap(settings.gc_threshold)
         log.info("gateway.listening", address=site.name)
         await stop.wait()
         log.info("gateway.stopping")

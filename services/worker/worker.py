@@ -96,7 +96,7 @@ from shared.errors import (
     InternalError,
     UpstreamError,
 )
-from shared.loop import watch_lag
+from shared.loop import settle_heap, watch_lag
 from shared.redis_client import redis_client
 from shared.tasks import stop
 from shared.wire import CancelJob, ChatJob
@@ -667,6 +667,7 @@ async def serve(settings: WorkerSettings) -> None:
     # Probes first: /livez answers (and /readyz says 503) while the broker is still being reached.
     async with serve_probes(settings, worker, worker.metrics):
         await worker.start()
+        settle_heap(settings.gc_threshold)
         try:
             await stop.wait()
         finally:
