@@ -331,8 +331,7 @@ class ChatRun:
             pause = self._next_age - loop.time()
             if pause > 0:
                 try:
-                    async with asyncio.timeout(pause):
-                        return await self._queue.get()
+                    return await self._queue.get(pause)
                 except TimeoutError:
                     pass
             await self._age()
@@ -366,8 +365,7 @@ class ChatRun:
             assert self._wait_until is not None
             wait = min(wait, self._wait_until - asyncio.get_running_loop().time())
         try:
-            async with asyncio.timeout(max(wait, 0.0)):
-                return await self._queue.get()
+            return await self._queue.get(max(wait, 0.0))
         except TimeoutError:
             if queued and wait < remaining:
                 raise self._timed_out_waiting() from None

@@ -89,6 +89,11 @@ _BEAT: Final = BeatEvent.model_fields["type"].default
 Incoming = DeltaEvent | EndEvent | ErrorEvent | DeadJob | LostConnection | Interrupted | Started
 
 
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(True)
+
+
 class Inbox:
     """One job's events in arrival order: ``put_nowait`` and ``get`` as an ``asyncio.Queue``'s,
     for one reader at a time.
@@ -102,27 +107,44 @@ class Inbox:
 
     def __init__(self) -> None:
         self._items: list[Incoming] = []
-        self._waiter: asyncio.Future[None] | None = None
+        # Its result: whether the timer woke it (True) rather than an event.
+        self._waiter: asyncio.Future[bool] | None = None
 
     def put_nowait(self, item: Incoming) -> None:
         """Add an event; wakes the reader."""
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(False)
 
-    async def get(self) -> Incoming:
-        """The next event, waiting for one if none is there."""
+    async def get(self, timeout_s: float | None = None) -> Incoming:
+        """The next event, waiting for one if none is there; ``TimeoutError`` if none
+        came within ``timeout_s``.
+
+        The timeout is a timer on the wait itself, not ``asyncio.timeout``, which
+        costs 2-3x as much per wait (docs/performance.md, ninth pass). An event
+        that arrives before this reader runs again is returned, even if the timer
+        fired meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         while not self._items:
             # A waiter left by a cancelled reader is done already (cancelling a task
             # cancels the future it awaits) though that reader has not yet run.
             assert self._waiter is None or self._waiter.done(), "one reader at a time"
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            if deadline is not None and deadline <= loop.time():
+                raise TimeoutError
+            waiter = self._waiter = loop.create_future()
+            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
             try:
-                await waiter
+                expired = await waiter
             finally:
+                if timer is not None:
+                    timer.cancel()
                 if self._waiter is waiter:
                     self._waiter = None
+            if expired and not self._items:
+                raise TimeoutError
         return self._items.pop(0)
 
     def empty(self) -> bool:

@@ -48,3 +48,54 @@ async def test_a_cancelled_read_loses_nothing_and_the_next_reader_may_start_at_o
     third.cancel()
     await asyncio.gather(third, return_exceptions=True)
     assert _seq(await inbox.get()) == 2
+
+
+async def test_a_read_with_a_timeout_raises_timeout_error_once_it_has_waited_that_long() -> None:
+    inbox = Inbox()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        await inbox.get(0.05)
+    except TimeoutError:
+        waited = loop.time() - started
+    else:  # pragma: no cover - the assertion below reports it
+        raise AssertionError("no TimeoutError")
+    assert 0.04 <= waited < 1.0
+    # Nothing there and no time: at once, as asyncio.timeout(0) around a wait.
+    try:
+        await inbox.get(0)
+    except TimeoutError:
+        pass
+    else:  # pragma: no cover
+        raise AssertionError("no TimeoutError")
+    # An event already there is returned whatever the timeout.
+    inbox.put_nowait(_delta(1))
+    assert _seq(await inbox.get(0)) == 1
+
+
+async def test_an_event_in_time_is_returned_and_one_after_the_timeout_waits_for_the_next_read() -> (
+    None
+):
+    inbox = Inbox()
+    reader = asyncio.ensure_future(inbox.get(5.0))
+    await asyncio.sleep(0.01)
+    inbox.put_nowait(_delta(1))
+    assert _seq(await reader) == 1
+    late = asyncio.ensure_future(inbox.get(0.02))
+    await asyncio.sleep(0.1)
+    assert late.done() and isinstance(late.exception(), TimeoutError)
+    inbox.put_nowait(_delta(2))
+    assert _seq(await inbox.get(1.0)) == 2
+    assert inbox.empty()
+
+
+async def test_a_read_with_a_timeout_is_cancelled_as_a_read_without_one() -> None:
+    inbox = Inbox()
+    reader = asyncio.ensure_future(inbox.get(0.05))
+    await asyncio.sleep(0.01)
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert reader.cancelled()  # a CancelledError, not a TimeoutError
+    await asyncio.sleep(0.08)  # past its timer: whatever it would do, the next read is undisturbed
+    inbox.put_nowait(_delta(1))
+    assert _seq(await inbox.get(1.0)) == 1
