@@ -78,7 +78,7 @@ bench-quick: $(STAMP) services
 # does not move with the machine's load. REV=<commit> counts a build of it beside.
 bench-instructions: $(STAMP) services
 	@scripts/ensure-valgrind
-	$(BIN)/python -m bench.instructions $(if $(REV),--baseline-commit $(REV))
+	$(BIN)/python -m bench.instructions $(if $(REV),--baseline-commit $(REV)) $(if $(C),--concurrency $(C) --requests 3000)
 
 check: lint test
 

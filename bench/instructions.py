@@ -13,11 +13,19 @@ One target at a time, as the benchmark starts it (``bench.targets.botline``:
 defaults, its own namespace, a fake upstream answering 32 tokens at once),
 each process under ``valgrind --tool=callgrind --instr-atstart=no``: nothing
 is counted while it starts or warms up. Then ``--requests`` whole answers,
-one at a time, uncounted (the first-use costs); counting is switched on
+one at a time (``--concurrency N``: N callers, each asking again when
+answered), uncounted (the first-use costs); counting is switched on
 (``callgrind_control -i on``) for the next ``--requests``, and the counts are
 dumped (``callgrind_control -d``) and divided by them. Callgrind runs code
 about 50x slower than the CPU: 300 requests take about half a minute per
 target, each start about as long.
+
+One at a time, a request's objects are freed before the next one's are made.
+With many in flight, the garbage collector walks the live ones and moves
+them to older generations, and the full collections that follow walk
+everything the process holds: a cost that shows only with ``--concurrency``
+above 1, and enough requests for several full collections (``--concurrency
+64 --requests 3000``; docs/performance.md, ninth pass).
 
 What is counted is user-space instructions, the interpreter's and the C
 libraries' (uvloop, pydantic-core, aiohttp's parser): not the kernel's work
@@ -63,21 +71,37 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--requests", type=int, default=300, help="counted per round")
     parser.add_argument("--rounds", type=int, default=2, help="starts of each target")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="callers asking at once (default 1); costs that grow with the requests in "
+        "flight, such as the garbage collector's, show only above 1",
+    )
     parser.add_argument("--baseline-commit", metavar="REV", help="also count a build of REV")
     args = parser.parse_args(argv)
-    if args.requests < 1 or args.rounds < 1:
-        parser.error("--requests and --rounds must be at least 1")
+    if args.requests < 1 or args.rounds < 1 or args.concurrency < 1:
+        parser.error("--requests, --rounds and --concurrency must be at least 1")
     return args
 
 
-async def _answers(session: aiohttp.ClientSession, route: Route, count: int) -> None:
-    """``count`` whole answers, one at a time."""
+async def _answers(
+    session: aiohttp.ClientSession, route: Route, count: int, concurrency: int = 1
+) -> None:
+    """``count`` whole answers, ``concurrency`` callers each asking again when answered."""
     body = {"model": MODELS["whole"], "messages": [{"role": "user", "content": "hi"}]}
-    for _ in range(count):
-        async with session.post(route.url, json=body, headers=route.headers) as resp:
-            text = await resp.text()
-            if resp.status != 200:
-                raise BenchError(f"HTTP {resp.status}: {text[:300]}")
+    left = count
+
+    async def caller() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            async with session.post(route.url, json=body, headers=route.headers) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise BenchError(f"HTTP {resp.status}: {text[:300]}")
+
+    await asyncio.gather(*(caller() for _ in range(min(concurrency, count))))
 
 
 async def _callgrind_control(*args: str) -> None:
@@ -101,7 +125,12 @@ def counted(dump: Path) -> int:
 
 
 async def count_round(
-    procs: Processes, upstreams: dict[str, Upstream], build: Build, requests: int, out: Path
+    procs: Processes,
+    upstreams: dict[str, Upstream],
+    build: Build,
+    requests: int,
+    out: Path,
+    concurrency: int = 1,
 ) -> dict[str, float]:
     """One start of ``build``: instructions per whole answer, by process."""
     where = out / build.label.replace("@", "-")
@@ -114,12 +143,13 @@ async def count_round(
     ]
     async with botline(procs, upstreams, build, wrap=wrap, start_s=_START_S) as target:
         pids = {name: target.groups()[name][0] for name in PROCESSES}
-        timeout = aiohttp.ClientTimeout(total=120)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            await _answers(session, target.routes["whole"], requests)
+        timeout = aiohttp.ClientTimeout(total=120 + 5 * concurrency)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            await _answers(session, target.routes["whole"], requests, concurrency)
             for pid in pids.values():
                 await _callgrind_control("-i", "on", str(pid))
-            await _answers(session, target.routes["whole"], requests)
+            await _answers(session, target.routes["whole"], requests, concurrency)
             for pid in pids.values():
                 await _callgrind_control("-d", str(pid))
         # The first dump of each process is its counted window; the last, written as
@@ -142,18 +172,21 @@ async def _main(args: argparse.Namespace) -> int:
             found: dict[str, list[dict[str, float]]] = {b.label: [] for b in builds}
             for round_ in range(1, args.rounds + 1):
                 for build in builds:
-                    counts = await count_round(procs, upstreams, build, args.requests, out)
+                    counts = await count_round(
+                        procs, upstreams, build, args.requests, out, args.concurrency
+                    )
                     found[build.label].append(counts)
                     said = ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in counts.items())
                     print(f"[{round_}/{args.rounds}] {build.label}: {said}", file=sys.stderr)
-    print(report(found, args.requests))
+    print(report(found, args.requests, args.concurrency))
     return 0
 
 
-def report(found: dict[str, list[dict[str, float]]], requests: int) -> str:
+def report(found: dict[str, list[dict[str, float]]], requests: int, concurrency: int = 1) -> str:
     """The table: millions of instructions per whole answer, median of the rounds."""
     lines = [
-        f"Instructions per whole answer (millions; callgrind, c=1, {requests} answers a round,"
+        f"Instructions per whole answer (millions; callgrind, c={concurrency}, {requests} answers"
+        " a round,"
         " median of the rounds; user space only)",
         f"{'target':<26} {'gateway':>9} {'worker':>9} {'both':>9}   rounds (gateway + worker)",
     ]
