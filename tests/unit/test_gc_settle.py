@@ -8,6 +8,7 @@ import weakref
 from collections.abc import Iterator
 
 import pytest
+from pydantic import ValidationError
 
 from shared.loop import settle_heap
 from shared.settings import CommonSettings
@@ -56,7 +57,7 @@ def test_cycles_made_later_are_still_collected_unasked(collector: None) -> None:
     del a, b
     assert gone() is not None  # only the collector can free a cycle
     # More than the threshold of new containers, kept alive: a collection runs by itself.
-    kept = [[] for _ in range(3_000)]
+    kept: list[list[object]] = [[] for _ in range(3_000)]
     assert gone() is None
     assert len(kept) == 3_000
 
@@ -73,5 +74,5 @@ def test_default_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BOTLINE_GC_THRESHOLD", "0")
     assert CommonSettings().gc_threshold == 0
     monkeypatch.setenv("BOTLINE_GC_THRESHOLD", "-1")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValidationError, match="gc_threshold"):
         CommonSettings()

@@ -83,7 +83,8 @@ async def test_an_event_in_time_is_returned_and_one_after_the_timeout_waits_for_
     assert _seq(await reader) == 1
     late = asyncio.ensure_future(inbox.get(0.02))
     await asyncio.sleep(0.1)
-    assert late.done() and isinstance(late.exception(), TimeoutError)
+    assert late.done()
+    assert isinstance(late.exception(), TimeoutError)
     inbox.put_nowait(_delta(2))
     assert _seq(await inbox.get(1.0)) == 2
     assert inbox.empty()
