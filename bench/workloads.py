@@ -460,13 +460,9 @@ def aggregate(
                 found = [m for m in (_memory_per_stream(r, (g,)) for r in mine) if m is not None]
                 memory_by_group[g] = max(found) if found else None
             memory = [_memory_per_stream(r, memory_groups.get(target, ())) for r in mine]
-            present_memory = [m for m in memory if m is not None]
             # The figure shown is the worst round's: so are the streams it was divided by.
-            worst = max(
-                (i for i, m in enumerate(memory) if m is not None),
-                key=lambda i: memory[i] or 0.0,
-                default=None,
-            )
+            rounds_with_memory = [(m, i) for i, m in enumerate(memory) if m is not None]
+            worst_memory, worst = max(rounds_with_memory, default=(None, None))
             out[workload][target] = {
                 "rounds": len(mine),
                 "ok": sum(r["load"]["ok"] for r in mine),
@@ -510,7 +506,7 @@ def aggregate(
                 "memory_per_stream_bytes_by_group": memory_by_group,
                 # The worst round: memory freed by a run is not always given back to the OS,
                 # so later rounds can understate it.
-                "memory_per_stream_bytes": max(present_memory) if present_memory else None,
+                "memory_per_stream_bytes": worst_memory,
                 "all_open": all(r["rss_open"] is not None for r in mine),
                 "peak_open": (
                     mine[worst]["load"]["peak_open"]
