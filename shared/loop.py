@@ -51,7 +51,7 @@ def settle_heap(gen0_threshold: int) -> None:
     collector; but those alive while a collection runs (the requests in
     flight) are moved to an older generation, and once enough have been moved
     a full collection walks every object the process holds: about 77,000
-    after start-up, more under load, and 45-55 ms each with the event loop
+    after start-up, more under load, and 40-50 ms each with the event loop
     stopped, every two seconds or so at 1,000 answers a second.
     :func:`gc.freeze` after a last full collection puts what start-up left in
     a generation of its own that no collection walks again; a first-generation
