@@ -34,13 +34,14 @@ from bench.targets import (
     current_build,
     direct,
     ensure_litellm,
+    floor,
     litellm,
     litellm_version,
     start_upstream,
 )
 from bench.workloads import Plan, aggregate, plan, run_all, shared_servers
 
-TARGETS = ("direct", "botline", "litellm")
+TARGETS = ("direct", "floor", "floor-aiohttp", "botline", "litellm")
 # Also accepted in --targets: botline-pN, botline with --processes N (gateway and worker).
 _BOTLINE_PN = re.compile(r"^botline-p([2-9]|[1-9][0-9])$")
 
@@ -64,7 +65,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
-        help="comma-separated subset of direct,botline,litellm (default: all); also "
+        help="comma-separated subset of direct,floor,floor-aiohttp,botline,litellm (default: "
+        "all); also "
         "botline-pN: botline's gateway and worker each run with --processes N",
     )
     parser.add_argument(
@@ -102,6 +104,11 @@ def _processes(wanted: list[str], baseline_commit: str | None) -> dict[str, str]
     )
     said = {
         "direct": "the fake upstream called directly (no proxy)",
+        "floor": "bench.floor, the least path of botline's design: an HTTP front and a relay "
+        "process, raw AMQP frames, two broker hops, no confirms, acks, keys, limits, usage, "
+        "validation or logs (whole answers only; not a service: the floor under one)",
+        "floor-aiohttp": "the same with aiohttp's server in the front, as the design card "
+        "fixes for the gateway (one handler, no middleware)",
         "litellm": f"LiteLLM proxy, {LITELLM_WORKERS} uvicorn worker processes "
         "(+1 supervisor), no database, no callbacks",
     }
@@ -148,6 +155,11 @@ async def _measure(args: argparse.Namespace, plan_: Plan, stamp: str) -> dict[st
                 match = _BOTLINE_PN.match(name)
                 if name == "direct":
                     targets.append(direct(upstreams))
+                elif name.startswith("floor"):
+                    if "whole" in upstreams:  # whole answers only
+                        http = name.removeprefix("floor-") if "-" in name else "raw"
+                        target = floor(procs, upstreams, http)
+                        targets.append(await stack.enter_async_context(target))
                 elif name == "litellm":
                     work_dir = args.out / "logs" / stamp
                     target = litellm(procs, upstreams, work_dir)

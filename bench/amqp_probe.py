@@ -26,33 +26,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import cast
 
 import aiormq
 import pamqp.commands as spec
-import pamqp.frame
-from yarl import URL
 
+from bench.raw_amqp import RawChannel
 from shared import amqp_frames
 from shared.amqp import Outgoing, consume, publish_now
 from shared.loop import new_event_loop
 from shared.settings import CommonSettings
-
-_FRAME_END = b"\xce"
-_HEADER = struct.Struct(">BHI")  # frame type, channel, size
-_CONTENT = struct.Struct(">HHQH")  # class, weight, body size, property flags
-# Properties a reply event carries, in AMQP's order: content-type, delivery-mode,
-# correlation-id, message-id, type.
-_FLAGS = 0x8000 | 0x1000 | 0x0400 | 0x0080 | 0x0020
-_DELIVER = struct.pack(">HH", 60, 60)
-
-
-def _short(text: str) -> bytes:
-    data = text.encode()
-    return bytes((len(data),)) + data
 
 
 class _Count:
@@ -143,117 +128,27 @@ async def _aiormq_frames(url: str, n: int, window: int, body: bytes) -> float:
         amqp_frames.uninstall()
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, object]:
-    head = await reader.readexactly(7)
-    rest = await reader.readexactly(_HEADER.unpack(head)[2] + 1)
-    _, channel, frame = pamqp.frame.unmarshal(head + rest)
-    return channel, frame
-
-
-async def _call(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: int, method: object
-) -> object:
-    writer.write(pamqp.frame.marshal(method, channel))  # type: ignore[arg-type]
-    return (await _read_frame(reader))[1]
-
-
 async def _frames(url: str, n: int, window: int, body: bytes) -> float:
-    where = URL(url)
-    reader, writer = await asyncio.open_connection(where.host, where.port or 5672)
+    channel = await RawChannel.open(url, "botline amqp probe")
     try:
-        writer.write(b"AMQP\x00\x00\x09\x01")
-        await _read_frame(reader)  # Connection.Start
-        login = f"\0{where.user or 'guest'}\0{where.password or 'guest'}"
-        start_ok = spec.Connection.StartOk(
-            client_properties={"product": "botline amqp probe"}, response=login
-        )
-        tune = await _call(reader, writer, 0, start_ok)
-        assert isinstance(tune, spec.Connection.Tune)
-        writer.write(
-            pamqp.frame.marshal(spec.Connection.TuneOk(tune.channel_max, tune.frame_max, 0), 0)
-        )
-        vhost = where.path[1:] or "/"
-        await _call(reader, writer, 0, spec.Connection.Open(virtual_host=vhost))
-        await _call(reader, writer, 1, spec.Channel.Open())
-        declared = await _call(
-            reader, writer, 1, spec.Queue.Declare(exclusive=True, auto_delete=True)
-        )
-        assert isinstance(declared, spec.Queue.DeclareOk)
-        queue = declared.queue or ""
-        await _call(reader, writer, 1, spec.Basic.Consume(queue=queue, no_ack=True))
+        queue = await channel.declare(exclusive=True)
         count = _Count()
-        consume = asyncio.create_task(_consume(reader, count))
-        method = pamqp.frame.marshal(spec.Basic.Publish(routing_key=queue), 1)
-        transport = writer.transport
+        await channel.consume(queue, lambda _correlation, _reply_to, _body: count.hit())
 
         async def publish(i: int) -> None:
-            job = f"job-{i}"
-            properties = b"".join(
-                (
-                    _short("application/json"),
-                    b"\x01",
-                    _short(job),
-                    _short(f"{job}.1.0"),
-                    _short("chat.end"),
-                )
-            )
-            header = _CONTENT.pack(60, 0, len(body), _FLAGS) + properties
-            transport.write(
-                b"".join(
-                    (
-                        method,
-                        _HEADER.pack(2, 1, len(header)),
-                        header,
-                        _FRAME_END,
-                        _HEADER.pack(3, 1, len(body)),
-                        body,
-                        _FRAME_END,
-                    )
-                )
+            job = f"job-{i}".encode()
+            channel.publish(
+                queue,
+                body,
+                correlation=job,
+                content_type=b"application/json",
+                message_id=job + b".1.0",
+                message_type=b"chat.end",
             )
 
-        try:
-            return await _drive(publish, count, n, window)
-        finally:
-            consume.cancel()
+        return await _drive(publish, count, n, window)
     finally:
-        writer.close()
-
-
-async def _consume(reader: asyncio.StreamReader, count: _Count) -> None:
-    """Deliveries parsed from what each read brings: properties read, body gathered."""
-    buffer = b""
-    body_left = 0
-    while True:
-        data = await reader.read(1 << 16)
-        if not data:
-            return
-        buffer += data
-        at = 0
-        while len(buffer) - at >= 8:
-            kind, _, size = _HEADER.unpack_from(buffer, at)
-            end = at + 7 + size
-            if end + 1 > len(buffer):
-                break
-            if kind == 1 and buffer[at + 7 : at + 11] == _DELIVER:
-                body_left = -1  # a header frame comes next
-            elif kind == 2 and body_left == -1:
-                _, _, body_left, flags = _CONTENT.unpack_from(buffer, at + 7)
-                fields, pos = [], at + 21
-                for bit in (0x8000, 0x1000, 0x0400, 0x0080, 0x0020):
-                    if flags & bit:
-                        if bit == 0x1000:
-                            pos += 1
-                            continue
-                        length = buffer[pos]
-                        fields.append(buffer[pos + 1 : pos + 1 + length])
-                        pos += 1 + length
-            elif kind == 3 and body_left > 0:
-                body_left -= size
-                if body_left == 0:
-                    count.hit()
-            at = end + 1
-        buffer = buffer[at:]
+        channel.close()
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -114,7 +114,8 @@ def whole_table(summary: Summary, plan: Plan) -> str:
         + (f"; slow upstream: {slow_tokens} tokens at {slow_delay:g} ms/token" if slow else "")
         + "); "
         "+ = added over direct, same round; CPU = the proxy's own processes "
-        "(split: gw/wk = botline's gateway/worker, w1/w2 = LiteLLM's workers); "
+        "(split: gw/wk = botline's gateway/worker, fr/rl = the floor's front/relay, "
+        "w1/w2 = LiteLLM's workers); "
         "RabbitMQ, Redis = the shared servers' CPU ms/req during botline's runs; "
         "all CPU from /proc, before and after the measured phase"
     )
@@ -122,15 +123,23 @@ def whole_table(summary: Summary, plan: Plan) -> str:
 
 
 def _servers(target: str, cell: Mapping[str, Any]) -> list[str]:
-    """RabbitMQ's and Redis's CPU ms per request, for botline's targets (others use neither:
-    what the servers did then was someone else's work)."""
-    if not target.startswith("botline"):
+    """RabbitMQ's and Redis's CPU ms per request, for botline's targets and the floor
+    (others use neither: what the servers did then was someone else's work)."""
+    if not target.startswith(("botline", "floor")):
         return ["", ""]
     context = cell.get("context_cpu_ms_per_request", {})
     return [_fmt(context.get("rabbitmq"), 3), _fmt(context.get("redis"), 3)]
 
 
-_SHORT = {"gateway": "gw", "worker": "wk", "supervisor": "sup", "worker1": "w1", "worker2": "w2"}
+_SHORT = {
+    "gateway": "gw",
+    "worker": "wk",
+    "supervisor": "sup",
+    "worker1": "w1",
+    "worker2": "w2",
+    "front": "fr",
+    "relay": "rl",
+}
 
 
 def _split(parts: Mapping[str, float | None], digits: int) -> str:
@@ -274,6 +283,12 @@ def floors(summary: Summary, plan: Plan) -> list[Floor]:
     name = "whole answers at c=1: added p50 <= half the baseline's"
     if bl and bl["added_p50_ms"] is not None:
         said = f"{bl['added_p50_ms']:+.2f} ms vs {before:+.2f} ms ({source})"
+        for least in ("floor", "floor-aiohttp"):
+            other = cell("whole-c1", least)
+            if other is not None and other["added_p50_ms"] is not None:
+                said += f"; {least} added {other['added_p50_ms']:+.2f} ms"
+                if other["added_p50_ms"] > before / 2:
+                    said += " (more than half the baseline's by itself)"
         _judge(found, name, bl["added_p50_ms"] <= before / 2, said)
     else:
         _judge(found, name, None, "")
@@ -325,7 +340,13 @@ def noise(runs: Sequence[Mapping[str, Any]], nproc: int) -> str:
 
 
 # One colour per target, so that botline and a baseline build of it tell apart.
-_COLOURS = {"direct": "#7f7f7f", "botline": "#1f77b4", "litellm": "#d62728"}
+_COLOURS = {
+    "direct": "#7f7f7f",
+    "floor": "#2ca02c",
+    "floor-aiohttp": "#98df8a",
+    "botline": "#1f77b4",
+    "litellm": "#d62728",
+}
 _SHADES = (("botline@", "#9ecae1"), ("botline-p", "#08306b"))
 
 
@@ -346,9 +367,11 @@ def chart(summary: Summary, plan: Plan, path: Path, subtitle: str) -> None:
 
     whole = [w for w in plan.workloads if w.kind == "whole" and w.key in summary]
     stream = [w for w in plan.workloads if w.kind == "stream" and w.key in summary]
-    targets = list(dict.fromkeys(t for w in [*whole, *stream] for t in summary[w.key]))
+    # Each row of panels with the targets that ran its workloads (the floor: whole only).
+    in_whole = list(dict.fromkeys(t for w in whole for t in summary[w.key]))
+    in_stream = list(dict.fromkeys(t for w in stream for t in summary[w.key]))
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    width = 0.8 / max(len(targets), 1)
+    width = 0.8 / max(len(in_whole), len(in_stream), 1)
 
     def bars(ax: Any, workloads: Sequence[Any], field: str, label: str, who: Sequence[str]) -> None:
         for i, target in enumerate(who):
@@ -358,26 +381,26 @@ def chart(summary: Summary, plan: Plan, path: Path, subtitle: str) -> None:
         ax.set_xticks(range(len(workloads)), [w.label for w in workloads])
         ax.set_ylabel(label)
 
-    def whiskers(ax: Any, workloads: Sequence[Any]) -> None:
+    def whiskers(ax: Any, workloads: Sequence[Any], who: Sequence[str]) -> None:
         """A line from p50 to p99 on each of ``bars``' bars."""
-        for i, target in enumerate(targets):
+        for i, target in enumerate(who):
             for j, w in enumerate(workloads):
                 c = summary[w.key].get(target)
                 if c and c["p50_ms"] is not None and c["p99_ms"] is not None:
-                    x = j + (i - (len(targets) - 1) / 2) * width
+                    x = j + (i - (len(who) - 1) / 2) * width
                     ax.plot([x, x], [c["p50_ms"], c["p99_ms"]], color="black", linewidth=1)
 
-    bars(axes[0][0], whole, "rps", "requests/s", targets)
+    bars(axes[0][0], whole, "rps", "requests/s", in_whole)
     axes[0][0].set_title(f"Whole answers ({plan.tokens('whole')} tokens): throughput")
-    bars(axes[0][1], whole, "p50_ms", "p50 latency, ms (whisker: p99)", targets)
-    whiskers(axes[0][1], whole)
+    bars(axes[0][1], whole, "p50_ms", "p50 latency, ms (whisker: p99)", in_whole)
+    whiskers(axes[0][1], whole, in_whole)
     axes[0][1].set_title("Whole answers: latency")
     axes[0][1].set_yscale("log")
-    bars(axes[1][0], stream, "p50_ms", "TTFT p50, ms (whisker: p99)", targets)
-    whiskers(axes[1][0], stream)
+    bars(axes[1][0], stream, "p50_ms", "TTFT p50, ms (whisker: p99)", in_stream)
+    whiskers(axes[1][0], stream, in_stream)
     axes[1][0].set_title(f"Streams ({plan.tokens('stream')} tokens): time to first token")
     axes[1][0].set_yscale("log")
-    proxies = [t for t in targets if t != "direct"]
+    proxies = [t for t in in_stream if t != "direct"]
     bars(axes[1][1], stream, "cpu_s_per_1k_tokens_total", "CPU s per 1000 tokens", proxies)
     axes[1][1].set_title("Streams: the proxy's CPU per 1000 tokens")
     for ax in axes.flat:

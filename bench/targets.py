@@ -199,7 +199,9 @@ async def _delete_botline_namespace(redis: Redis, settings: CommonSettings) -> N
         await delete_namespace(channel, settings)
 
 
-async def _warm_up(target: Target, concurrency: int = 32) -> None:
+async def _warm_up(
+    target: Target, concurrency: int = 32, streams: Sequence[bool] = (False, True)
+) -> None:
     """Answers on every route, whole and streamed, many at once, before anything is measured.
 
     Proves the wiring (botline's worker consumes, the upstreams answer), and pays first-use
@@ -218,7 +220,7 @@ async def _warm_up(target: Target, concurrency: int = 32) -> None:
 
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for role, route in target.routes.items():
-            for stream in (False, True):
+            for stream in streams:
                 await asyncio.gather(
                     *(call(session, role, route, stream) for _ in range(concurrency))
                 )
@@ -309,6 +311,46 @@ class _Trees:
         if not pids or not all(Path(f"/proc/{p}").exists() for p in pids):
             self._groups = {name: process_tree(pid) for name, pid in self._leaders.items()}
         return self._groups
+
+
+# --- the design's floor -------------------------------------------------------
+@asynccontextmanager
+async def floor(
+    procs: Processes, upstreams: Mapping[str, Upstream], http: str = "raw"
+) -> AsyncIterator[Target]:
+    """``bench.floor``'s front and relay on the whole-answer upstream: the least path of
+    botline's design (two broker hops, two processes, nothing else), whole answers only;
+    the front's HTTP served by ``http``: "raw" (its own protocol) or "aiohttp"."""
+    name = "floor" if http == "raw" else f"floor-{http}"
+    whole = upstreams["whole"]
+    queue = f"benchfloor{secrets.token_hex(4)}.jobs"  # auto-deleted with its consumer
+    base = [sys.executable, "-m", "bench.floor"]
+    endpoint = f"{whole.base_url}/chat/completions"
+    port = free_port()
+    started: list[Proc] = []
+    try:
+        # RabbitMQ: the first of BOTLINE_AMQP_URL's, from the environment (as botline's).
+        argv = [*base, "relay", "--queue", queue, "--endpoint", endpoint]
+        started.append(await procs.start(f"{name}-relay", argv, cwd=ROOT, env=_env()))
+        argv = [*base, "front", "--queue", queue, "--port", str(port), "--http", http]
+        started.append(await procs.start(f"{name}-front", argv, cwd=ROOT, env=_env()))
+        await wait_http_ok(f"http://127.0.0.1:{port}/ready", started, timeout=30)
+        relay, front = started
+        groups = {"front": [front.pid], "relay": [relay.pid]}
+        route = Route(f"http://127.0.0.1:{port}/v1/chat/completions", {})
+        target = Target(
+            name,
+            "2 (1 front + 1 relay)",
+            {"whole": route},
+            lambda: groups,
+            (),
+            (front, relay),
+        )
+        await _warm_up(target, streams=(False,))
+        yield target
+    finally:
+        for proc in reversed(started):
+            await procs.stop(proc)
 
 
 # --- LiteLLM -------------------------------------------------------------------

@@ -58,11 +58,11 @@ def test_servers_are_found_by_the_port_they_listen_on() -> None:
         assert listener_pids(bound.getsockname()[1]) == []
 
 
-def test_the_chart_tells_botline_from_its_baseline_and_multi_process_runs() -> None:
-    targets = ["direct", "botline", "botline@140364c", "botline-p2", "litellm"]
-    colours = [colour(t) for t in targets]
+def test_the_chart_tells_botline_from_its_baseline_multi_process_runs_and_floors() -> None:
+    targets = ["direct", "floor", "floor-aiohttp", "botline", "botline@140364c", "botline-p2"]
+    colours = [colour(t) for t in [*targets, "litellm"]]
     assert None not in colours
-    assert len(set(colours)) == len(targets)
+    assert len(set(colours)) == len(colours)
 
 
 def _stream_round(number: int, peak_open: int, rss_growth: int) -> dict[str, Any]:
