@@ -317,32 +317,55 @@ class WriteQueue(asyncio.Queue[ChannelFrame]):
     (the biggest single share of a worker's CPU: an answer's end event and its
     job's ack went out as two writes, one after the other). Here an item put
     behind one that is still waiting joins it, as long as neither closes the
-    connection, the waiting one has no drain waiter (whose wait would then cover
-    bytes not its own) and the two stay under :data:`MERGED_MAX`. Nothing waits
-    to be merged: an item put while the queue is empty goes out as soon as the
-    writer runs, as before. The order of bytes on the connection is unchanged,
-    and so is the bound: the queue still holds at most ``maxsize`` items, and a
-    put to a full queue waits as before, merged or not.
+    connection and the two stay under :data:`MERGED_MAX`. Drain waiters (a
+    publish's or an ack's ``wait=True``, the writer's backpressure) join too:
+    the merged item carries one that, once the writer has drained the socket
+    after it, releases each of them (a drain is about the socket's buffer, not
+    whose bytes are in it). Nothing waits to be merged: an item put while the
+    queue is empty goes out as soon as the writer runs, as before. The order of
+    bytes on the connection is unchanged, and so is the bound: the queue still
+    holds at most ``maxsize`` items, and a put to a full queue waits as before,
+    merged or not. (Until waiters joined too, every job's acked end item was a
+    wall the next job's frames could not join: ten of them filled aiormq's
+    ten-item queue and the next publish fell back to ``basic_publish``.)
     """
 
     def _put(self, item: ChannelFrame) -> None:
         waiting = self._queue  # type: ignore[attr-defined]
         if waiting and not item.should_close:
             last: ChannelFrame = waiting[-1]
-            if (
-                not last.should_close
-                and last.drain_future is None
-                and len(last.payload) + len(item.payload) <= MERGED_MAX
-            ):
+            if not last.should_close and len(last.payload) + len(item.payload) <= MERGED_MAX:
                 waiting[-1] = ChannelFrame(
                     payload=last.payload + item.payload,
                     should_close=False,
-                    drain_future=item.drain_future,
+                    drain_future=_both(last.drain_future, item.drain_future),
                 )
                 # put_nowait counts the item as unfinished after this: one item, not two.
                 self._unfinished_tasks -= 1  # type: ignore[attr-defined]
                 return
         waiting.append(item)
+
+
+def _both(
+    first: asyncio.Future[Any] | None, second: asyncio.Future[Any] | None
+) -> asyncio.Future[Any] | None:
+    """One drain waiter standing for two: once set, it sets whichever still waits.
+
+    Each of the two is its channel's own future, which the channel fails if it
+    closes first; the one made here is only ever set by the writer's drain."""
+    if first is None or first.done():
+        return second
+    if second is None or second.done():
+        return first
+    both: asyncio.Future[Any] = first.get_loop().create_future()
+    both.add_done_callback(lambda _: _release(first, second))
+    return both
+
+
+def _release(*waiters: asyncio.Future[Any]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 _aiormq_receiver = aiormq.connection.FrameReceiver

@@ -577,25 +577,39 @@ async def test_the_write_queue_merges_waiting_frames_within_its_bounds() -> None
     loop = asyncio.get_running_loop()
     queue.put_nowait(_item(b"a"))
     queue.put_nowait(_item(b"b"))  # joins "a": one write
-    drained = loop.create_future()
-    queue.put_nowait(_item(b"c", drain_future=drained))  # joins too, its waiter with it
-    queue.put_nowait(_item(b"d"))  # not behind a frame with a waiter: its own item
-    queue.put_nowait(_item(b"x" * amqp_frames.MERGED_MAX))  # too big to join "d"
+    first, second, gone = loop.create_future(), loop.create_future(), loop.create_future()
+    queue.put_nowait(_item(b"c", drain_future=first))  # joins too, its waiter with it
+    queue.put_nowait(_item(b"d"))  # behind a frame with a waiter: joins all the same
+    queue.put_nowait(_item(b"e", drain_future=second))  # a second waiter joins
+    gone.cancel()  # a waiter that gave up is not carried
+    queue.put_nowait(_item(b"f", drain_future=gone))
+    queue.put_nowait(_item(b"x" * amqp_frames.MERGED_MAX))  # too big to join: its own item
+    queue.put_nowait(_item(b"y" * amqp_frames.MERGED_MAX))  # and again
     with pytest.raises(asyncio.QueueFull):  # still bounded by items, merged or not
-        queue.put_nowait(_item(b"e"))
+        queue.put_nowait(_item(b"z" * amqp_frames.MERGED_MAX))
     closing = aiormq.abc.ChannelFrame(payload=b"close", should_close=True)
     taken = [queue.get_nowait() for _ in range(queue.qsize())]
-    assert [t.payload for t in taken] == [b"abc", b"d", b"x" * amqp_frames.MERGED_MAX]
-    assert taken[0].drain_future is drained
+    assert [t.payload for t in taken] == [
+        b"abcdef",
+        b"x" * amqp_frames.MERGED_MAX,
+        b"y" * amqp_frames.MERGED_MAX,
+    ]
+    assert taken[0].should_drain
     assert taken[1].drain_future is None
+    # The writer drains the socket after the merged item (ChannelFrame.drain): both waiters go.
+    assert not first.done()
+    assert not second.done()
+    taken[0].drain()
+    await asyncio.sleep(0)  # its done callbacks run on the loop's next step
+    assert first.done()
+    assert second.done()
     for _ in taken:
         queue.task_done()
     await asyncio.wait_for(queue.join(), 1)  # one unfinished item per item, not per put
-    queue.put_nowait(_item(b"f"))
-    queue.put_nowait(closing)  # a close is never merged, nor merged into
     queue.put_nowait(_item(b"g"))
-    assert [queue.get_nowait().payload for _ in range(3)] == [b"f", b"close", b"g"]
-    drained.cancel()
+    queue.put_nowait(closing)  # a close is never merged, nor merged into
+    queue.put_nowait(_item(b"h"))
+    assert [queue.get_nowait().payload for _ in range(3)] == [b"g", b"close", b"h"]
 
 
 @pytest.mark.integration
