@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -412,6 +413,17 @@ def _memory_per_stream(run: dict[str, Any], groups: Sequence[str]) -> float | No
     return (sum(busy.get(g, 0) for g in groups) - idle) / streams if streams else None
 
 
+def _all_workers_served(cpu_s: Mapping[str, float]) -> bool | None:
+    """Whether each of a target's worker processes (groups ``worker1``, ``worker2``...:
+    LiteLLM's) did at least half its even share of their work in a run; None for a
+    target without several. LiteLLM's uvicorn workers share one listening socket, and
+    the kernel may hand every connection of a run to one of them."""
+    workers = [v for k, v in cpu_s.items() if re.fullmatch(r"worker\d+", k)]
+    if len(workers) < 2 or not sum(workers):
+        return None
+    return min(workers) >= sum(workers) / (2 * len(workers))
+
+
 def aggregate(
     runs: Sequence[dict[str, Any]], targets: Sequence[Target]
 ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -465,8 +477,13 @@ def aggregate(
             # The figure shown is the worst round's: so are the streams it was divided by.
             rounds_with_memory = [(m, i) for i, m in enumerate(memory) if m is not None]
             worst_memory, worst = max(rounds_with_memory, default=(None, None))
+            served = [r for r in mine if _all_workers_served(r["cpu_s"])]
             out[workload][target] = {
                 "rounds": len(mine),
+                # With several worker processes: the rounds all of them served, and
+                # their median req/s (None: not several, or no such round).
+                "rounds_all_workers": len(served),
+                "rps_all_workers": median([r["load"]["rps"] for r in served]),
                 "ok": sum(r["load"]["ok"] for r in mine),
                 "errors": sum(r["load"]["errors"] for r in mine),
                 "error_kinds": dict(errors),

@@ -10,9 +10,9 @@ from typing import Any, cast
 import pytest
 
 from bench.procs import Proc, listener_pids
-from bench.report import colour
+from bench.report import colour, floors
 from bench.targets import Target, Upstream, botline_env
-from bench.workloads import aggregate
+from bench.workloads import aggregate, plan
 from services.worker.settings import WorkerSettings
 
 
@@ -101,3 +101,54 @@ def test_memory_per_stream_names_the_streams_of_the_round_it_comes_from() -> Non
     assert round(summary["memory_per_stream_bytes"] / 1024, 1) == 25.1
     assert summary["peak_open"] == 886
     assert summary["streams_started"] == 1000
+
+
+def _whole_round(target: str, number: int, rps: float, cpu_s: dict[str, float]) -> dict[str, Any]:
+    """One round of whole answers at c=64 as the bench records it, reduced."""
+    return {
+        "workload": "whole-c64",
+        "target": target,
+        "round": number,
+        "load": {
+            "ok": int(rps * 5),
+            "errors": 0,
+            "error_kinds": {},
+            "rps": rps,
+            "tokens": int(rps * 5) * 32,
+            "chunks": 0,
+            "latency_ms": {"p50": 30.0, "p99": 60.0},
+            "gap_ms": {"p50": None, "p99": None},
+            "peak_open": 0,
+        },
+        "cpu_s": cpu_s,
+        "context_cpu_s": {},
+        "rss_idle": {},
+        "rss_open": None,
+        "rss_peak": {},
+    }
+
+
+def test_litellm_is_judged_on_the_rounds_both_its_workers_served() -> None:
+    # The kernel handed every connection to one LiteLLM worker in two rounds of three:
+    # 97 req/s on one process, 165 on two. The 12x floor is "with as many worker
+    # processes as botline runs": judged against the round both served.
+    one = {"supervisor": 0.01, "worker1": 0.01, "worker2": 5.3}
+    both = {"supervisor": 0.01, "worker1": 4.8, "worker2": 4.76}
+    runs = [
+        _whole_round("litellm", 0, 165.0, both),
+        _whole_round("litellm", 1, 96.6, one),
+        _whole_round("litellm", 2, 97.4, one),
+        *(_whole_round("botline", i, 1800.0, {"gateway": 3.0, "worker": 2.0}) for i in range(3)),
+    ]
+    targets = [Target(name, "2", {}, dict, ()) for name in ("litellm", "botline")]
+    summary = aggregate(runs, targets)
+    cell = summary["whole-c64"]["litellm"]
+    assert cell["rps"] == 97.4
+    assert (cell["rounds_all_workers"], cell["rps_all_workers"]) == (1, 165.0)
+    assert summary["whole-c64"]["botline"]["rps_all_workers"] is None  # not several workers
+    found = floors(summary, plan(quick=False))
+    share = next(f for f in found if "of direct's req/s" in f.text)
+    assert share.status == "n/a"  # no direct call in this run
+    litellm = next(f for f in found if "LiteLLM" in f.text)
+    assert litellm.status == "MISSED"
+    assert "1800 vs 165 = 10.9x" in litellm.text
