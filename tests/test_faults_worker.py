@@ -149,8 +149,10 @@ async def test_a_poison_job_is_buried_alone(bare_stack: Stack, processes: Proces
             name = call.headers["Authorization"].removeprefix("Bearer ")
             doomed = workers.pop(name)
             doomed.signal(signal.SIGKILL)
-            await doomed.wait()
+            # Counted once killed: the job may be buried, and this task cancelled, before
+            # the kill's exit is reaped.
             dead.append(doomed)
+            await doomed.wait()
             await start_worker()
 
     await asyncio.gather(*(start_worker() for _ in range(3)))
