@@ -149,20 +149,20 @@ async def front(url: str, jobs: str, port: int, http: str = "raw") -> None:
     replies = await channel.declare(exclusive=True)
     front_ = _Front(channel, jobs, replies)
     await channel.consume(replies, front_.reply)
-    loop = asyncio.get_running_loop()
     try:
         if http == "aiohttp":
-            runner = await _aiohttp_server(front_, port)
-            try:
-                await asyncio.Event().wait()
-            finally:
-                await runner.cleanup()
+            stop = (await _aiohttp_server(front_, port)).cleanup
         else:
+            loop = asyncio.get_running_loop()
             server = await loop.create_server(lambda: _Caller(front_), "127.0.0.1", port)
-            try:
-                await asyncio.Event().wait()
-            finally:
+
+            async def stop() -> None:
                 server.close()
+
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await stop()
     finally:
         channel.close()
 

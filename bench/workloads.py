@@ -477,12 +477,13 @@ def aggregate(
             # The figure shown is the worst round's: so are the streams it was divided by.
             rounds_with_memory = [(m, i) for i, m in enumerate(memory) if m is not None]
             worst_memory, worst = max(rounds_with_memory, default=(None, None))
-            served = [r for r in mine if _all_workers_served(r["cpu_s"])]
+            spread = [_all_workers_served(r["cpu_s"]) for r in mine]
+            served = [r for r, all_served in zip(mine, spread, strict=True) if all_served]
             out[workload][target] = {
                 "rounds": len(mine),
-                # With several worker processes: the rounds all of them served, and
-                # their median req/s (None: not several, or no such round).
-                "rounds_all_workers": len(served),
+                # With several worker processes: the rounds all of them served (None:
+                # not several), and their median req/s (None: not several, or no such round).
+                "rounds_all_workers": (None if all(s is None for s in spread) else len(served)),
                 "rps_all_workers": median([r["load"]["rps"] for r in served]),
                 "ok": sum(r["load"]["ok"] for r in mine),
                 "errors": sum(r["load"]["errors"] for r in mine),
