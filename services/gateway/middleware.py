@@ -22,6 +22,7 @@ from services.gateway.resources import (
     GATEWAY,
     RATE_HEADERS,
     REQUEST_ID,
+    RESPONSE,
     STARTED,
     STREAM,
     STREAM_ERROR,
@@ -55,6 +56,18 @@ def error_response(error: BotlineError) -> web.Response:
     )
 
 
+async def send_now(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Write a whole response now, rather than once the handler and this middleware are
+    done: what they still do (settling the request's usage and limits, the log line,
+    the metrics) is then off the caller's path. Returns it, for the handler to return;
+    aiohttp then has nothing left to write. Raises ``ConnectionError`` if the caller
+    is gone."""
+    request[RESPONSE] = response
+    await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
 def _from_http_exception(exc: web.HTTPException) -> BotlineError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return RequestTooLarge("the body is too large")
@@ -67,7 +80,8 @@ def _from_http_exception(exc: web.HTTPException) -> BotlineError:
 
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, access log line and error mapping."""
+    """Request id, access log line and error mapping; the response is written before
+    the line (:func:`send_now`)."""
     given = request.headers.get("X-Request-Id", "")
     request_id = given if _REQUEST_ID_OK.match(given) else "req_" + secrets.token_hex(12)
     request[REQUEST_ID] = request_id
@@ -79,32 +93,47 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     code: str | None = None
     try:
         try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                raise _from_http_exception(exc) from exc
+            status = response.status
+            # A stream that failed after its 200: the line carries the error it ended with.
+            code = request.get(STREAM_ERROR)
+        except BotlineError as exc:
+            status, code = exc.status, exc.code
+            response = error_response(exc)
+        except ConnectionError:
+            # The caller went away (while we read its body, or as its answer was
+            # written): nobody to answer, nothing to report (aiohttp drops a
+            # response for a closed connection).
+            status = CLIENT_CLOSED
+            gone: web.StreamResponse | None = request.get(RESPONSE)
+            return gone if gone is not None else web.Response(status=CLIENT_CLOSED)
+        except BaseException as exc:
+            if isinstance(exc, web.HTTPException):
+                status = exc.status
                 raise
-            raise _from_http_exception(exc) from exc
-        status = response.status
-        # A stream that failed after its 200: the line carries the error it ended with.
-        code = request.get(STREAM_ERROR)
+            if not isinstance(exc, Exception):
+                status = CLIENT_CLOSED  # cancelled: the caller disconnected
+                raise
+            log.exception("http.unhandled")
+            response = error_response(InternalError("internal error"))
+        sent: web.StreamResponse | None = request.get(RESPONSE)
+        if sent is not None and sent is not response:
+            # An error after the head went out (settling the request, say): the
+            # caller has what it was sent; the line tells the error, and no second
+            # response follows on the connection.
+            status = sent.status
+            return sent
+        if not response.prepared:
+            try:
+                await send_now(request, response)
+            except ConnectionError:
+                status = CLIENT_CLOSED
         return response
-    except BotlineError as exc:
-        status, code = exc.status, exc.code
-        return error_response(exc)
-    except ConnectionError:
-        # The caller went away while we read its body: nobody to answer, nothing
-        # to report (aiohttp drops a response for a closed connection).
-        status = CLIENT_CLOSED
-        return web.Response(status=CLIENT_CLOSED)
-    except BaseException as exc:
-        if isinstance(exc, web.HTTPException):
-            status = exc.status
-            raise
-        if not isinstance(exc, Exception):
-            status = CLIENT_CLOSED  # cancelled: the caller disconnected
-            raise
-        log.exception("http.unhandled")
-        return error_response(InternalError("internal error"))
     finally:
         elapsed = time.perf_counter() - started
         log.info(

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from services.gateway.admission import authenticate, chat_session
 from services.gateway.chat_run import Answer
+from services.gateway.middleware import send_now
 from services.gateway.openai_request import parse_openai_request
 from services.gateway.sse import event, write_stream
 from shared.errors import BotlineError, ModelNotFound
@@ -126,7 +127,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             renderer = OpenAIStream(run.job.job_id, created, model, session.input.include_usage)
             return await write_stream(request, run, renderer)
         answer = await run.complete()
-        return _json(render_whole(run.job.job_id, created, model, answer), run.headers())
+        # Written before the session settles (services.gateway.middleware.send_now).
+        return await send_now(
+            request, _json(render_whole(run.job.job_id, created, model, answer), run.headers())
+        )
 
 
 async def list_models(request: web.Request) -> web.Response:

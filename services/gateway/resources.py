@@ -33,6 +33,9 @@ STREAM = web.RequestKey("stream", bool)
 BOT_ID = web.RequestKey("bot_id", str)
 # The code of the error that ended a stream after it started (its status stays 200).
 STREAM_ERROR = web.RequestKey("stream_error", str)
+# The response whose head went out (a stream, or a whole answer written before the
+# request was settled): an error after that cannot be answered with another.
+RESPONSE = web.RequestKey("response", web.StreamResponse)
 
 
 @dataclass(slots=True)

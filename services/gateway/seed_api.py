@@ -18,6 +18,7 @@ from services.gateway.admission import chat_session
 from services.gateway.bodies import invalid, load_object, trim_messages
 from services.gateway.chat_run import Answer
 from services.gateway.job_builder import ChatInput
+from services.gateway.middleware import send_now
 from services.gateway.sse import event, write_stream
 from shared.clock import now_ms
 from shared.errors import BotlineError
@@ -123,8 +124,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if session.input.stream:
             return await write_stream(request, session.run, SeedStream())
         answer = await session.run.complete()
-        return web.Response(
-            body=orjson.dumps(render_whole(session.run.job.job_id, answer)),
-            content_type="application/json",
-            headers=session.run.headers(),
+        # Written before the session settles (services.gateway.middleware.send_now).
+        return await send_now(
+            request,
+            web.Response(
+                body=orjson.dumps(render_whole(session.run.job.job_id, answer)),
+                content_type="application/json",
+                headers=session.run.headers(),
+            ),
         )

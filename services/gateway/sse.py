@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from services.gateway.chat_run import ChatRun
-from services.gateway.resources import STREAM_ERROR, gateway_of
+from services.gateway.resources import RESPONSE, STREAM_ERROR, gateway_of
 from shared.errors import BotlineError, InternalError
 from shared.wire import DeltaEvent, EndEvent
 
@@ -62,6 +62,7 @@ async def write_stream(
         # Errors up to the first event are still real HTTP errors.
         first = await anext(events)
         response = web.StreamResponse(status=200, headers=SSE_HEADERS | run.headers())
+        request[RESPONSE] = response
         await response.prepare(request)
         streams_open = gateway_of(request).metrics.streams_open
         streams_open.inc()

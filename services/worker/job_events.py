@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
@@ -25,6 +25,7 @@ class JobEvents:
         job: ChatJob,
         attempt: int,
         on_first_delta: Callable[[], None] | None = None,
+        on_terminal: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._channel = channel
         self._exchange = exchange
@@ -33,6 +34,9 @@ class JobEvents:
         self._seq = 0
         # Called as the first delta leaves (a stream's first token, for the metrics).
         self._on_first_delta = on_first_delta
+        # Awaited once the terminal event (end or error) is queued: the job's ack
+        # (Worker._call), so it leaves in the same write, ahead of the bookkeeping.
+        self._on_terminal = on_terminal
         # The answer's usage, once its end was sent.
         self.usage: Usage | None = None
         # The endpoint that answered, once known: on the first delta and the end.
@@ -46,7 +50,7 @@ class JobEvents:
         # No event waits for the socket (a first delta must not queue behind other
         # streams' writes); the job's ack, queued right behind its last event and
         # written with it, does, as backpressure: a worker whose broker stops
-        # reading stops finishing, and taking, jobs (Worker._dispose).
+        # reading stops finishing, and taking, jobs (Worker._call).
         await publish(
             self._channel,
             event.dump(),
@@ -107,6 +111,7 @@ class JobEvents:
                 endpoint=self.endpoint,
             )
         )
+        await self._terminal()
 
     async def error(self, error: BotlineError) -> None:
         """The job's one terminal error."""
@@ -120,6 +125,12 @@ class JobEvents:
                 message=error.message,
             )
         )
+        await self._terminal()
+
+    async def _terminal(self) -> None:
+        on_terminal, self._on_terminal = self._on_terminal, None
+        if on_terminal is not None:
+            await on_terminal()
 
 
 class JobStats:

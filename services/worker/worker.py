@@ -1,7 +1,9 @@
 """The worker: takes chat jobs from RabbitMQ, calls models, streams events back.
 
 Acknowledgement policy: a job is acked when its terminal event (end or
-error) has been published, or when it is dropped on purpose (its deadline
+error) has been published (queued right behind it, the two leave in one
+write, before the job's metrics and log line: those are off the caller's
+path), or when it is dropped on purpose (its deadline
 passed while queued, it was cancelled, or its gateway closed it). A worker
 that dies holding jobs leaves them unacked, and RabbitMQ gives them to
 another worker, flagged ``redelivered``.
@@ -158,7 +160,7 @@ class JobMessage:
     (docs/performance.md), as on the gateway's reply queue.
     """
 
-    __slots__ = ("_channel", "_tag", "body", "headers", "properties", "redelivered")
+    __slots__ = ("_channel", "_tag", "body", "headers", "properties", "redelivered", "settled")
 
     def __init__(self, delivered: DeliveredMessage) -> None:
         properties = delivered.header.properties
@@ -169,16 +171,27 @@ class JobMessage:
         self.redelivered = bool(getattr(delivery, "redelivered", False))
         self._tag: int = getattr(delivery, "delivery_tag", 0) or 0
         self._channel = cast(aiormq.Channel, delivered.channel)
+        # Acked or nacked already: a second settlement would close the channel.
+        self.settled = False
 
     async def ack(self) -> None:
-        """Settle it; returns once written, with the job's last event queued before it
-        (one write: ``amqp_frames.WriteQueue``). That wait is the worker's backpressure:
-        a broker that stops reading stops it finishing, and so taking, jobs."""
-        await self._channel.basic_ack(self._tag, wait=True)
+        """Settle it, once; returns once written, with the job's last event queued
+        before it (one write: ``amqp_frames.WriteQueue``). That wait is the worker's
+        backpressure: a broker that stops reading stops it finishing, and so taking,
+        jobs. A channel that died meanwhile is logged: RabbitMQ redelivers the job."""
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            await self._channel.basic_ack(self._tag, wait=True)
+        except (AMQPError, ChannelInvalidStateError, OSError):
+            log.warning("job.ack_failed")
 
     async def nack(self, *, requeue: bool) -> None:
-        """Give it back (``requeue``) or drop it."""
-        await self._channel.basic_nack(self._tag, requeue=requeue, wait=False)
+        """Give it back (``requeue``) or drop it, once."""
+        if not self.settled:
+            self.settled = True
+            await self._channel.basic_nack(self._tag, requeue=requeue, wait=False)
 
 
 class Worker:
@@ -442,7 +455,7 @@ class Worker:
         assert task is not None
         self._running[job.job_id] = task
         try:
-            await self._run(job, attempt)
+            await self._run(job, attempt, message)
         except asyncio.CancelledError:
             cancelled = job.job_id in self._cancelled
             # Lost with its connection: cancelled by _on_lost, or by aiormq itself
@@ -464,7 +477,8 @@ class Worker:
         return Disposition(Action.ACK)
 
     async def _dispose(self, message: JobMessage, disposition: Disposition) -> None:
-        """The one place a job message is settled with RabbitMQ."""
+        """Settle a job message with RabbitMQ (a job that ran was acked as its last event
+        left, by its ``JobEvents``; its ack here does nothing)."""
         if disposition.action is Action.LEAVE:
             if disposition.count is not None:
                 await self.stats.add(disposition.count)
@@ -518,11 +532,8 @@ class Worker:
                     )
                 else:
                     self.metrics.dead_letters.labels(disposition.reason).inc()
-        try:
-            await message.ack()
-        except (AMQPError, ChannelInvalidStateError, OSError):
-            # The channel died meanwhile; RabbitMQ redelivers the job.
-            log.warning("job.ack_failed")
+        # A job that ran was acked as its last event left (Worker._call): no-op then.
+        await message.ack()
         if disposition.count is not None:
             self.metrics.of(disposition.endpoint).job(disposition.count)
             await self.stats.add(disposition.count)
@@ -530,7 +541,7 @@ class Worker:
     def _stream_window(self) -> float:
         return stream_window(self.settings, len(self._running))
 
-    async def _run(self, job: ChatJob, attempt: int) -> None:
+    async def _run(self, job: ChatJob, attempt: int, message: JobMessage) -> None:
         assert self._events is not None
         # Counted under the endpoint the bot names first (a fallback that answered
         # is in the logs and the upstream error series).
@@ -538,11 +549,11 @@ class Worker:
         in_flight = self.metrics.of(label).in_flight
         in_flight.inc()
         try:
-            await self._call(job, attempt, label)
+            await self._call(job, attempt, label, message)
         finally:
             in_flight.dec()
 
-    async def _call(self, job: ChatJob, attempt: int, label: str) -> None:
+    async def _call(self, job: ChatJob, attempt: int, label: str, message: JobMessage) -> None:
         assert self._events is not None
         series = self.metrics.of(label)
         started = time.perf_counter()
@@ -556,6 +567,9 @@ class Worker:
             job,
             attempt,
             on_first_delta=first_delta if job.stream else None,
+            # Acked as its end or error leaves, in the same write: what is left here
+            # (metrics, the log line) is then off the caller's path.
+            on_terminal=message.ack,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (job.deadline_ms - now_ms()) / 1000
