@@ -3,7 +3,9 @@ as it comes, aiormq as botline runs it, and framing of our own.
 
 One process publishes messages to a queue of its own and consumes them (no ack) on the
 same connection, ``--window`` in flight, and reads its own CPU time (``process_time``)
-per message, publish and delivery together. Three clients take turns:
+per message, publish and delivery together, and the wall clock's: with ``--window 1``,
+one message's trip through the broker, the hop a job and its answer each make.
+Three clients take turns:
 
 - ``aiormq``: aiormq as it comes (``basic_publish(wait=False)`` on a channel without
   confirms, a ``basic_consume`` callback, the properties a reply event carries);
@@ -28,7 +30,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import NamedTuple, cast
 
 import aiormq
 import pamqp.commands as spec
@@ -60,21 +62,28 @@ class _Count:
             await self._waiter
 
 
+class Figures(NamedTuple):
+    """Seconds per message: the client's CPU, and the wall clock's."""
+
+    cpu: float
+    wall: float
+
+
 async def _drive(
     publish: Callable[[int], Awaitable[None]], count: _Count, n: int, window: int
-) -> float:
-    """CPU seconds per message for ``n`` messages, ``window`` at a time."""
-    started = time.process_time()
+) -> Figures:
+    """Seconds per message for ``n`` messages, ``window`` at a time."""
+    started, clock = time.process_time(), time.perf_counter()
     sent = 0
     while sent < n:
         for _ in range(window):
             await publish(sent)
             sent += 1
         await count.until(sent)
-    return (time.process_time() - started) / n
+    return Figures((time.process_time() - started) / n, (time.perf_counter() - clock) / n)
 
 
-async def _aiormq(url: str, n: int, window: int, body: bytes, *, ours: bool = False) -> float:
+async def _aiormq(url: str, n: int, window: int, body: bytes, *, ours: bool = False) -> Figures:
     connection = await aiormq.connect(url)
     try:
         # The concrete channel: ``wait`` is missing from aiormq's abstract one.
@@ -115,12 +124,12 @@ async def _aiormq(url: str, n: int, window: int, body: bytes, *, ours: bool = Fa
         await connection.close()
 
 
-async def _aiormq_plain(url: str, n: int, window: int, body: bytes) -> float:
+async def _aiormq_plain(url: str, n: int, window: int, body: bytes) -> Figures:
     amqp_frames.uninstall()
     return await _aiormq(url, n, window, body)
 
 
-async def _aiormq_frames(url: str, n: int, window: int, body: bytes) -> float:
+async def _aiormq_frames(url: str, n: int, window: int, body: bytes) -> Figures:
     amqp_frames.install()
     try:
         return await _aiormq(url, n, window, body, ours=True)
@@ -128,7 +137,7 @@ async def _aiormq_frames(url: str, n: int, window: int, body: bytes) -> float:
         amqp_frames.uninstall()
 
 
-async def _frames(url: str, n: int, window: int, body: bytes) -> float:
+async def _frames(url: str, n: int, window: int, body: bytes) -> Figures:
     channel = await RawChannel.open(url, "botline amqp probe")
     try:
         queue = await channel.declare(exclusive=True)
@@ -154,17 +163,22 @@ async def _frames(url: str, n: int, window: int, body: bytes) -> float:
 async def _main(args: argparse.Namespace) -> None:
     body = b'{"type":"chat.end","text":"' + b"tok " * 32 + b'"}'
     clients = {"aiormq": _aiormq_plain, "aiormq+botline": _aiormq_frames, "frames": _frames}
-    figures: dict[str, list[float]] = {name: [] for name in clients}
+    figures: dict[str, list[Figures]] = {name: [] for name in clients}
     for _ in range(args.rounds):
         for name, client in clients.items():
-            figures[name].append(await client(args.url, args.messages, args.window, body) * 1e6)
+            figures[name].append(await client(args.url, args.messages, args.window, body))
     print(
         f"{args.messages} messages a round, {args.window} in flight, {args.rounds} rounds; "
-        "client CPU per message (publish + delivery), median of rounds:"
+        "per message (publish + delivery), median of rounds: the client's CPU, and the "
+        "wall clock's (with --window 1: one message's trip through the broker)"
     )
-    for name, values in figures.items():
-        print(f"  {name:14s} {statistics.median(values):7.1f} us  (rounds: "
-              + ", ".join(f"{v:.1f}" for v in values) + ")")  # fmt: skip
+    for name, rounds in figures.items():
+        cpu = [r.cpu * 1e6 for r in rounds]
+        wall = [r.wall * 1e6 for r in rounds]
+        print(f"  {name:14s} CPU {statistics.median(cpu):7.1f} us  wall "
+              f"{statistics.median(wall):7.1f} us  (rounds, CPU/wall: "
+              + ", ".join(f"{c:.1f}/{w:.1f}" for c, w in zip(cpu, wall, strict=True))
+              + ")")  # fmt: skip
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, NamedTuple, Self
 
 import aiohttp
 
@@ -237,12 +237,19 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return ticks / CLK_TCK
 
 
-def machine_busy_seconds() -> float:
-    """CPU time the whole machine spent busy so far, all cores added, from /proc/stat."""
+class MachineCpu(NamedTuple):
+    """CPU seconds of the whole machine so far, all cores added."""
+
+    busy: float  # steal included: time the machine's cores were not free for us
+    steal: float  # of it, time the hypervisor gave this VM's virtual cores to others
+
+
+def machine_cpu_seconds() -> MachineCpu:
+    """The machine's busy and stolen CPU time so far, from /proc/stat."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     # user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    return MachineCpu((user + nice + system + irq + softirq + steal) / CLK_TCK, steal / CLK_TCK)
 
 
 def rss_bytes(pids: Iterable[int]) -> int:

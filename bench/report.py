@@ -346,6 +346,17 @@ def noise(runs: Sequence[Mapping[str, Any]], nproc: int) -> str:
         f"worst {worst:.0%} of the machine (kernel network work not charged to a process "
         "counts here too)"
     )
+    # Runs of results written before steal was read have none.
+    steals = sorted(
+        r["steal_cpu_s"] / (r["load"]["wall_s"] * nproc)
+        for r in runs
+        if r["load"]["wall_s"] > 0 and "steal_cpu_s" in r
+    )
+    if steals:
+        text += (
+            f"; of it, the host's steal (this VM's cores given to others): median "
+            f"{steals[len(steals) // 2]:.0%}, worst {steals[-1]:.0%}"
+        )
     if worst > 0.15:
         text += "\n  warning: something else was busy on this machine; figures may be skewed"
     return text

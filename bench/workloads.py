@@ -36,7 +36,7 @@ from bench.procs import (
     Processes,
     cpu_seconds,
     listener_pids,
-    machine_busy_seconds,
+    machine_cpu_seconds,
     rss_bytes,
 )
 from bench.stats import median
@@ -293,7 +293,7 @@ async def run_one(
                 raise BenchError(f"unexpected load generator event {event}")
             await asyncio.sleep(_SETTLE_S)
             cpu_before, context_before = _cpu(target.groups()), _cpu(context)
-            machine_before = machine_busy_seconds()
+            machine_before = machine_cpu_seconds()
             rss_idle = _rss(target.groups())
             sampler = asyncio.create_task(_sample_peaks(target.groups, peaks))
             stdin.write(b"go\n")
@@ -308,7 +308,7 @@ async def run_one(
                     rss_open = _rss(target.groups())
                 elif event["event"] == "done":
                     cpu_after, context_after = _cpu(target.groups()), _cpu(context)
-                    machine_after = machine_busy_seconds()
+                    machine_after = machine_cpu_seconds()
                 elif event["event"] == "result":
                     break
     except BenchError:
@@ -326,7 +326,7 @@ async def run_one(
     event.pop("event")
     cpu = {k: cpu_after.get(k, v) - v for k, v in cpu_before.items()}
     context_cpu = {k: context_after.get(k, v) - v for k, v in context_before.items()}
-    machine = machine_after - machine_before
+    machine = machine_after.busy - machine_before.busy
     return {
         "workload": workload.key,
         "target": target.name,
@@ -336,6 +336,8 @@ async def run_one(
         "machine_cpu_s": machine,
         # Busy CPU of processes the benchmark did not start or read: noise from elsewhere.
         "foreign_cpu_s": machine - sum(cpu.values()) - sum(context_cpu.values()),
+        # Of it, the hypervisor's: this VM's cores given to other machines on the host.
+        "steal_cpu_s": machine_after.steal - machine_before.steal,
         "rss_idle": rss_idle,
         "rss_open": rss_open,
         "rss_peak": peaks,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import aiormq
@@ -30,7 +30,7 @@ def fail_settling(stack: Stack) -> list[str]:
     """Make the gateway's usage book raise as a request is settled; returns the calls."""
     calls: list[str] = []
 
-    def record(key_id: str, bot_id: str, usage: Usage) -> None:
+    def record(key_id: str, bot_id: str, usage: Usage | None) -> None:
         calls.append(key_id)
         raise RuntimeError("the usage book failed")
 
@@ -86,7 +86,7 @@ async def test_a_job_is_acked_before_its_bookkeeping(stack: Stack) -> None:
     _, key = await stack.bot_and_key(endpoint="fake", model="m")
     (worker,) = stack.workers
     assert worker._jobs is not None
-    raw: aiormq.Channel = await worker._jobs.channel.get_underlay_channel()
+    raw = cast(aiormq.Channel, await worker._jobs.channel.get_underlay_channel())
     acks: list[int] = []
     basic_ack = raw.basic_ack
 

@@ -9,8 +9,8 @@ from typing import Any, cast
 
 import pytest
 
-from bench.procs import Proc, listener_pids
-from bench.report import colour, floors
+from bench.procs import Proc, listener_pids, machine_cpu_seconds
+from bench.report import colour, floors, noise
 from bench.targets import Target, Upstream, botline_env
 from bench.workloads import aggregate, plan
 from services.worker.settings import WorkerSettings
@@ -153,3 +153,24 @@ def test_litellm_is_judged_on_the_rounds_both_its_workers_served() -> None:
     litellm = next(f for f in found if "LiteLLM" in f.text)
     assert litellm.status == "MISSED"
     assert "1800 vs 165 = 10.9x" in litellm.text
+
+
+def test_the_noise_line_names_the_hosts_steal_apart() -> None:
+    def run(foreign: float, steal: float | None) -> dict[str, Any]:
+        found: dict[str, Any] = {"foreign_cpu_s": foreign, "load": {"wall_s": 10.0}}
+        if steal is not None:
+            found["steal_cpu_s"] = steal
+        return found
+
+    # 2 cores for 10 s: 20 CPU seconds of machine a run.
+    line = noise([run(2.0, 1.0), run(4.0, 3.0), run(8.0, 6.0)], 2)
+    assert "median 20%, worst 40% of the machine" in line
+    assert "host's steal (this VM's cores given to others): median 15%, worst 30%" in line
+    assert "warning" in line
+    # Results written before steal was read: no steal figure, no failure.
+    assert "steal" not in noise([run(2.0, None)], 2)
+
+
+def test_the_machine_steal_is_part_of_its_busy_time() -> None:
+    now = machine_cpu_seconds()
+    assert 0 <= now.steal <= now.busy
