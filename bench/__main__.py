@@ -39,7 +39,7 @@ from bench.targets import (
     litellm_version,
     start_upstream,
 )
-from bench.workloads import Plan, aggregate, plan, run_all, shared_servers
+from bench.workloads import Plan, aggregate, plan, run_all, run_paired, shared_servers
 
 TARGETS = ("direct", "floor", "floor-aiohttp", "botline", "litellm")
 # Also accepted in --targets: botline-pN, botline with --processes N (gateway and worker).
@@ -173,11 +173,26 @@ async def _measure(args: argparse.Namespace, plan_: Plan, stamp: str) -> dict[st
                         targets.append(await stack.enter_async_context(target))
             print(f"all targets ready after {time.time() - started:.0f} s", file=sys.stderr)
             runs = await run_all(procs, plan_, targets, upstreams)
+            paired = None
+            lone = [w for w in plan_.workloads if w.key == "whole-c1"]
+            if lone:
+                print("whole-c1 once more, the targets interleaved", file=sys.stderr)
+                cycles, block = plan_.paired
+                paired = await run_paired(
+                    procs,
+                    targets,
+                    lone[0],
+                    upstreams["whole"],
+                    plan_.tokens("whole"),
+                    cycles=cycles,
+                    block=block,
+                )
     return {
         "info": info,
         "targets": {t.name: t.processes for t in targets},
         "runs": runs,
         "summary": aggregate(runs, targets),
+        "paired_c1": paired,
         "started": started,
         "finished": time.time(),
     }
@@ -214,8 +229,13 @@ async def _main(args: argparse.Namespace) -> int:
     wall = time.monotonic()
     results = await _measure(args, plan_, stamp)
     summary = results["summary"]
-    found = report.floors(summary, plan_)
-    for table in (report.whole_table(summary, plan_), report.stream_table(summary, plan_)):
+    found = report.floors(summary, plan_, results["paired_c1"])
+    tables = (
+        report.whole_table(summary, plan_),
+        report.paired_table(results["paired_c1"]),
+        report.stream_table(summary, plan_),
+    )
+    for table in tables:
         if table:  # a kind of workload this run did not have prints nothing
             print()
             print(table)

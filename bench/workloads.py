@@ -101,6 +101,9 @@ class Plan:
 
     # --rounds, when given, applies to every workload.
     rounds_forced: bool = False
+    # Whole answers at c=1 once more, the targets interleaved (bench.paired): cycles, and
+    # requests per target per cycle.
+    paired: tuple[int, int] = (12, 300)
 
     def tokens(self, kind: Kind) -> int:
         """Tokens in each answer of a workload of this kind."""
@@ -121,6 +124,7 @@ def plan(*, quick: bool, rounds: int | None = None) -> Plan:
             rounds=rounds or 1,
             rounds_forced=rounds is not None,
             upstreams={"whole": (32, 0.0), "stream": (32, 5.0), "slow": (32, 5.0)},
+            paired=(3, 30),
             workloads=[
                 Workload("whole", 1, requests=300, duration_s=1.5, warmup=20, timeout_s=30),
                 Workload("whole", 16, requests=2000, duration_s=1.5, warmup=32, timeout_s=30),
@@ -385,6 +389,90 @@ async def run_all(
                 print(_progress(run, round_no + 1, rounds), file=sys.stderr, flush=True)
                 _check_alive([*target.procs, *(up.proc for up in upstreams.values())])
     return runs
+
+
+# Not in the interleaved c=1 run: ~11 ms an answer would make its blocks ten times the
+# others', and no floor compares botline with LiteLLM at c=1.
+_NOT_PAIRED = ("litellm",)
+
+
+async def run_paired(
+    procs: Processes,
+    targets: Sequence[Target],
+    workload: Workload,
+    upstream: Upstream,
+    tokens: int,
+    *,
+    cycles: int,
+    block: int,
+) -> dict[str, Any] | None:
+    """``workload`` (whole answers, c=1) with the targets interleaved (``bench.paired``);
+    None without the direct call and one other target to compare."""
+    paired = [t for t in targets if workload.kind in t.routes and t.name not in _NOT_PAIRED]
+    if "direct" not in {t.name for t in paired} or len(paired) < 2:
+        return None
+    specs = {
+        t.name: Spec(
+            url=t.routes[workload.kind].url,
+            headers=t.routes[workload.kind].headers,
+            body=workload.body(),
+            stream=False,
+            concurrency=1,
+            requests=block,
+            duration_s=0,
+            warmup=workload.warmup,
+            expect_tokens=tokens,
+            timeout_s=workload.timeout_s,
+        )
+        for t in paired
+    }
+    asked = {
+        "specs": {name: vars(spec) for name, spec in specs.items()},
+        "cycles": cycles,
+        "block": block,
+    }
+    name = f"load-{workload.key}-paired"
+    argv = [sys.executable, "-m", "bench.paired"]
+    proc = await procs.start(name, argv, cwd=ROOT, stdin_pipe=True, stdout_pipe=True)
+    stdin, stdout = proc.process.stdin, proc.process.stdout
+    assert stdin is not None
+    assert stdout is not None
+    watchdog = asyncio.create_task(
+        _watch([p for t in paired for p in t.procs] + [upstream.proc], proc)
+    )
+    # Every request is bounded by its timeout; this bounds the whole in case it wedges.
+    budget = 120 + 2 * workload.timeout_s * len(paired)
+    try:
+        async with _within(budget, name):
+            stdin.write(orjson.dumps(asked) + b"\n")
+            await stdin.drain()
+            event = await _next_event(stdout)
+    except BenchError:
+        _check_alive([p for t in paired for p in t.procs])
+        raise
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+        await procs.stop(proc, timeout=5)
+    event.pop("event")
+    direct = event["p50_ms"]["direct"]
+    added = {
+        target: [
+            None if mine is None or theirs is None else mine - theirs
+            for mine, theirs in zip(p50s, direct, strict=True)
+        ]
+        for target, p50s in event["p50_ms"].items()
+        if target != "direct"
+    }
+    return {
+        "workload": workload.key,
+        "cycles": cycles,
+        "block": block,
+        **event,
+        "added_ms": added,
+        "added_p50_ms": {target: median(cycles_) for target, cycles_ in added.items()},
+    }
 
 
 def _check_alive(procs: Sequence[Proc]) -> None:

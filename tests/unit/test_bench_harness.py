@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 from typing import Any, cast
 
 import pytest
 
 from bench.procs import Proc, listener_pids, machine_cpu_seconds
-from bench.report import colour, floors, noise
+from bench.report import colour, floors, noise, paired_table
 from bench.targets import Target, Upstream, botline_env
 from bench.workloads import aggregate, plan
 from services.worker.settings import WorkerSettings
@@ -174,3 +175,49 @@ def test_the_noise_line_names_the_hosts_steal_apart() -> None:
 def test_the_machine_steal_is_part_of_its_busy_time() -> None:
     now = machine_cpu_seconds()
     assert 0 <= now.steal <= now.busy
+
+
+def _paired(p50s: dict[str, list[float]]) -> dict[str, Any]:
+    """An interleaved c=1 run as ``workloads.run_paired`` returns it, reduced."""
+    direct = p50s["direct"]
+    added = {t: [a - d for a, d in zip(v, direct, strict=True)] for t, v in p50s.items()}
+    del added["direct"]
+    return {
+        "cycles": len(direct),
+        "block": 300,
+        "p50_ms": p50s,
+        "ok": {t: 300 * len(v) for t, v in p50s.items()},
+        "errors": {t: {} for t in p50s},
+        "added_ms": added,
+        "added_p50_ms": {t: statistics.median(v) for t, v in added.items()},
+    }
+
+
+def test_the_c1_floor_is_judged_on_the_interleaved_run_when_there_is_one() -> None:
+    # Round by round the baseline met a slow spell (+3.76 ms) and botline did not: the
+    # rounds would say met. Interleaved, both met every spell: 0.8x, missed.
+    rounds = [
+        {**_whole_round(t, 0, rps, {}), "workload": "whole-c1"}
+        for t, rps in (("direct", 3000.0), ("botline", 500.0), ("botline@140364c", 200.0))
+    ]
+    rounds[0]["load"]["latency_ms"] = {"p50": 0.33, "p99": 0.7}
+    rounds[1]["load"]["latency_ms"] = {"p50": 1.66, "p99": 3.0}
+    rounds[2]["load"]["latency_ms"] = {"p50": 4.09, "p99": 7.0}
+    targets = [Target(t, "2", {}, dict, ()) for t in ("direct", "botline", "botline@140364c")]
+    summary = aggregate(rounds, targets)
+    alone = next(f for f in floors(summary, plan(quick=False)) if "c=1" in f.text)
+    assert alone.status == "MET"
+    paired = _paired(
+        {
+            "direct": [0.33, 0.40, 0.35],
+            "botline": [1.60, 2.40, 1.70],
+            "botline@140364c": [1.85, 2.90, 2.00],
+        }
+    )
+    found = next(f for f in floors(summary, plan(quick=False), paired) if "c=1" in f.text)
+    assert found.status == "MISSED"
+    assert "+1.35 ms vs +1.65 ms (botline@140364c, the targets interleaved" in found.text
+    assert "in the rounds, one target at a time: +1.33 vs +3.76 ms" in found.text
+    table = paired_table(paired)
+    assert "3 cycles of 300 requests each" in table
+    assert "+1.27..+2.00" in table  # botline's cycles, least to most added
