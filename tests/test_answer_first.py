@@ -12,13 +12,19 @@ import asyncio
 from collections.abc import MutableMapping
 from typing import Any, cast
 
+import aio_pika
 import aiohttp
 import aiormq
 import pytest
 import structlog
 
+from services.worker.endpoints import Finish
+from services.worker.job_events import JobEvents
+from shared.errors import DeadlineExceeded
+from shared.settings import CommonSettings
 from shared.wire import Usage
 from tests.support.client import auth, sse_events
+from tests.support.samples import JOB
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -118,3 +124,28 @@ async def _whole(stack: Stack, key: str) -> None:
     ) as resp:
         assert resp.status == 200
         await resp.read()
+
+
+async def test_nothing_follows_a_jobs_end(namespace: str) -> None:
+    """The ack behind the end may wait for the socket past the job's deadline; the
+    deadline's error must not follow the end the caller already has."""
+    connection = await aio_pika.connect(CommonSettings().amqp_urls[0])
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"{namespace}.events", exclusive=True)
+        acks: list[str] = []
+
+        async def ack() -> None:
+            acks.append("ack")
+
+        job = JOB.model_copy(update={"reply_to": queue.name})
+        events = JobEvents(channel, "", job, 1, on_terminal=ack)
+        await events.end("the answer", Finish("stop", Usage()))
+        await events.error(DeadlineExceeded("the request deadline passed"))
+        # Published on this channel before each get, so in the queue before it: RabbitMQ
+        # keeps a channel's commands in order, up to the queue.
+        first = await queue.get(no_ack=True, timeout=5)
+        after = await queue.get(no_ack=True, fail=False, timeout=5)
+    assert first.type == "chat.end"
+    assert after is None
+    assert acks == ["ack"]

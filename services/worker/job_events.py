@@ -37,6 +37,8 @@ class JobEvents:
         # Awaited once the terminal event (end or error) is queued: the job's ack
         # (Worker._call), so it leaves in the same write, ahead of the bookkeeping.
         self._on_terminal = on_terminal
+        # Whether the terminal event went out: nothing of this attempt follows it.
+        self.ended = False
         # The answer's usage, once its end was sent.
         self.usage: Usage | None = None
         # The endpoint that answered, once known: on the first delta and the end.
@@ -100,6 +102,7 @@ class JobEvents:
         """The last piece, with the finish reason and usage."""
         job = self._job
         self.usage = finish.usage
+        self.ended = True
         await self._send(
             EndEvent(
                 job_id=job.job_id,
@@ -114,7 +117,11 @@ class JobEvents:
         await self._terminal()
 
     async def error(self, error: BotlineError) -> None:
-        """The job's one terminal error."""
+        """The job's one terminal error; nothing once its end or an error went out (the
+        deadline may pass as the ack behind its end waits for the socket)."""
+        if self.ended:
+            return
+        self.ended = True
         job = self._job
         await self._send(
             ErrorEvent(

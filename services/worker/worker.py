@@ -595,8 +595,9 @@ class Worker:
         except TimeoutError:
             if not window.expired():
                 raise
-            outcome = "deadline"
-            await events.error(DeadlineExceeded("the request deadline passed"))
+            if not events.ended:  # else its answer went out in time, then its ack waited
+                outcome = "deadline"
+                await events.error(DeadlineExceeded("the request deadline passed"))
         except BotlineError as exc:
             outcome = exc.code
             if isinstance(exc, UpstreamError):
