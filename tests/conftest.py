@@ -123,9 +123,11 @@ async def processes(
     upstream: FakeOpenAI,
     tmp_path: Path,
     amqp_cleanup: None,
+    redis: Redis,
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[ProcessFactory]:
-    """Starts real ``botline`` processes (``await processes("worker")``); all killed after."""
+    """Starts real ``botline`` processes (``await processes("worker")``); all killed after,
+    before the namespace's keys are deleted (``redis``: a worker's heartbeat writes some)."""
     started: list[Process] = []
 
     async def start(command: str, *args: str, **env: str) -> Process:

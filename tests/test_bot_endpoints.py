@@ -7,6 +7,7 @@ from random import Random
 
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from services.worker.routing import plan
 from shared.records import Bot
@@ -87,7 +88,10 @@ async def test_admin_api_shows_each_endpoints_fleet_state(admin: Stack) -> None:
     assert by_name["echo"]["state"] == "closed"
 
 
-async def test_cli_creates_a_bot_with_ordered_weighted_endpoints(namespace: str) -> None:
+async def test_cli_creates_a_bot_with_ordered_weighted_endpoints(
+    namespace: str, redis: Redis
+) -> None:
+    # ``redis``: the bot the CLI stores is deleted with the namespace's keys afterwards.
     out, _ = await run_cli(
         namespace, "bots", "create", "--name", "ha", "--endpoint", "a:3:0", "--endpoint", "b:1:0",
         "--endpoint", "c",
