@@ -221,3 +221,19 @@ def test_the_c1_floor_is_judged_on_the_interleaved_run_when_there_is_one() -> No
     table = paired_table(paired)
     assert "3 cycles of 300 requests each" in table
     assert "+1.27..+2.00" in table  # botline's cycles, least to most added
+
+
+def test_without_a_baseline_build_the_c1_floor_is_not_judged() -> None:
+    # Issue 13's figure for 140364c is from another day: it cannot meet or miss the floor.
+    rounds = [
+        {**_whole_round(t, 0, rps, {}), "workload": "whole-c1"}
+        for t, rps in (("direct", 3000.0), ("botline", 500.0))
+    ]
+    rounds[0]["load"]["latency_ms"] = {"p50": 0.31, "p99": 0.6}
+    rounds[1]["load"]["latency_ms"] = {"p50": 2.43, "p99": 4.0}
+    targets = [Target(t, "2", {}, dict, ()) for t in ("direct", "botline")]
+    summary = aggregate(rounds, targets)
+    found = next(f for f in floors(summary, plan(quick=True)) if "c=1" in f.text)
+    assert found.status == "n/a"
+    assert "+2.12 ms vs +4.29 ms (issue 13's figure for 140364c, from another day)" in found.text
+    assert "judged only beside a build" in found.text
