@@ -344,60 +344,52 @@ def _c1_floor(found: list[Floor], summary: Summary, paired: Mapping[str, Any] | 
     """Whole answers at c=1: added p50 at most half the baseline build's.
 
     On the interleaved run when it has botline and a baseline build: there every target
-    met the same spells of a shared machine's speed. Otherwise on the rounds' medians.
+    met the same spells of a shared machine's speed. Otherwise on the rounds' medians;
+    without a build beside, not judged (issue 13's figure is from another day).
     """
     name = "whole answers at c=1: added p50 <= half the baseline's"
-    added = paired["added_p50_ms"] if paired else {}
-    builds = [t for t in added if t.startswith("botline@")]
-    if added.get("botline") is not None and builds and added[builds[0]] is not None:
-        assert paired is not None
-        mine, before = added["botline"], added[builds[0]]
-        said = (
-            f"{mine:+.2f} ms vs {before:+.2f} ms ({builds[0]}, the targets interleaved: "
-            f"the median of {paired['cycles']} cycles of {paired['block']} requests)"
+    rounds = {t: c["added_p50_ms"] for t, c in summary.get("whole-c1", {}).items()}
+    figures: Mapping[str, float | None] = paired["added_p50_ms"] if paired else {}
+    build = next((t for t in figures if t.startswith("botline@")), None)
+    interleaved = bool(paired and build and None not in (figures.get("botline"), figures[build]))
+    if paired and interleaved:
+        source = (
+            f"{build}, the targets interleaved: "
+            f"the median of {paired['cycles']} cycles of {paired['block']} requests"
         )
-        for least in ("floor", "floor-aiohttp"):
-            if added.get(least) is not None:
-                said += f"; {least} added {added[least]:+.2f} ms"
-                if added[least] > before / 2:
-                    said += " (more than half the baseline's by itself)"
-        rounds = summary.get("whole-c1", {})
-        if rounds.get("botline") and rounds.get(builds[0]):
-            alone = _fmt(rounds["botline"]["added_p50_ms"], signed=True)
-            alone_before = _fmt(rounds[builds[0]]["added_p50_ms"], signed=True)
-            said += f"; in the rounds, one target at a time: {alone} vs {alone_before} ms"
-        _judge(found, name, mine <= before / 2, said)
-        return
-
-    def cell(workload: str, target: str = "botline") -> Mapping[str, Any] | None:
-        return summary.get(workload, {}).get(target)
-
-    bl = cell("whole-c1")
-    builds = [t for t in summary.get("whole-c1", {}) if t.startswith("botline@")]
-    old = cell("whole-c1", builds[0]) if builds else None
-    beside = old is not None and old["added_p50_ms"] is not None
-    if beside:
-        assert old is not None
-        before, source = old["added_p50_ms"], f"{builds[0]} in this run"
     else:
-        before, source = _OLD_ADDED_C1_MS, "issue 13's figure for 140364c, from another day"
-    if bl and bl["added_p50_ms"] is not None:
-        said = f"{bl['added_p50_ms']:+.2f} ms vs {before:+.2f} ms ({source})"
-        for least in ("floor", "floor-aiohttp"):
-            other = cell("whole-c1", least)
-            if other is not None and other["added_p50_ms"] is not None:
-                said += f"; {least} added {other['added_p50_ms']:+.2f} ms"
-                if other["added_p50_ms"] > before / 2:
-                    said += " (more than half the baseline's by itself)"
-        if beside:
-            _judge(found, name, bl["added_p50_ms"] <= before / 2, said)
-        else:
-            # The floor is "in the same run as a build of 140364c": a figure from another
-            # hour of this machine cannot meet or miss it (its speed moves 2-3x).
-            said += "; judged only beside a build (--baseline-commit 140364c)"
-            found.append(Floor("n/a", f"{name}: {said}"))
-    else:
+        figures = rounds
+        build = next((t for t in figures if t.startswith("botline@")), None)
+        source = f"{build} in this run"
+    mine = figures.get("botline")
+    if mine is None:
         _judge(found, name, None, "")
+        return
+    beside = build is not None and figures.get(build) is not None
+    before = figures[build] if beside and build else _OLD_ADDED_C1_MS
+    assert before is not None  # beside: it is not
+    if not beside:
+        source = "issue 13's figure for 140364c, from another day"
+    said = f"{mine:+.2f} ms vs {before:+.2f} ms ({source})"
+    for least in ("floor", "floor-aiohttp"):
+        other = figures.get(least)
+        if other is not None:
+            said += f"; {least} added {other:+.2f} ms"
+            if other > before / 2:
+                said += " (more than half the baseline's by itself)"
+    if interleaved and build in rounds:
+        alone, alone_before = (
+            _fmt(rounds.get("botline"), signed=True),
+            _fmt(rounds[build], signed=True),
+        )
+        said += f"; in the rounds, one target at a time: {alone} vs {alone_before} ms"
+    if beside:
+        _judge(found, name, mine <= before / 2, said)
+    else:
+        # The floor is "in the same run as a build of 140364c": a figure from another
+        # hour of this machine cannot meet or miss it (its speed moves 2-3x).
+        said += "; judged only beside a build (--baseline-commit 140364c)"
+        found.append(Floor("n/a", f"{name}: {said}"))
 
 
 def floors_text(found: Sequence[Floor]) -> str:

@@ -437,9 +437,8 @@ async def run_paired(
     stdin, stdout = proc.process.stdin, proc.process.stdout
     assert stdin is not None
     assert stdout is not None
-    watchdog = asyncio.create_task(
-        _watch([p for t in paired for p in t.procs] + [upstream.proc], proc)
-    )
+    measured = [p for t in paired for p in t.procs]
+    watchdog = asyncio.create_task(_watch([*measured, upstream.proc], proc))
     # Every request is bounded by its timeout; this bounds the whole in case it wedges.
     budget = 120 + 2 * workload.timeout_s * len(paired)
     try:
@@ -448,7 +447,7 @@ async def run_paired(
             await stdin.drain()
             event = await _next_event(stdout)
     except BenchError:
-        _check_alive([p for t in paired for p in t.procs])
+        _check_alive(measured)
         raise
     finally:
         watchdog.cancel()
