@@ -426,6 +426,36 @@ def publish_now(
     return True
 
 
+async def ack_delivery(raw: aiormq.Channel, delivery_tag: int) -> None:
+    """Ack one delivery; returns once the writer has drained the socket after it.
+
+    aiormq's ``basic_ack(wait=True)`` without its two coroutines, its pamqp
+    frame object and the coding of a one-frame list: the frame goes into the
+    connection's write queue as ``publish_now``'s do, so it joins the write of
+    what is queued before it (a job's last event). It waits for room only while
+    the queue is full, as ``basic_ack`` does. Raises
+    ``ChannelInvalidStateError`` on a closed channel, and the channel's close
+    reason if it closes before the write (its future store fails the wait).
+    """
+    if raw.is_closed:
+        raise ChannelInvalidStateError(f"{raw!r} closed")
+    drained = raw.create_future()
+    item = ChannelFrame(
+        payload=amqp_frames.ack_frame(raw.number, delivery_tag),
+        should_close=False,
+        drain_future=drained,
+    )
+    try:
+        raw.write_queue.put_nowait(item)
+    except asyncio.QueueFull:
+        try:
+            await raw.write_queue.put(item)
+        except BaseException:
+            drained.cancel()
+            raise
+    await drained
+
+
 async def consume(
     channel: AbstractChannel | aiormq.Channel,
     queue: str,

@@ -170,9 +170,14 @@ def marshal(frame_value: pamqp.frame.FrameTypes, channel_id: int) -> bytes:
         return _frame(_METHOD, channel, payload)
     if kind is Basic.Ack:
         ack: Basic.Ack = frame  # type: ignore[assignment]
-        payload = _ACK + _LONG_LONG.pack(ack.delivery_tag) + bytes((bool(ack.multiple),))
-        return _frame(_METHOD, channel, payload)
+        return ack_frame(channel, ack.delivery_tag, multiple=ack.multiple)
     return _pamqp_marshal(frame, channel)
+
+
+def ack_frame(channel: int, delivery_tag: int, *, multiple: bool = False) -> bytes:
+    """A ``Basic.Ack`` method frame, as pamqp codes it."""
+    payload = _ACK + _LONG_LONG.pack(delivery_tag) + bytes((bool(multiple),))
+    return _frame(_METHOD, channel, payload)
 
 
 def _short_at(data: bytes, at: int) -> tuple[str, int]:

@@ -15,6 +15,7 @@ import aiormq.abc
 import pamqp.frame
 import pytest
 import structlog.testing
+from aio_pika.exceptions import ChannelInvalidStateError
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +25,7 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from shared import amqp_frames
-from shared.amqp import Outgoing, consume, publish, publish_now
+from shared.amqp import Outgoing, ack_delivery, consume, publish, publish_now
 from shared.settings import CommonSettings
 
 _PAMQP_MARSHAL = amqp_frames._pamqp_marshal
@@ -629,3 +630,40 @@ async def test_publishes_queued_together_leave_in_one_write_in_order(
     async with asyncio.timeout(10):
         got = [await raw.basic_get(queue, no_ack=True) for _ in range(30)]
     assert [message.body for message in got] == [b"%d" % i for i in range(30)]
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("installed")
+async def test_acks_settle_deliveries_without_basic_ack_in_the_write_of_what_came_before(
+    amqp_channel: tuple[aio_pika.abc.AbstractChannel, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    channel, queue = amqp_channel
+    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+
+    async def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("basic_ack was called")
+
+    monkeypatch.setattr(raw, "basic_ack", refuse)
+    async with asyncio.timeout(10):
+        await _send(channel, queue, [b"a", b"b", b"c"])
+        taken = [await raw.basic_get(queue, no_ack=False) for _ in range(3)]
+        tags = [cast(spec.Basic.GetOk, message.delivery).delivery_tag for message in taken]
+        # An event and the ack behind it, queued in one step: one item, one write.
+        writes = raw.connection.write_queue
+        reply = Outgoing(b"end", spec.Basic.Properties(message_id="end"), "", queue)
+        assert publish_now(raw, reply)
+        acked = asyncio.ensure_future(ack_delivery(raw, tags[0]))
+        await asyncio.sleep(0)
+        assert writes.qsize() == 1
+        await acked
+        await ack_delivery(raw, tags[2])
+        # The channel goes with the second unacked: only it comes back (the queue is
+        # the connection's), beside the event published ahead of the first ack.
+        await channel.close()
+        assert raw.is_closed
+        with pytest.raises(ChannelInvalidStateError):
+            await ack_delivery(raw, tags[1])
+        other = await raw.connection.channel()
+        left = [await other.basic_get(queue, no_ack=True) for _ in range(2)]
+        assert sorted(message.body for message in left) == [b"b", b"end"]
+        assert isinstance((await other.basic_get(queue, no_ack=True)).delivery, spec.Basic.GetEmpty)

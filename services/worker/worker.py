@@ -84,6 +84,7 @@ from shared.amqp import (
     ATTEMPT_HEADER,
     DEAD_HEADER,
     AmqpLink,
+    ack_delivery,
     consume,
     declare_control,
     declare_jobs,
@@ -183,7 +184,7 @@ class JobMessage:
             return
         self.settled = True
         try:
-            await self._channel.basic_ack(self._tag, wait=True)
+            await ack_delivery(self._channel, self._tag)
         except (AMQPError, ChannelInvalidStateError, OSError):
             log.warning("job.ack_failed")
 
