@@ -647,7 +647,7 @@ async def test_acks_settle_deliveries_without_basic_ack_in_the_write_of_what_cam
     async with asyncio.timeout(10):
         await _send(channel, queue, [b"a", b"b", b"c"])
         taken = [await raw.basic_get(queue, no_ack=False) for _ in range(3)]
-        tags = [cast(spec.Basic.GetOk, message.delivery).delivery_tag for message in taken]
+        tags = [cast(int, cast(spec.Basic.GetOk, m.delivery).delivery_tag) for m in taken]
         # An event and the ack behind it, queued in one step: one item, one write.
         writes = raw.connection.write_queue
         reply = Outgoing(b"end", spec.Basic.Properties(message_id="end"), "", queue)

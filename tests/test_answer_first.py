@@ -18,8 +18,10 @@ import aiormq
 import pytest
 import structlog
 
+from services.worker import worker as worker_module
 from services.worker.endpoints import Finish
 from services.worker.job_events import JobEvents
+from shared.amqp import ack_delivery
 from shared.errors import DeadlineExceeded
 from shared.settings import CommonSettings
 from shared.wire import Usage
@@ -87,20 +89,24 @@ async def test_a_stream_is_not_followed_by_an_error_response(stack: Stack) -> No
                     assert (await resp.json())["object"] == "chat.completion"
 
 
-async def test_a_job_is_acked_before_its_bookkeeping(stack: Stack) -> None:
+async def test_a_job_is_acked_before_its_bookkeeping(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The job's ack is queued right behind its end event, before ``job.finished``."""
     _, key = await stack.bot_and_key(endpoint="fake", model="m")
     (worker,) = stack.workers
     assert worker._jobs is not None
     raw = cast(aiormq.Channel, await worker._jobs.channel.get_underlay_channel())
     acks: list[int] = []
-    basic_ack = raw.basic_ack
 
-    async def counted(delivery_tag: int, *args: Any, **kwargs: Any) -> Any:
+    async def counted(channel: aiormq.Channel, delivery_tag: int) -> None:
+        assert channel is raw
         acks.append(delivery_tag)
-        return await basic_ack(delivery_tag, *args, **kwargs)
+        await ack_delivery(channel, delivery_tag)
 
-    raw.basic_ack = counted  # type: ignore[method-assign]
+    # The worker's one way to ack (shared.amqp.ack_delivery, not aiormq's basic_ack).
+    monkeypatch.setattr(worker_module, "ack_delivery", counted)
+    monkeypatch.setattr(raw, "basic_ack", None)
     acked_when_logged: list[int] = []
     finished = asyncio.Event()
 
