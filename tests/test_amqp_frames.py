@@ -526,18 +526,26 @@ async def test_confirmed_publishes_each_get_their_own_answer() -> None:
         await connection.close()
 
 
+async def _refusing(
+    channel: aio_pika.abc.AbstractChannel, method: str, monkeypatch: pytest.MonkeyPatch
+) -> aiormq.Channel:
+    """The channel's aiormq channel, ``method`` of it failing the test if called."""
+    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+
+    async def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{method} was called")
+
+    monkeypatch.setattr(raw, method, refuse)
+    return raw
+
+
 @pytest.mark.integration
 @pytest.mark.usefixtures("installed")
 async def test_a_waiting_publish_returns_once_drained_without_basic_publish(
     amqp_channel: tuple[aio_pika.abc.AbstractChannel, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     channel, queue = amqp_channel
-    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
-
-    async def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("basic_publish was called")
-
-    monkeypatch.setattr(raw, "basic_publish", refuse)
+    raw = await _refusing(channel, "basic_publish", monkeypatch)
     async with asyncio.timeout(10):
         for i in range(20):
             await publish(channel, b"%d" % i, routing_key=queue, message_id=f"m-{i}", wait=True)
@@ -638,12 +646,7 @@ async def test_acks_settle_deliveries_without_basic_ack_in_the_write_of_what_cam
     amqp_channel: tuple[aio_pika.abc.AbstractChannel, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     channel, queue = amqp_channel
-    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
-
-    async def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("basic_ack was called")
-
-    monkeypatch.setattr(raw, "basic_ack", refuse)
+    raw = await _refusing(channel, "basic_ack", monkeypatch)
     async with asyncio.timeout(10):
         await _send(channel, queue, [b"a", b"b", b"c"])
         taken = [await raw.basic_get(queue, no_ack=False) for _ in range(3)]
