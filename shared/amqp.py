@@ -436,6 +436,9 @@ async def ack_delivery(raw: aiormq.Channel, delivery_tag: int) -> None:
     the queue is full, as ``basic_ack`` does. Raises
     ``ChannelInvalidStateError`` on a closed channel, and the channel's close
     reason if it closes before the write (its future store fails the wait).
+    A channel whose close has begun takes the frame (``publish_now`` does the
+    same): the broker drops it with the channel, and the delivery comes back
+    as after a failed ack; the channel's number is not reused before it closes.
     """
     if raw.is_closed:
         raise ChannelInvalidStateError(f"{raw!r} closed")
