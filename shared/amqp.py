@@ -436,11 +436,14 @@ async def ack_delivery(raw: aiormq.Channel, delivery_tag: int) -> None:
     the queue is full, as ``basic_ack`` does. Raises
     ``ChannelInvalidStateError`` on a closed channel, and the channel's close
     reason if it closes before the write (its future store fails the wait).
-    A channel whose close has begun takes the frame (``publish_now`` does the
-    same): the broker drops it with the channel, and the delivery comes back
-    as after a failed ack; the channel's number is not reused before it closes.
+    A channel whose close has begun refuses too, as ``basic_ack`` does: an
+    ack written behind our own ``Channel.Close`` would reach a channel the
+    broker no longer has, a connection error; the delivery comes back to the
+    queue with the channel instead.
     """
-    if raw.is_closed:
+    # aiormq's own flag (name-mangled) for a close begun: basic_ack checks it too.
+    closing: asyncio.Event | None = getattr(raw, "_Channel__close_event", None)
+    if raw.is_closed or (closing is not None and closing.is_set()):
         raise ChannelInvalidStateError(f"{raw!r} closed")
     drained = raw.create_future()
     item = ChannelFrame(

@@ -647,6 +647,8 @@ async def test_acks_settle_deliveries_without_basic_ack_in_the_write_of_what_cam
 ) -> None:
     channel, queue = amqp_channel
     raw = await _refusing(channel, "basic_ack", monkeypatch)
+    # ack_delivery refuses once a close has begun by aiormq's own flag for it.
+    assert isinstance(getattr(raw, "_Channel__close_event", None), asyncio.Event)
     async with asyncio.timeout(10):
         await _send(channel, queue, [b"a", b"b", b"c"])
         taken = [await raw.basic_get(queue, no_ack=False) for _ in range(3)]
