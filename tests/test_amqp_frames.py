@@ -653,14 +653,25 @@ async def test_acks_settle_deliveries_without_basic_ack_in_the_write_of_what_cam
         await _send(channel, queue, [b"a", b"b", b"c"])
         taken = [await raw.basic_get(queue, no_ack=False) for _ in range(3)]
         tags = [cast(int, cast(spec.Basic.GetOk, m.delivery).delivery_tag) for m in taken]
-        # An event and the ack behind it, queued in one step: one item, one write.
+        # An event and the ack behind it, queued in one step of a task (as a job's end
+        # and its ack are): the writer has not run in between, one item, one write.
         writes = raw.connection.write_queue
+        taken: list[bytes] = []
+        take = writes.get_nowait
+
+        def record() -> aiormq.abc.ChannelFrame:
+            item = take()
+            taken.append(item.payload)
+            return item
+
+        monkeypatch.setattr(writes, "get_nowait", record)
         reply = Outgoing(b"end", spec.Basic.Properties(message_id="end"), "", queue)
         assert publish_now(raw, reply)
-        acked = asyncio.ensure_future(ack_delivery(raw, tags[0]))
-        await asyncio.sleep(0)
-        assert writes.qsize() == 1
-        await acked
+        await ack_delivery(raw, tags[0])
+        ack = amqp_frames.ack_frame(raw.number, tags[0])
+        assert len(taken) == 1
+        assert taken[0].endswith(ack)
+        assert b"end" in taken[0]
         await ack_delivery(raw, tags[2])
         # The channel goes with the second unacked: only it comes back (the queue is
         # the connection's), beside the event published ahead of the first ack.
