@@ -656,12 +656,12 @@ async def test_acks_settle_deliveries_without_basic_ack_in_the_write_of_what_cam
         # An event and the ack behind it, queued in one step of a task (as a job's end
         # and its ack are): the writer has not run in between, one item, one write.
         writes = raw.connection.write_queue
-        taken: list[bytes] = []
+        written: list[bytes] = []
         take = writes.get_nowait
 
         def record() -> aiormq.abc.ChannelFrame:
-            item = take()
-            taken.append(item.payload)
+            item: aiormq.abc.ChannelFrame = take()
+            written.append(item.payload)
             return item
 
         monkeypatch.setattr(writes, "get_nowait", record)
@@ -669,9 +669,9 @@ async def test_acks_settle_deliveries_without_basic_ack_in_the_write_of_what_cam
         assert publish_now(raw, reply)
         await ack_delivery(raw, tags[0])
         ack = amqp_frames.ack_frame(raw.number, tags[0])
-        assert len(taken) == 1
-        assert taken[0].endswith(ack)
-        assert b"end" in taken[0]
+        assert len(written) == 1
+        assert written[0].endswith(ack)
+        assert b"end" in written[0]
         await ack_delivery(raw, tags[2])
         # The channel goes with the second unacked: only it comes back (the queue is
         # the connection's), beside the event published ahead of the first ack.
