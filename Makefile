@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.package-lock.json
 
-.PHONY: run test lint format check services browser bench bench-quick bench-instructions deploy-check clean lock
+.PHONY: run test lint format check services browser bench bench-quick bench-instructions bench-timeline deploy-check clean lock
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "botline needs Python 3.11 or newer"'
@@ -79,6 +79,10 @@ bench-quick: $(STAMP) services
 bench-instructions: $(STAMP) services
 	@scripts/ensure-valgrind
 	$(BIN)/python -m bench.instructions $(if $(REV),--baseline-commit $(REV)) $(if $(C),--concurrency $(C) --requests 3000)
+
+# Where a lone whole answer's time goes, step by step, in the gateway and the worker.
+bench-timeline: $(STAMP) services
+	$(BIN)/python -m bench.timeline
 
 check: lint test
 

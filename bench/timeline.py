@@ -1,0 +1,206 @@
+"""``python -m bench.timeline``: where a lone whole answer's time goes, step by step.
+
+At c=1 what botline adds over the direct call is the time of its path, and the
+benchmark's figures (latency, CPU per answer) do not say which step of it
+takes what. This runs botline as the benchmark starts it (``bench.targets.botline``:
+defaults, a namespace of its own, the fake upstream answering 32 tokens at once),
+each process under ``bench.marks`` (a few functions on the path marked on the
+machine's monotonic clock), and asks ``--requests`` whole answers one at a time
+from a plain blocking socket of its own, marking each call and each answer.
+Every call's marks, in time order, make its steps; the report gives each step's
+median over the calls, in path order, and the share of the caller's median
+round trip.
+
+Beside it, the same caller asks the fake upstream directly: back to back, and
+after ``--idle-ms`` of its own busy waiting between calls. The difference is
+what waking a process (and a core) that has been idle costs on this machine,
+which every hop of a c=1 path pays more of the longer the path is
+(docs/performance.md, thirteenth pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+
+from bench.procs import BenchError, Processes
+from bench.targets import MODELS, ROOT, botline, current_build, start_upstream
+
+CALL = "caller: call"
+ANSWER = "caller: answer"
+# A step is reported if it is seen in at least this share of the calls (a mark of
+# something else, a heartbeat's frames, now and then falls between two others).
+_SEEN = 0.5
+
+
+@dataclass(frozen=True)
+class Step:
+    """Two marks in a row, over the calls: how long between them."""
+
+    start: str
+    end: str
+    calls: int
+    p50_us: float
+    at_us: float  # median time of ``start`` after the call: the step's place on the path
+
+
+def _read_head_and_body(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise BenchError("the connection closed mid-answer")
+        data += chunk
+        head_end = data.find(b"\r\n\r\n")
+        if head_end < 0:
+            continue
+        length = 0
+        for line in data[:head_end].split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(data) >= head_end + 4 + length:
+            if not data.startswith(b"HTTP/1.1 200"):
+                raise BenchError(f"answered {data[:200]!r}")
+            return data
+
+
+def calls(
+    url: str, headers: Mapping[str, str], count: int, *, warm_up: int = 200, idle_s: float = 0.0
+) -> list[tuple[int, int]]:
+    """``count`` whole answers one at a time over one kept-alive connection: each call's
+    (sent, answered) on the monotonic clock, in ns. ``idle_s``: busy waiting between calls
+    (this caller's core stays awake; the other processes' go idle)."""
+    parts = urlsplit(url)
+    body = orjson.dumps({"model": MODELS["whole"], "messages": [{"role": "user", "content": "hi"}]})
+    head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}"]
+    head += [f"{name}: {value}" for name, value in headers.items()]
+    head += ["Content-Type: application/json", f"Content-Length: {len(body)}", "", ""]
+    request = "\r\n".join(head).encode() + body
+    timed = []
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(warm_up + count):
+            sent = time.monotonic_ns()
+            sock.sendall(request)
+            _read_head_and_body(sock)
+            answered = time.monotonic_ns()
+            if i >= warm_up:
+                timed.append((sent, answered))
+            until = time.perf_counter() + idle_s
+            while time.perf_counter() < until:
+                pass
+    return timed
+
+
+def steps(marks: list[tuple[int, str]], timed: list[tuple[int, int]]) -> list[Step]:
+    """Each call's marks between its send and its answer, paired in time order; the
+    steps seen in at least half of the calls, in path order."""
+    marks = sorted(marks)
+    durations: dict[tuple[str, str], list[float]] = defaultdict(list)
+    offsets: dict[tuple[str, str], list[float]] = defaultdict(list)
+    at = 0
+    for sent, answered in timed:
+        while at < len(marks) and marks[at][0] < sent:
+            at += 1
+        inside = [(sent, CALL)]
+        while at < len(marks) and marks[at][0] <= answered:
+            inside.append(marks[at])
+            at += 1
+        inside.append((answered, ANSWER))
+        for (t1, first), (t2, second) in itertools.pairwise(inside):
+            durations[first, second].append((t2 - t1) / 1000)
+            offsets[first, second].append((t1 - sent) / 1000)
+    found = [
+        Step(a, b, len(d), statistics.median(d), statistics.median(offsets[a, b]))
+        for (a, b), d in durations.items()
+        if len(d) >= _SEEN * len(timed)
+    ]
+    return sorted(found, key=lambda step: step.at_us)
+
+
+def read_marks(out: Path) -> list[tuple[int, str]]:
+    """Every process's marks (``bench.marks`` files in ``out``)."""
+    found = []
+    for path in out.glob("marks.*"):
+        for line in path.read_text().splitlines():
+            ns, _, label = line.partition(" ")
+            found.append((int(ns), label))
+    return found
+
+
+def report(found: list[Step], round_trip_us: float, direct: Mapping[str, float]) -> str:
+    """The steps as a table, then the caller's round trip and the direct call's."""
+    lines = [
+        "A lone whole answer's path (bench/timeline.py): each step's median over the calls, µs",
+        f"{'from':<34} {'to':<34} {'p50 µs':>8} {'share':>6} {'calls':>6}",
+    ]
+    for step in found:
+        share = 100 * step.p50_us / round_trip_us
+        lines.append(
+            f"{step.start:<34} {step.end:<34} {step.p50_us:8.1f} {share:5.1f}% {step.calls:6d}"
+        )
+    lines.append(
+        f"steps' medians add up to {sum(s.p50_us for s in found):.0f} µs; "
+        f"the caller's round trip p50 {round_trip_us:.0f} µs"
+    )
+    said = ", ".join(f"{name} p50 {us:.0f} µs" for name, us in direct.items())
+    lines.append(f"the fake upstream called directly by the same caller: {said}")
+    return "\n".join(lines)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-timeline-") as tmp:
+        out = Path(tmp)
+        async with Processes(ROOT / "bench" / "results" / "logs" / "timeline") as procs:
+            upstream = await start_upstream(procs, "whole", tokens=32)
+            direct_url = f"{upstream.base_url}/chat/completions"
+            direct = {
+                "back to back": await asyncio.to_thread(calls, direct_url, {}, args.requests),
+                f"after {args.idle_ms:g} ms idle": await asyncio.to_thread(
+                    calls, direct_url, {}, args.requests, idle_s=args.idle_ms / 1000
+                ),
+            }
+            wrap = [sys.executable, "-m", "bench.marks", str(out), "--"]
+            build = current_build()
+            async with botline(procs, {"whole": upstream}, build, wrap=wrap) as target:
+                route = target.routes["whole"]
+                timed = await asyncio.to_thread(calls, route.url, route.headers, args.requests)
+            # Stopped: each process wrote its marks as it exited.
+        marks = read_marks(out)
+    if not any(label.startswith("worker:") for _, label in marks):
+        raise BenchError("no marks from the worker: did it exit cleanly?")
+    found = steps(marks, timed)
+    round_trip = statistics.median((b - a) / 1000 for a, b in timed)
+    medians = {
+        name: statistics.median((b - a) / 1000 for a, b in pairs) for name, pairs in direct.items()
+    }
+    print(report(found, round_trip, medians))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(prog="python -m bench.timeline", description=__doc__)
+    parser.add_argument("--requests", type=int, default=3000, help="timed calls, one at a time")
+    parser.add_argument(
+        "--idle-ms", type=float, default=1.0, help="the direct call's second run: idle between"
+    )
+    return asyncio.run(_main(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
