@@ -38,6 +38,7 @@ class Mark(NamedTuple):
 # both processes (shared code); the process's role is put before every label.
 MARKS = (
     Mark("request in", "services.gateway.middleware", "edge"),
+    Mark("request done", "services.gateway.middleware", "edge", at_exit=True),
     Mark("publish", "services.gateway.job_client", "JobClient.submit"),
     Mark("amqp: frames queued", "shared.amqp_frames", "WriteQueue._put"),
     Mark("amqp: socket write", "asyncio.streams", "StreamWriter.write"),

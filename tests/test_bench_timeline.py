@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import types
@@ -94,10 +95,11 @@ def test_the_timeline_runs_botline_with_marks_in_both_processes() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     table = done.stdout
+    pairs = {tuple(re.split(r"\s{2,}", line)[:2]) for line in table.splitlines()}
     for step in (
-        "caller: call                       gateway: request in",
-        "worker: upstream call              worker: upstream bytes",
-        "gateway: event in                  gateway: answer whole",
+        ("gateway: request in", "gateway: publish"),
+        ("worker: upstream call", "worker: upstream bytes"),
+        ("gateway: event in", "gateway: answer whole"),
     ):
-        assert step in table, table
+        assert step in pairs, table
     assert "the fake upstream called directly by the same caller" in table
