@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--idle-ms", type=float, default=1.0, help="the direct call's second run: idle between"
     )
-    return asyncio.run(_main(parser.parse_args(argv)))
+    try:
+        return asyncio.run(_main(parser.parse_args(argv)))
+    except BenchError as exc:
+        print(f"bench.timeline: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
