@@ -68,6 +68,10 @@ _PROPERTIES = tuple(
     for name in Basic.Properties.__slots__
 )
 _pamqp_marshal = pamqp.frame.marshal
+# The properties coded as one byte each.
+_OCTETS = frozenset(
+    name for name in Basic.Properties.__slots__ if Basic.Properties.amqp_type(name) == "octet"
+)
 
 
 def _short_string(value: str) -> bytes:
@@ -77,18 +81,21 @@ def _short_string(value: str) -> bytes:
     return bytes((len(data),)) + data
 
 
-# Headers tables coded by pamqp, by their (name, type, value)s: a gateway's jobs all
+# Headers tables coded by pamqp, by their (name, value)s: a gateway's jobs all
 # carry the same one. Only str and int values (bool is not int here), a bounded few.
-_tables: dict[tuple[tuple[str, type, object], ...], bytes] = {}
+_tables: dict[tuple[tuple[str, object], ...], bytes] = {}
 _TABLES_KEPT = 256
 
 
 def _table(headers: Any) -> bytes:
     if type(headers) is not dict:
         return pamqp.encode.field_table(headers)
-    key = tuple((name, type(value), value) for name, value in headers.items())
-    if not all(kind is str or kind is int for _, kind, _ in key):
-        return pamqp.encode.field_table(headers)
+    key = tuple(headers.items())
+    for _, value in key:
+        kind = type(value)
+        if kind is not str and kind is not int:
+            return pamqp.encode.field_table(headers)
+    # Values only str and int (never bool, whose True equals 1): equal items, equal bytes.
     coded = _tables.get(key)
     if coded is None:
         coded = pamqp.encode.field_table(headers)
@@ -114,6 +121,8 @@ def _properties(properties: Basic.Properties) -> bytes:
             parts.append(_short_string(value))
         elif name == "headers":
             parts.append(_table(value))
+        elif name in _OCTETS and type(value) is int and 0 <= value <= 255:
+            parts.append(bytes((value,)))  # delivery mode, priority: pamqp's octet
         else:
             parts.append(properties.encode_property(name, value))
     return flags.to_bytes(2, "big") + b"".join(parts)
