@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from bench.floor import _http_message
 from bench.procs import BenchError, Processes
 from bench.targets import MODELS, ROOT, botline, current_build, start_upstream
 
@@ -57,25 +58,16 @@ class Step:
     at_us: float  # median time of ``start`` after the call: the step's place on the path
 
 
-def _read_head_and_body(sock: socket.socket) -> bytes:
-    data = b""
-    while True:
+def _read_answer(sock: socket.socket, buffer: bytearray) -> None:
+    """Read one whole HTTP/1.1 answer off ``sock`` (by Content-Length); it must be a 200."""
+    while (message := _http_message(buffer)) is None:
         chunk = sock.recv(65536)
         if not chunk:
             raise BenchError("the connection closed mid-answer")
-        data += chunk
-        head_end = data.find(b"\r\n\r\n")
-        if head_end < 0:
-            continue
-        length = 0
-        for line in data[:head_end].split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        if len(data) >= head_end + 4 + length:
-            if not data.startswith(b"HTTP/1.1 200"):
-                raise BenchError(f"answered {data[:200]!r}")
-            return data
+        buffer += chunk
+    head, _ = message
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise BenchError(f"answered {head[:200]!r}")
 
 
 def calls(
@@ -91,12 +83,13 @@ def calls(
     head += ["Content-Type: application/json", f"Content-Length: {len(body)}", "", ""]
     request = "\r\n".join(head).encode() + body
     timed = []
+    buffer = bytearray()
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(warm_up + count):
             sent = time.monotonic_ns()
             sock.sendall(request)
-            _read_head_and_body(sock)
+            _read_answer(sock, buffer)
             answered = time.monotonic_ns()
             if i >= warm_up:
                 timed.append((sent, answered))
