@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from services.processes import child_ids, supervise, tag_logs
 from shared.amqp import TopologyMismatch
 from shared.clock import now_ms
-from shared.logging import configure_logging
+from shared.logging import configure_logging, freeze_logging
 from shared.loop import new_event_loop
 from shared.priority import PRIORITIES
 from shared.records import Bot, KeyRecord, Limits
@@ -276,6 +276,7 @@ def gateway_command(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.child:
         tag_logs(gateway_id=settings.gateway_id, pid=os.getpid())
+    freeze_logging()
     run(settings)
     return 0
 
@@ -315,6 +316,7 @@ def worker_command(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.child:
         tag_logs(worker_id=settings.worker_id, pid=os.getpid())
+    freeze_logging()
     structlog.get_logger("botline.worker").info(
         "worker.prefetch", concurrency=settings.concurrency, processes=settings.processes
     )

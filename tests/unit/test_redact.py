@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import logging
 
 import orjson
 import structlog
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from shared import keys
-from shared.logging import configure_logging
+from shared.logging import UtcStamp, configure_logging, freeze_logging
 from shared.redact import _PATTERNS, redact, redact_event
 
 
@@ -72,6 +75,40 @@ def test_the_quick_path_masks_what_the_patterns_mask() -> None:
     assert key not in redact(f"\u00fcn\u00efc {key}")
 
 
+def _patterns(text: str) -> str:
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+# Text made of the pieces the patterns look for, in any case, among other characters.
+_PIECES = st.sampled_from(
+    [
+        *("bl-", "sk-", "authorization", "proxy-", "bearer ", "basic ", "api", "-", "_"),
+        *("key", "token", "secret", "password", ": ", "=", "'", '"', " ", "abcd1234"),
+        *("\u017f", "\u00fc"),
+    ]
+)
+
+
+@settings(max_examples=400)
+@example("bearer abcd")
+@example("basic abcd")
+@example("apikey=abcd")
+@example("x-api-key: abcd")
+@example("token: abcd")
+@example("secret=abcd")
+@example("password=abcd")
+@example("authorization: x")
+@example("bl-abcd")
+@example("sk-abcd")
+@given(st.lists(st.one_of(_PIECES, _PIECES, _PIECES, st.text(max_size=3)), max_size=8).map("".join))
+def test_the_quick_path_answers_as_the_patterns_do_for_any_text(text: str) -> None:
+    variants = (text, text.upper(), text.title())
+    for variant in variants:
+        assert redact(variant) == _patterns(variant), variant
+
+
 def test_an_event_is_masked_field_by_field_whatever_the_quick_scan() -> None:
     # redact_event scans all string values at once before masking each: its answer
     # is every value's own redact(), for events with and without anything to mask.
@@ -95,3 +132,31 @@ def test_an_event_is_masked_field_by_field_whatever_the_quick_scan() -> None:
                 for name, value in event.items()
             }
             assert redact_event(None, "info", dict(event)) == expected
+
+
+@given(st.floats(min_value=0, max_value=4102444800, allow_nan=False))
+def test_the_timestamp_is_what_structlogs_iso_stamper_writes(now: float) -> None:
+    expected = datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat().replace("+00:00", "Z")
+    stamp = UtcStamp()
+    assert stamp.format(now) == expected
+    assert stamp.format(now) == expected  # and again, from its cached second
+
+
+def test_frozen_loggers_still_carry_each_lines_context() -> None:
+    out = io.StringIO()
+    try:
+        configure_logging("info", "json", stream=out)
+        freeze_logging()
+        log = structlog.get_logger("botline.test")
+        for request_id in ("req_a", "req_b"):
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(request_id=request_id)
+            log.info("http.request", status=200, note=f"Bearer {keys.generate()}")
+    finally:
+        structlog.contextvars.clear_contextvars()
+        structlog.configure(cache_logger_on_first_use=False)
+        configure_logging()
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["request_id"] for line in lines] == ["req_a", "req_b"]
+    assert all(line["note"] == "Bearer [redacted]" for line in lines)
+    assert all(line["timestamp"].endswith("Z") for line in lines)
