@@ -16,6 +16,15 @@ after ``--idle-ms`` of its own busy waiting between calls. The difference is
 what waking a process (and a core) that has been idle costs on this machine,
 which every hop of a c=1 path pays more of the longer the path is
 (docs/performance.md, thirteenth pass).
+
+``--burst N`` times a burst instead: N streams opened at once (the bench's
+``stream-c100`` with N=100: 256 tokens at 5 ms from the fake upstream), once
+to warm up, then ``--rounds`` times a second apart, and the same bursts to the
+fake upstream directly. For each process's marks it prints when they fell
+after the burst began, up to its last stream's first token (how many, first,
+p10, p50, p90; each the median over the rounds), and beside them the callers'
+first tokens: where a burst's first tokens wait, and behind what
+(docs/performance.md, fourteenth pass).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import orjson
 
 from bench.floor import _http_message
@@ -125,6 +135,107 @@ def steps(marks: list[tuple[int, str]], timed: list[tuple[int, int]]) -> list[St
     return sorted(found, key=lambda step: step.at_us)
 
 
+@dataclass(frozen=True)
+class Spread:
+    """One mark over the bursts: when it fell after each burst began, in ms; each
+    figure the median over the bursts."""
+
+    label: str
+    count: float
+    first_ms: float
+    p10_ms: float
+    p50_ms: float
+    p90_ms: float
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def spreads(marks: list[tuple[int, str]], bursts: list[tuple[int, int]]) -> list[Spread]:
+    """Each label's marks within each burst (from its start to its last first token,
+    ``bursts`` as (start, end) in ns), in order of the median first one."""
+    per_label: dict[str, list[tuple[float, ...]]] = defaultdict(list)
+    for start, end in bursts:
+        offsets: dict[str, list[float]] = defaultdict(list)
+        for ns, label in marks:
+            if start <= ns <= end:
+                offsets[label].append((ns - start) / 1e6)
+        for label, found in offsets.items():
+            found.sort()
+            row = (len(found), found[0], *(_quantile(found, q) for q in (0.1, 0.5, 0.9)))
+            per_label[label].append(row)
+    rows = [
+        Spread(label, *(statistics.median(column) for column in zip(*found, strict=True)))
+        for label, found in per_label.items()
+        # A label missing from most bursts is something else that ran meanwhile.
+        if len(found) * 2 > len(bursts)
+    ]
+    return sorted(rows, key=lambda row: row.first_ms)
+
+
+async def _one_stream(session: aiohttp.ClientSession, url: str, headers: Mapping[str, str]) -> int:
+    """One stream: when its first token came (monotonic ns); read to its end."""
+    body = orjson.dumps(
+        {"model": MODELS["stream"], "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
+    first = 0
+    async with session.post(url, data=body, headers=dict(headers)) as response:
+        if response.status != 200:
+            raise BenchError(f"a stream was answered {response.status}")
+        async for line in response.content:
+            if not first and line.startswith(b"data:") and b'"content"' in line:
+                first = time.monotonic_ns()
+    if not first:
+        raise BenchError("a stream ended without a token")
+    return first
+
+
+async def bursts(
+    url: str, headers: Mapping[str, str], size: int, rounds: int
+) -> list[tuple[int, list[int]]]:
+    """A warm-up burst of ``size`` streams, then ``rounds`` of them a second apart:
+    each timed one's start and its streams' first tokens (monotonic ns)."""
+    timed = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for round_no in range(rounds + 1):
+            start = time.monotonic_ns()
+            firsts = await asyncio.gather(
+                *(_one_stream(session, url, headers) for _ in range(size))
+            )
+            if round_no:
+                timed.append((start, sorted(firsts)))
+            await asyncio.sleep(1.0)
+    return timed
+
+
+def burst_report(rows: list[Spread], botline: list[float], direct: list[float]) -> str:
+    """The marks' spreads, then the callers' first tokens (ms after each burst began)."""
+    lines = [
+        "A burst's first tokens (bench/timeline.py --burst): ms after the burst began, "
+        "up to its last first token; medians over the rounds",
+        f"{'mark':<34} {'n':>6} {'first':>8} {'p10':>8} {'p50':>8} {'p90':>8}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row.label:<34} {row.count:6.0f} {row.first_ms:8.2f} {row.p10_ms:8.2f} "
+            f"{row.p50_ms:8.2f} {row.p90_ms:8.2f}"
+        )
+    for name, firsts in (("botline", botline), ("direct", direct)):
+        ordered = sorted(firsts)
+        lines.append(
+            f"first token, {name}: p10 {_quantile(ordered, 0.1):.1f}, "
+            f"p50 {_quantile(ordered, 0.5):.1f}, p90 {_quantile(ordered, 0.9):.1f} ms "
+            "(every timed burst's streams)"
+        )
+    return "\n".join(lines)
+
+
+def _firsts_ms(timed: list[tuple[int, list[int]]]) -> list[float]:
+    return [(first - start) / 1e6 for start, firsts in timed for first in firsts]
+
+
 def read_marks(out: Path) -> list[tuple[int, str]]:
     """Every process's marks (``bench.marks`` files in ``out``)."""
     found = []
@@ -155,7 +266,26 @@ def report(found: list[Step], round_trip_us: float, direct: Mapping[str, float])
     return "\n".join(lines)
 
 
+async def _burst_main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-timeline-") as tmp:
+        out = Path(tmp)
+        async with Processes(ROOT / "bench" / "results" / "logs" / "timeline") as procs:
+            upstream = await start_upstream(procs, "stream", tokens=256, delay_ms=5.0)
+            wrap = [sys.executable, "-m", "bench.marks", str(out), "--"]
+            async with botline(procs, {"stream": upstream}, current_build(), wrap=wrap) as target:
+                route = target.routes["stream"]
+                timed = await bursts(route.url, route.headers, args.burst, args.rounds)
+            direct_url = f"{upstream.base_url}/chat/completions"
+            direct = await bursts(direct_url, {}, args.burst, args.rounds)
+        marks = read_marks(out)
+    rows = spreads(marks, [(start, firsts[-1]) for start, firsts in timed])
+    print(burst_report(rows, _firsts_ms(timed), _firsts_ms(direct)))
+    return 0
+
+
 async def _main(args: argparse.Namespace) -> int:
+    if args.burst:
+        return await _burst_main(args)
     with tempfile.TemporaryDirectory(prefix="bench-timeline-") as tmp:
         out = Path(tmp)
         async with Processes(ROOT / "bench" / "results" / "logs" / "timeline") as procs:
@@ -192,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--idle-ms", type=float, default=1.0, help="the direct call's second run: idle between"
     )
+    parser.add_argument(
+        "--burst", type=int, default=0, help="N streams opened at once instead of lone answers"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--burst: timed bursts")
     try:
         return asyncio.run(_main(parser.parse_args(argv)))
     except BenchError as exc:

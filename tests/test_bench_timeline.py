@@ -11,7 +11,7 @@ import pytest
 
 from bench import marks
 from bench.targets import ROOT
-from bench.timeline import ANSWER, CALL, steps
+from bench.timeline import ANSWER, CALL, spreads, steps
 
 
 def test_every_mark_names_a_function_that_exists() -> None:
@@ -81,6 +81,47 @@ def test_steps_pair_each_calls_marks_in_time_order_and_drop_rare_ones() -> None:
     # In three calls, a pair seen once is left out.
     three = [*timed, (3_000_000, 3_050_000)]
     assert ("gateway: in", "heartbeat") not in {(s.start, s.end) for s in steps(found, three)}
+
+
+def test_a_bursts_marks_are_spread_from_its_start_to_its_last_first_token() -> None:
+    # Two bursts (start, last first token), ns; a mark outside them is not counted.
+    bursts = [(10_000_000, 20_000_000), (50_000_000, 58_000_000)]
+    found = [
+        *((10_000_000 + i * 1_000_000, "gateway: publish") for i in range(5)),  # 0-4 ms
+        *((50_000_000 + i * 2_000_000, "gateway: publish") for i in range(4)),  # 0-6 ms
+        (13_000_000, "worker: job in"),
+        (55_000_000, "worker: job in"),
+        (30_000_000, "gateway: publish"),  # between the bursts
+        (12_000_000, "heartbeat"),  # in one burst of two: something else
+    ]
+    rows = {row.label: row for row in spreads(found, bursts)}
+    assert set(rows) == {"gateway: publish", "worker: job in"}
+    publish = rows["gateway: publish"]
+    assert publish.count == pytest.approx(4.5)  # 5 and 4, the median
+    assert publish.first_ms == pytest.approx(0.0)
+    assert publish.p50_ms == pytest.approx(3.0)  # 2 ms and 4 ms
+    assert publish.p90_ms == pytest.approx(5.0)  # 4 ms and 6 ms
+    assert rows["worker: job in"].first_ms == pytest.approx(4.0)  # 3 ms and 5 ms
+    assert [row.label for row in spreads(found, bursts)] == ["gateway: publish", "worker: job in"]
+
+
+@pytest.mark.integration
+def test_a_burst_is_timed_in_both_processes_and_beside_the_direct_call() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.timeline", "--burst", "10", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = done.stdout
+    labels = {re.split(r"\s{2,}", line)[0] for line in table.splitlines()}
+    for label in ("gateway: publish", "worker: job in", "worker: upstream call"):
+        assert label in labels, table
+    assert re.search(r"first token, botline: p10 [0-9.]+, p50", table), table
+    assert re.search(r"first token, direct: p10 [0-9.]+, p50", table), table
 
 
 @pytest.mark.integration
