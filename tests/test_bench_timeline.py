@@ -105,10 +105,10 @@ def test_a_bursts_marks_are_spread_from_its_start_to_its_last_first_token() -> N
     assert [row.label for row in spreads(found, bursts)] == ["gateway: publish", "worker: job in"]
 
 
-@pytest.mark.integration
-def test_a_burst_is_timed_in_both_processes_and_beside_the_direct_call() -> None:
+def _timeline(*args: str) -> str:
+    """``python -m bench.timeline ARGS``'s table; it must exit 0."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.timeline", "--burst", "10", "--rounds", "1"],
+        [sys.executable, "-m", "bench.timeline", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -116,7 +116,12 @@ def test_a_burst_is_timed_in_both_processes_and_beside_the_direct_call() -> None
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    table = done.stdout
+    return done.stdout
+
+
+@pytest.mark.integration
+def test_a_burst_is_timed_in_both_processes_and_beside_the_direct_call() -> None:
+    table = _timeline("--burst", "10", "--rounds", "1")
     labels = {re.split(r"\s{2,}", line)[0] for line in table.splitlines()}
     for label in ("gateway: publish", "worker: job in", "worker: upstream call"):
         assert label in labels, table
@@ -126,16 +131,7 @@ def test_a_burst_is_timed_in_both_processes_and_beside_the_direct_call() -> None
 
 @pytest.mark.integration
 def test_the_timeline_runs_botline_with_marks_in_both_processes() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.timeline", "--requests", "200"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    table = done.stdout
+    table = _timeline("--requests", "200")
     pairs = {tuple(re.split(r"\s{2,}", line)[:2]) for line in table.splitlines()}
     for step in (
         ("gateway: request in", "gateway: publish"),
