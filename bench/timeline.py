@@ -152,11 +152,11 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def spreads(marks: list[tuple[int, str]], bursts: list[tuple[int, int]]) -> list[Spread]:
+def spreads(marks: list[tuple[int, str]], windows: list[tuple[int, int]]) -> list[Spread]:
     """Each label's marks within each burst (from its start to its last first token,
-    ``bursts`` as (start, end) in ns), in order of the median first one."""
+    ``windows`` as (start, end) in ns), in order of the median first one."""
     per_label: dict[str, list[tuple[float, ...]]] = defaultdict(list)
-    for start, end in bursts:
+    for start, end in windows:
         offsets: dict[str, list[float]] = defaultdict(list)
         for ns, label in marks:
             if start <= ns <= end:
@@ -169,9 +169,18 @@ def spreads(marks: list[tuple[int, str]], bursts: list[tuple[int, int]]) -> list
         Spread(label, *(statistics.median(column) for column in zip(*found, strict=True)))
         for label, found in per_label.items()
         # A label missing from most bursts is something else that ran meanwhile.
-        if len(found) * 2 > len(bursts)
+        if len(found) * 2 > len(windows)
     ]
     return sorted(rows, key=lambda row: row.first_ms)
+
+
+def _has_text(data: bytes) -> bool:
+    """Whether an OpenAI stream chunk carries text (a role-only first chunk does not),
+    as the bench's load generator counts a first token."""
+    if data.strip() == b"[DONE]":
+        return False
+    choices = orjson.loads(data).get("choices") or ()
+    return any((choice.get("delta") or {}).get("content") for choice in choices)
 
 
 async def _one_stream(session: aiohttp.ClientSession, url: str, headers: Mapping[str, str]) -> int:
@@ -184,7 +193,7 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, headers: Mapping
         if response.status != 200:
             raise BenchError(f"a stream was answered {response.status}")
         async for line in response.content:
-            if not first and line.startswith(b"data:") and b'"content"' in line:
+            if not first and line.startswith(b"data:") and _has_text(line[5:]):
                 first = time.monotonic_ns()
     if not first:
         raise BenchError("a stream ended without a token")

@@ -11,7 +11,7 @@ import pytest
 
 from bench import marks
 from bench.targets import ROOT
-from bench.timeline import ANSWER, CALL, spreads, steps
+from bench.timeline import ANSWER, CALL, _has_text, spreads, steps
 
 
 def test_every_mark_names_a_function_that_exists() -> None:
@@ -117,6 +117,14 @@ def _timeline(*args: str) -> str:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+def test_a_first_token_is_a_chunk_with_text_not_a_role_alone() -> None:
+    role_only = b' {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}'
+    assert not _has_text(role_only)
+    assert _has_text(b' {"choices":[{"index":0,"delta":{"content":"tok0 "}}]}')
+    assert not _has_text(b' {"choices":[],"usage":{"total_tokens":3}}')
+    assert not _has_text(b" [DONE]")
 
 
 @pytest.mark.integration
