@@ -41,7 +41,7 @@ from bench.targets import (
 )
 from bench.workloads import Plan, aggregate, plan, run_all, run_paired, shared_servers
 
-TARGETS = ("direct", "floor", "floor-aiohttp", "botline", "litellm")
+TARGETS = ("direct", "floor", "floor-aiohttp", "floor-guarded", "botline", "litellm")
 # Also accepted in --targets: botline-pN, botline with --processes N (gateway and worker).
 _BOTLINE_PN = re.compile(r"^botline-p([2-9]|[1-9][0-9])$")
 
@@ -65,8 +65,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
-        help="comma-separated subset of direct,floor,floor-aiohttp,botline,litellm (default: "
-        "all); also "
+        help="comma-separated subset of direct,floor,floor-aiohttp,floor-guarded,botline,"
+        "litellm (default: all); also "
         "botline-pN: botline's gateway and worker each run with --processes N",
     )
     parser.add_argument(
@@ -109,6 +109,9 @@ def _processes(wanted: list[str], baseline_commit: str | None) -> dict[str, str]
         "validation or logs (whole answers only; not a service: the floor under one)",
         "floor-aiohttp": "the same with aiohttp's server in the front, as the design card "
         "fixes for the gateway (one handler, no middleware)",
+        "floor-guarded": "floor-aiohttp asking of RabbitMQ what botline's guarantees ask: "
+        "confirmed mandatory jobs on a priority queue with per-message expiry, acked by the "
+        "relay, answers through a direct exchange with an alternate",
         "litellm": f"LiteLLM proxy, {LITELLM_WORKERS} uvicorn worker processes "
         "(+1 supervisor), no database, no callbacks",
     }
@@ -157,8 +160,9 @@ async def _measure(args: argparse.Namespace, plan_: Plan, stamp: str) -> dict[st
                     targets.append(direct(upstreams))
                 elif name.startswith("floor"):
                     if "whole" in upstreams:  # whole answers only
+                        guarded = name == "floor-guarded"
                         http = name.removeprefix("floor-") if "-" in name else "raw"
-                        target = floor(procs, upstreams, http)
+                        target = floor(procs, upstreams, "aiohttp" if guarded else http, guarded)
                         targets.append(await stack.enter_async_context(target))
                 elif name == "litellm":
                     work_dir = args.out / "logs" / stamp

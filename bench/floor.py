@@ -19,6 +19,14 @@ consumers), no reconnects; and no keys, limits, usage, validation, logs or error
 may be dropped from a product; it is left out here so that what this target adds over the
 direct call is the floor under the design itself: two broker hops and two processes that
 each wake for every step. It is not a service to ship: only the bench starts it.
+
+With ``--guarded`` (the bench's ``floor-guarded``) both roles ask of RabbitMQ what
+botline's guarantees ask of it, and nothing more of themselves: jobs go to a priority
+queue (``x-max-priority``) with a priority and a per-message expiration, ``mandatory``,
+on a channel in confirm mode, and the front answers only once the job's confirm is in;
+the relay takes jobs with a prefetch and manual acks, and publishes each answer through
+a direct exchange that has an alternate exchange, the job's ack written ahead of it in
+the same write. A nack or a return is not handled (none comes in the bench).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from collections import deque
 from typing import cast
 
 from aiohttp import web
+from pamqp.common import FieldTable
 from yarl import URL
 
 from bench.raw_amqp import RawChannel
@@ -91,23 +100,72 @@ class _Caller(asyncio.Protocol):
         self.transport = None
 
 
+_PRIORITIES = 10  # x-max-priority of the guarded job queue; jobs go out at 5
+_EXPIRATION = b"300000"  # ms: a guarded job's per-message expiration
+_PREFETCH = 1000  # the guarded relay's jobs in flight at once (botline's worker: its own)
+
+
+def _queue_arguments(guarded: bool) -> FieldTable | None:
+    return {"x-max-priority": _PRIORITIES} if guarded else None
+
+
+def _exchanges(jobs: str) -> tuple[str, str]:
+    """The guarded floor's reply exchange and its alternate."""
+    return f"{jobs}.replies", f"{jobs}.unroutable"
+
+
 class _Front:
-    def __init__(self, channel: RawChannel, jobs: str, replies: str) -> None:
+    def __init__(self, channel: RawChannel, jobs: str, replies: str, guarded: bool) -> None:
         self._channel = channel
         self._jobs = jobs
         self._replies = replies.encode()
+        self._guarded = guarded
         self._ids = itertools.count()
         self._waiting: dict[bytes, _Caller | _Waiter] = {}
+        # Guarded: each job's delivery tag, the tags not yet confirmed, and the answers
+        # that came before their job's confirm.
+        self._tags = itertools.count(1)
+        self._tag_of: dict[bytes, int] = {}
+        self._unconfirmed: set[int] = set()
+        self._held: dict[int, tuple[_Caller | _Waiter, bytes]] = {}
 
     def request(self, caller: _Caller | _Waiter, body: bytes) -> None:
         correlation = b"%d" % next(self._ids)
         self._waiting[correlation] = caller
-        self._channel.publish(self._jobs, body, correlation=correlation, reply_to=self._replies)
+        if not self._guarded:
+            self._channel.publish(self._jobs, body, correlation=correlation, reply_to=self._replies)
+            return
+        tag = next(self._tags)
+        self._tag_of[correlation] = tag
+        self._unconfirmed.add(tag)
+        self._channel.publish(
+            self._jobs,
+            body,
+            correlation=correlation,
+            reply_to=self._replies,
+            mandatory=True,
+            priority=5,
+            expiration=_EXPIRATION,
+            message_id=correlation,
+        )
 
     def reply(self, correlation: bytes, _reply_to: bytes, body: bytes) -> None:
         caller = self._waiting.pop(correlation, None)
-        if caller is not None:
+        if caller is None:
+            return
+        tag = self._tag_of.pop(correlation, 0)
+        if tag in self._unconfirmed:
+            self._held[tag] = (caller, body)
+        else:
             caller.answer(body)
+
+    def confirmed(self, tag: int, multiple: bool) -> None:
+        tags = [t for t in self._unconfirmed if t <= tag] if multiple else [tag]
+        for each in tags:
+            self._unconfirmed.discard(each)
+            held = self._held.pop(each, None)
+            if held is not None:
+                held[0].answer(held[1])
 
 
 class _Waiter:
@@ -141,14 +199,20 @@ async def _aiohttp_server(front_: _Front, port: int) -> web.AppRunner:
     return runner
 
 
-async def front(url: str, jobs: str, port: int, http: str = "raw") -> None:
+async def front(url: str, jobs: str, port: int, http: str = "raw", guarded: bool = False) -> None:
     """Serve HTTP on ``port`` until cancelled: with ``http`` "raw" an ``asyncio.Protocol``
     of this module's, with "aiohttp" aiohttp's server."""
     channel = await RawChannel.open(url, "botline bench floor")
-    await channel.declare(jobs)
+    await channel.declare(jobs, arguments=_queue_arguments(guarded))
     replies = await channel.declare(exclusive=True)
-    front_ = _Front(channel, jobs, replies)
-    await channel.consume(replies, front_.reply)
+    front_ = _Front(channel, jobs, replies, guarded)
+    if guarded:
+        exchange, unroutable = _exchanges(jobs)
+        await channel.declare_exchange(unroutable, "fanout")
+        await channel.declare_exchange(exchange, "direct", {"alternate-exchange": unroutable})
+        await channel.bind(replies, exchange, replies)
+        await channel.confirm_select()
+    await channel.consume(replies, front_.reply, on_confirm=front_.confirmed)
     try:
         if http == "aiohttp":
             stop = (await _aiohttp_server(front_, port)).cleanup
@@ -198,17 +262,21 @@ class _Model(asyncio.Protocol):
 
 
 class _Relay:
-    def __init__(self, channel: RawChannel, endpoint: URL) -> None:
+    def __init__(self, channel: RawChannel, endpoint: URL, exchange: str = "") -> None:
         self._channel = channel
         self._endpoint = endpoint
+        self._exchange = exchange  # guarded: the reply exchange, and jobs are acked
         self.request_head = (
             f"POST {endpoint.raw_path_qs} HTTP/1.1\r\nHost: {endpoint.raw_authority}\r\n"
             "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
         ).encode()
         self._idle: list[_Model] = []
         self._queued: deque[tuple[bytes, bytes, bytes]] = deque()
+        self._tags: dict[bytes, int] = {}  # guarded: each job's delivery tag, for its ack
 
     def job(self, correlation: bytes, reply_to: bytes, body: bytes) -> None:
+        if self._exchange:
+            self._tags[correlation] = self._channel.delivery_tag
         if self._idle:
             self._idle.pop().send(correlation, reply_to, body)
             return
@@ -228,7 +296,13 @@ class _Relay:
             self._idle.append(model)
 
     def answered(self, model: _Model, correlation: bytes, reply_to: bytes, body: bytes) -> None:
-        self._channel.publish(reply_to.decode(), body, correlation=correlation)
+        self._channel.publish(
+            reply_to.decode(),
+            body,
+            correlation=correlation,
+            exchange=self._exchange,
+            ack=self._tags.pop(correlation, 0),
+        )
         self._next(model)
 
     def lost(self, model: _Model) -> None:
@@ -236,12 +310,14 @@ class _Relay:
             self._idle.remove(model)
 
 
-async def relay(url: str, jobs: str, endpoint: str) -> None:
+async def relay(url: str, jobs: str, endpoint: str, guarded: bool = False) -> None:
     """Relay jobs to ``endpoint`` until cancelled."""
     channel = await RawChannel.open(url, "botline bench floor")
-    await channel.declare(jobs)
-    relay_ = _Relay(channel, URL(endpoint))
-    await channel.consume(jobs, relay_.job)
+    await channel.declare(jobs, arguments=_queue_arguments(guarded))
+    relay_ = _Relay(channel, URL(endpoint), _exchanges(jobs)[0] if guarded else "")
+    if guarded:
+        await channel.qos(_PREFETCH)
+    await channel.consume(jobs, relay_.job, no_ack=not guarded)
     try:
         await asyncio.Event().wait()
     finally:
@@ -254,9 +330,9 @@ async def _run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     if args.role == "front":
-        await front(args.amqp, args.queue, args.port, args.http)
+        await front(args.amqp, args.queue, args.port, args.http, args.guarded)
     else:
-        await relay(args.amqp, args.queue, args.endpoint)
+        await relay(args.amqp, args.queue, args.endpoint, args.guarded)
 
 
 def main() -> None:
@@ -271,6 +347,11 @@ def main() -> None:
         "--http", choices=("raw", "aiohttp"), default="raw", help="front: whose HTTP server"
     )
     parser.add_argument("--endpoint", help="relay: the model's chat-completions URL")
+    parser.add_argument(
+        "--guarded",
+        action="store_true",
+        help="ask of RabbitMQ what botline's guarantees ask (both roles alike)",
+    )
     args = parser.parse_args()
     if (args.role == "front") != (args.port is not None) or (
         args.role == "relay" and not args.endpoint

@@ -3,9 +3,11 @@
 pamqp codes the handshake and the few synchronous methods; after that each publish is
 one ``transport.write`` of frames packed with ``struct``, and deliveries are parsed from
 the read buffer (the properties this module knows, then the body) with no queue, lock or
-task per frame. No publisher confirms, no acks (consumers are ``no_ack``), no flow
-control, no reconnects: not a client to ship. ``bench.amqp_probe`` measures its CPU per
-message beside aiormq's; ``bench.floor`` builds the design's least path on it.
+task per frame. Publisher confirms and acks only as far as ``bench.floor``'s guarded
+target asks the broker for them (a confirm's tag handed to a callback, an ack written
+with a publish); no nacks or returns handled, no flow control, no reconnects: not a
+client to ship. ``bench.amqp_probe`` measures its CPU per message beside aiormq's;
+``bench.floor`` builds the design's least path on it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from collections.abc import Callable
 
 import pamqp.commands as spec
 import pamqp.frame
+from pamqp.common import FieldTable
 from yarl import URL
 
 _FRAME_END = b"\xce"
 _HEADER = struct.Struct(">BHI")  # frame type, channel, size
 _CONTENT = struct.Struct(">HHQH")  # class, weight, body size, property flags
 _DELIVER = struct.pack(">HH", 60, 60)
+_CONFIRM = struct.pack(">HH", 60, 80)  # Basic.Ack from the broker: a publish confirmed
+_ACK = struct.Struct(">BHIHHQB")  # an ack's whole method frame but its end
+_TAG = struct.Struct(">Q")
 # Basic's property flags in AMQP's order, up to the last this module writes or reads.
 _CONTENT_TYPE = 0x8000
 _ENCODING = 0x4000
@@ -30,11 +36,14 @@ _MODE = 0x1000
 _PRIORITY = 0x0800
 _CORRELATION = 0x0400
 _REPLY_TO = 0x0200
+_EXPIRATION = 0x0100
 _MESSAGE_ID = 0x0080
 _TYPE = 0x0020
 
 # Handed each delivery: its correlation id, reply-to and body.
 OnMessage = Callable[[bytes, bytes, bytes], None]
+# Handed each confirm: its delivery tag and whether it confirms every tag up to it.
+OnConfirm = Callable[[int, bool], None]
 
 
 def _short(data: bytes) -> bytes:
@@ -48,8 +57,11 @@ class RawChannel:
         self._reader = reader
         self._writer = writer
         self._transport = writer.transport
-        self._methods: dict[str, bytes] = {}  # routing key -> its Basic.Publish frame
+        # (exchange, routing key, mandatory) -> its Basic.Publish frame
+        self._methods: dict[tuple[str, str, bool], bytes] = {}
         self._task: asyncio.Task[None] | None = None
+        # The delivery tag of the delivery being handed to ``on_message`` (for its ack).
+        self.delivery_tag = 0
 
     @classmethod
     async def open(cls, url: str, product: str = "botline bench") -> RawChannel:
@@ -79,22 +91,60 @@ class RawChannel:
         self._writer.write(pamqp.frame.marshal(method, channel))  # type: ignore[arg-type]
         return await self._frame()
 
-    async def declare(self, queue: str = "", *, exclusive: bool = False) -> str:
+    async def declare(
+        self,
+        queue: str = "",
+        *,
+        exclusive: bool = False,
+        arguments: FieldTable | None = None,
+    ) -> str:
         """Declare an auto-deleted queue (named by the server when ``queue`` is empty)."""
-        ok = await self._call(
-            1, spec.Queue.Declare(queue=queue, exclusive=exclusive, auto_delete=True)
+        declare = spec.Queue.Declare(
+            queue=queue, exclusive=exclusive, auto_delete=True, arguments=arguments
         )
+        ok = await self._call(1, declare)
         assert isinstance(ok, spec.Queue.DeclareOk)
         return ok.queue or queue
 
-    async def consume(self, queue: str, on_message: OnMessage) -> None:
-        """From now on, hand every delivery from ``queue`` to ``on_message`` as it is read.
+    async def declare_exchange(
+        self, exchange: str, kind: str, arguments: FieldTable | None = None
+    ) -> None:
+        """Declare an auto-deleted exchange."""
+        declare = spec.Exchange.Declare(
+            exchange=exchange, exchange_type=kind, auto_delete=True, arguments=arguments
+        )
+        assert isinstance(await self._call(1, declare), spec.Exchange.DeclareOk)
+
+    async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        """Bind ``queue`` to ``exchange`` by ``routing_key``."""
+        bind = spec.Queue.Bind(queue=queue, exchange=exchange, routing_key=routing_key)
+        assert isinstance(await self._call(1, bind), spec.Queue.BindOk)
+
+    async def confirm_select(self) -> None:
+        """Put the channel in confirm mode: the broker confirms each publish, tags 1, 2, ..."""
+        assert isinstance(await self._call(1, spec.Confirm.Select()), spec.Confirm.SelectOk)
+
+    async def qos(self, prefetch: int) -> None:
+        """At most ``prefetch`` deliveries unacked at once."""
+        ok = await self._call(1, spec.Basic.Qos(prefetch_count=prefetch))
+        assert isinstance(ok, spec.Basic.QosOk)
+
+    async def consume(
+        self,
+        queue: str,
+        on_message: OnMessage,
+        *,
+        no_ack: bool = True,
+        on_confirm: OnConfirm | None = None,
+    ) -> None:
+        """From now on, hand every delivery from ``queue`` to ``on_message`` as it is read
+        (its tag in ``delivery_tag`` meanwhile), and every confirm to ``on_confirm``.
 
         One consumer per channel: after this, replies to synchronous methods are not read.
         """
-        ok = await self._call(1, spec.Basic.Consume(queue=queue, no_ack=True))
+        ok = await self._call(1, spec.Basic.Consume(queue=queue, no_ack=no_ack))
         assert isinstance(ok, spec.Basic.ConsumeOk)
-        self._task = asyncio.create_task(self._read(on_message))
+        self._task = asyncio.create_task(self._read(on_message, on_confirm))
 
     def publish(
         self,
@@ -102,20 +152,39 @@ class RawChannel:
         body: bytes,
         *,
         correlation: bytes,
+        exchange: str = "",
+        mandatory: bool = False,
         reply_to: bytes = b"",
         content_type: bytes = b"",
+        priority: int | None = None,
+        expiration: bytes = b"",
         message_id: bytes = b"",
         message_type: bytes = b"",
+        ack: int = 0,
     ) -> None:
-        """A transient message to the default exchange, in one socket write."""
-        method = self._methods.get(routing_key)
+        """A transient message, in one socket write; with ``ack``, that delivery's ack
+        written ahead of it."""
+        key = (exchange, routing_key, mandatory)
+        method = self._methods.get(key)
         if method is None:
-            method = pamqp.frame.marshal(spec.Basic.Publish(routing_key=routing_key), 1)
-            self._methods[routing_key] = method
+            publish = spec.Basic.Publish(
+                exchange=exchange, routing_key=routing_key, mandatory=mandatory
+            )
+            method = pamqp.frame.marshal(publish, 1)
+            self._methods[key] = method
         flags = _MODE | _CORRELATION
         fields = [_short(content_type)] if content_type else []
-        fields += [b"\x01", _short(correlation)]
-        optional = ((_REPLY_TO, reply_to), (_MESSAGE_ID, message_id), (_TYPE, message_type))
+        fields.append(b"\x01")
+        if priority is not None:
+            flags |= _PRIORITY
+            fields.append(bytes((priority,)))
+        fields.append(_short(correlation))
+        optional = (
+            (_REPLY_TO, reply_to),
+            (_EXPIRATION, expiration),
+            (_MESSAGE_ID, message_id),
+            (_TYPE, message_type),
+        )
         for flag, value in optional:
             if value:
                 flags |= flag
@@ -126,6 +195,7 @@ class RawChannel:
         self._transport.write(
             b"".join(
                 (
+                    _ACK.pack(1, 1, 13, 60, 80, ack, 0) + _FRAME_END if ack else b"",
                     method,
                     _HEADER.pack(2, 1, len(header)),
                     header,
@@ -137,7 +207,7 @@ class RawChannel:
             )
         )
 
-    async def _read(self, on_message: OnMessage) -> None:
+    async def _read(self, on_message: OnMessage, on_confirm: OnConfirm | None) -> None:
         buffer = b""
         body_left = 0  # -1: a content header comes next
         correlation = reply_to = b""
@@ -152,6 +222,10 @@ class RawChannel:
                     break
                 if kind == 1 and buffer[at + 7 : at + 11] == _DELIVER:
                     body_left = -1
+                    # After the consumer tag (a short string): the delivery tag.
+                    self.delivery_tag = _TAG.unpack_from(buffer, at + 12 + buffer[at + 11])[0]
+                elif kind == 1 and buffer[at + 7 : at + 11] == _CONFIRM and on_confirm:
+                    on_confirm(_TAG.unpack_from(buffer, at + 11)[0], bool(buffer[at + 19] & 1))
                 elif kind == 2 and body_left == -1:
                     _, _, body_left, flags = _CONTENT.unpack_from(buffer, at + 7)
                     correlation, reply_to = properties(buffer, at + 21, flags)

@@ -371,7 +371,7 @@ def _c1_floor(found: list[Floor], summary: Summary, paired: Mapping[str, Any] | 
     if not beside:
         source = "issue 13's figure for 140364c, from another day"
     said = f"{mine:+.2f} ms vs {before:+.2f} ms ({source})"
-    for least in ("floor", "floor-aiohttp"):
+    for least in ("floor", "floor-aiohttp", "floor-guarded"):
         other = figures.get(least)
         if other is not None:
             said += f"; {least} added {other:+.2f} ms"
@@ -433,6 +433,7 @@ _COLOURS = {
     "direct": "#7f7f7f",
     "floor": "#2ca02c",
     "floor-aiohttp": "#98df8a",
+    "floor-guarded": "#bcbd22",
     "botline": "#1f77b4",
     "litellm": "#d62728",
 }

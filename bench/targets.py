@@ -316,12 +316,14 @@ class _Trees:
 # --- the design's floor -------------------------------------------------------
 @asynccontextmanager
 async def floor(
-    procs: Processes, upstreams: Mapping[str, Upstream], http: str = "raw"
+    procs: Processes, upstreams: Mapping[str, Upstream], http: str = "raw", guarded: bool = False
 ) -> AsyncIterator[Target]:
     """``bench.floor``'s front and relay on the whole-answer upstream: the least path of
     botline's design (two broker hops, two processes, nothing else), whole answers only;
-    the front's HTTP served by ``http``: "raw" (its own protocol) or "aiohttp"."""
-    name = "floor" if http == "raw" else f"floor-{http}"
+    the front's HTTP served by ``http``: "raw" (its own protocol) or "aiohttp"; with
+    ``guarded``, RabbitMQ asked for what botline's guarantees ask of it (bench/floor.py)."""
+    name = "floor-guarded" if guarded else "floor" if http == "raw" else f"floor-{http}"
+    said = ["--guarded"] if guarded else []
     whole = upstreams["whole"]
     queue = f"benchfloor{secrets.token_hex(4)}.jobs"  # auto-deleted with its consumer
     base = [sys.executable, "-m", "bench.floor"]
@@ -330,9 +332,9 @@ async def floor(
     started: list[Proc] = []
     try:
         # RabbitMQ: the first of BOTLINE_AMQP_URL's, from the environment (as botline's).
-        argv = [*base, "relay", "--queue", queue, "--endpoint", endpoint]
+        argv = [*base, "relay", "--queue", queue, "--endpoint", endpoint, *said]
         started.append(await procs.start(f"{name}-relay", argv, cwd=ROOT, env=_env()))
-        argv = [*base, "front", "--queue", queue, "--port", str(port), "--http", http]
+        argv = [*base, "front", "--queue", queue, "--port", str(port), "--http", http, *said]
         started.append(await procs.start(f"{name}-front", argv, cwd=ROOT, env=_env()))
         await wait_http_ok(f"http://127.0.0.1:{port}/ready", started, timeout=30)
         relay, front = started

@@ -35,15 +35,19 @@ def test_correlation_and_reply_to_are_read_past_the_properties_before_them() -> 
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("http", ["raw", "aiohttp"])
-async def test_every_caller_gets_the_answer_to_its_own_request(http: str) -> None:
+@pytest.mark.parametrize(
+    ("http", "guarded"), [("raw", False), ("aiohttp", False), ("aiohttp", True)]
+)
+async def test_every_caller_gets_the_answer_to_its_own_request(http: str, guarded: bool) -> None:
+    # Guarded, a confirm misread holds every answer (a timeout here) and an ack with a
+    # wrong tag closes the relay's channel (answers stop): both fail this test.
     url = CommonSettings().amqp_urls[0]
     queue = f"benchtest{secrets.token_hex(4)}.jobs"  # auto-deleted with its consumers
     port = free_port()
     async with FakeOpenAI() as upstream:
         endpoint = f"{upstream.base_url}/chat/completions"
-        tasks = [asyncio.create_task(relay(url, queue, endpoint))]
-        tasks.append(asyncio.create_task(front(url, queue, port, http)))
+        tasks = [asyncio.create_task(relay(url, queue, endpoint, guarded))]
+        tasks.append(asyncio.create_task(front(url, queue, port, http, guarded)))
         try:
             async with aiohttp.ClientSession() as session, asyncio.timeout(20):
                 while True:  # up once the front listens (it consumes by then)
@@ -64,8 +68,10 @@ async def test_every_caller_gets_the_answer_to_its_own_request(http: str) -> Non
 
                 # Many at once, over several connections: answers must not cross.
                 answers = await asyncio.gather(*(ask(i) for i in range(40)))
-            assert answers == [f"fake reply to: q{i}" for i in range(40)]
-            assert len(upstream.requests) == 40
+                # ...and again: guarded, the relay's channel is still open after 40 acks.
+                answers += await asyncio.gather(*(ask(i) for i in range(40, 50)))
+            assert answers == [f"fake reply to: q{i}" for i in range(50)]
+            assert len(upstream.requests) == 50
         finally:
             for task in tasks:
                 task.cancel()

@@ -60,7 +60,8 @@ def test_servers_are_found_by_the_port_they_listen_on() -> None:
 
 
 def test_the_chart_tells_botline_from_its_baseline_multi_process_runs_and_floors() -> None:
-    targets = ["direct", "floor", "floor-aiohttp", "botline", "botline@140364c", "botline-p2"]
+    targets = ["direct", "floor", "floor-aiohttp", "floor-guarded", "botline", "botline@140364c"]
+    targets.append("botline-p2")
     colours = [colour(t) for t in [*targets, "litellm"]]
     assert None not in colours
     assert len(set(colours)) == len(colours)
@@ -212,10 +213,13 @@ def test_the_c1_floor_is_judged_on_the_interleaved_run_when_there_is_one() -> No
             "direct": [0.33, 0.40, 0.35],
             "botline": [1.60, 2.40, 1.70],
             "botline@140364c": [1.85, 2.90, 2.00],
+            "floor-guarded": [1.20, 1.30, 1.25],
         }
     )
     found = next(f for f in floors(summary, plan(quick=False), paired) if "c=1" in f.text)
     assert found.status == "MISSED"
+    # The design's path with botline's broker guarantees, beside: above half by itself.
+    assert "floor-guarded added +0.90 ms (more than half the baseline's by itself)" in found.text
     assert "+1.35 ms vs +1.65 ms (botline@140364c, the targets interleaved" in found.text
     assert "in the rounds, one target at a time: +1.33 vs +3.76 ms" in found.text
     table = paired_table(paired)
