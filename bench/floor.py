@@ -45,6 +45,7 @@ from yarl import URL
 
 from bench.raw_amqp import RawChannel
 from shared.loop import new_event_loop
+from shared.priority import MAX_PRIORITY
 from shared.settings import CommonSettings
 
 _RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -100,13 +101,13 @@ class _Caller(asyncio.Protocol):
         self.transport = None
 
 
-_PRIORITIES = 10  # x-max-priority of the guarded job queue; jobs go out at 5
+_PRIORITY = 4  # a guarded job's priority: botline's "normal" (shared/priority.py)
 _EXPIRATION = b"300000"  # ms: a guarded job's per-message expiration
 _PREFETCH = 1000  # the guarded relay's jobs in flight at once (botline's worker: its own)
 
 
 def _queue_arguments(guarded: bool) -> FieldTable | None:
-    return {"x-max-priority": _PRIORITIES} if guarded else None
+    return {"x-max-priority": MAX_PRIORITY} if guarded else None
 
 
 def _exchanges(jobs: str) -> tuple[str, str]:
@@ -144,7 +145,7 @@ class _Front:
             correlation=correlation,
             reply_to=self._replies,
             mandatory=True,
-            priority=5,
+            priority=_PRIORITY,
             expiration=_EXPIRATION,
             message_id=correlation,
         )
