@@ -377,6 +377,13 @@ def _c1_floor(found: list[Floor], summary: Summary, paired: Mapping[str, Any] | 
             said += f"; {least} added {other:+.2f} ms"
             if other > before / 2:
                 said += " (more than half the baseline's by itself)"
+    guarded = figures.get("floor-guarded")
+    if guarded is not None:
+        # The design's path with botline's broker guarantees: what is left is botline's own.
+        said += (
+            f"; botline's own path {mine - guarded:+.2f} ms over floor-guarded, "
+            f"{max(before / 2 - guarded, 0):.2f} ms left to it by the floor"
+        )
     if interleaved and build in rounds:
         alone, alone_before = (
             _fmt(rounds.get("botline"), signed=True),

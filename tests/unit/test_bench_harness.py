@@ -220,6 +220,7 @@ def test_the_c1_floor_is_judged_on_the_interleaved_run_when_there_is_one() -> No
     assert found.status == "MISSED"
     # The design's path with botline's broker guarantees, beside: above half by itself.
     assert "floor-guarded added +0.90 ms (more than half the baseline's by itself)" in found.text
+    assert "botline's own path +0.45 ms over floor-guarded, 0.00 ms left to it" in found.text
     assert "+1.35 ms vs +1.65 ms (botline@140364c, the targets interleaved" in found.text
     assert "in the rounds, one target at a time: +1.33 vs +3.76 ms" in found.text
     table = paired_table(paired)
