@@ -113,16 +113,19 @@ class RawChannel:
         declare = spec.Exchange.Declare(
             exchange=exchange, exchange_type=kind, auto_delete=True, arguments=arguments
         )
-        assert isinstance(await self._call(1, declare), spec.Exchange.DeclareOk)
+        ok = await self._call(1, declare)
+        assert isinstance(ok, spec.Exchange.DeclareOk)
 
     async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
         """Bind ``queue`` to ``exchange`` by ``routing_key``."""
         bind = spec.Queue.Bind(queue=queue, exchange=exchange, routing_key=routing_key)
-        assert isinstance(await self._call(1, bind), spec.Queue.BindOk)
+        ok = await self._call(1, bind)
+        assert isinstance(ok, spec.Queue.BindOk)
 
     async def confirm_select(self) -> None:
         """Put the channel in confirm mode: the broker confirms each publish, tags 1, 2, ..."""
-        assert isinstance(await self._call(1, spec.Confirm.Select()), spec.Confirm.SelectOk)
+        ok = await self._call(1, spec.Confirm.Select())
+        assert isinstance(ok, spec.Confirm.SelectOk)
 
     async def qos(self, prefetch: int) -> None:
         """At most ``prefetch`` deliveries unacked at once."""
