@@ -121,24 +121,23 @@ class _Front:
         self._jobs = jobs
         self._replies = replies.encode()
         self._guarded = guarded
-        self._ids = itertools.count()
+        # A job's correlation id is its number, from 1: guarded, its publish's delivery
+        # tag too (the channel publishes nothing else once in confirm mode).
+        self._ids = itertools.count(1)
         self._waiting: dict[bytes, _Caller | _Waiter] = {}
-        # Guarded: each job's delivery tag, the tags not yet confirmed, and the answers
-        # that came before their job's confirm.
-        self._tags = itertools.count(1)
-        self._tag_of: dict[bytes, int] = {}
+        # Guarded: the tags not yet confirmed, and the answers that came before their
+        # job's confirm.
         self._unconfirmed: set[int] = set()
         self._held: dict[int, tuple[_Caller | _Waiter, bytes]] = {}
 
     def request(self, caller: _Caller | _Waiter, body: bytes) -> None:
-        correlation = b"%d" % next(self._ids)
+        number = next(self._ids)
+        correlation = b"%d" % number
         self._waiting[correlation] = caller
         if not self._guarded:
             self._channel.publish(self._jobs, body, correlation=correlation, reply_to=self._replies)
             return
-        tag = next(self._tags)
-        self._tag_of[correlation] = tag
-        self._unconfirmed.add(tag)
+        self._unconfirmed.add(number)
         self._channel.publish(
             self._jobs,
             body,
@@ -154,7 +153,7 @@ class _Front:
         caller = self._waiting.pop(correlation, None)
         if caller is None:
             return
-        tag = self._tag_of.pop(correlation, 0)
+        tag = int(correlation)
         if tag in self._unconfirmed:
             self._held[tag] = (caller, body)
         else:
